@@ -1,0 +1,202 @@
+"""gpuhub's own state: GPU leases (and, as gpuhub grows, its queue and action history).
+
+SQLAlchemy; a SQLite file by default, any SQLAlchemy URL. The store is the one owner of who holds
+which GPU: the unique constraint on `gpu_leases.device` is what guarantees that no GPU is ever given
+to two servers, also across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    DateTime,
+    Integer,
+    String,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class LeaseRow(Base):
+    __tablename__ = "gpu_leases"
+    __table_args__ = (UniqueConstraint("device", name="uq_gpu_leases_device"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user: Mapped[str] = mapped_column(String(255), index=True)
+    server: Mapped[str] = mapped_column(String(255), default="")
+    gpu_type: Mapped[str] = mapped_column(String(255))
+    #: The device (GPU or MIG UUID) on the local backend; NULL where the cluster assigns devices.
+    device: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    leased_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+@dataclass(frozen=True)
+class GpuLease:
+    user: str
+    server: str
+    gpu_type: str
+    device: str | None
+    leased_at: datetime
+
+    @property
+    def holder(self) -> tuple[str, str]:
+        return (self.user, self.server)
+
+
+class NoGpuFree(Exception):
+    """Fewer GPUs of a type are free than a spawn asks for."""
+
+    def __init__(self, gpu_type: str, wanted: int, free: int) -> None:
+        self.gpu_type = gpu_type
+        self.wanted = wanted
+        self.free = free
+        noun = "GPU is" if free == 1 else "GPUs are"
+        super().__init__(
+            f"no {gpu_type} GPU free for you right now: {wanted} asked, {free} {noun} free"
+        )
+
+
+def _to_lease(row: LeaseRow) -> GpuLease:
+    leased_at = row.leased_at
+    if leased_at.tzinfo is None:
+        leased_at = leased_at.replace(tzinfo=timezone.utc)
+    return GpuLease(row.user, row.server, row.gpu_type, row.device, leased_at)
+
+
+class Store:
+    """Leases in a SQL database; one `Store` per URL and process (see `Store.at`)."""
+
+    _instances: dict[str, Store] = {}
+    _instances_lock = threading.Lock()
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        connect_args = {"timeout": 30} if url.startswith("sqlite") else {}
+        self.engine = create_engine(url, connect_args=connect_args, future=True)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    def at(cls, url: str) -> Store:
+        """The process's `Store` for `url`, created on first use."""
+        with cls._instances_lock:
+            if url not in cls._instances:
+                cls._instances[url] = cls(url)
+            return cls._instances[url]
+
+    def session(self) -> Session:
+        return self._session()
+
+    # -- leases ----------------------------------------------------------------------------------
+
+    def lease_devices(
+        self,
+        user: str,
+        server: str,
+        gpu_type: str,
+        candidates: Iterable[str],
+        count: int,
+        attempts: int = 5,
+    ) -> list[str]:
+        """Lease `count` of the `candidates` devices to `user`'s `server`, all or none.
+
+        Devices are taken in the order given. Raises `NoGpuFree` when too few are free.
+        """
+        candidates = list(candidates)
+        for _ in range(attempts):
+            with self.session() as s:
+                taken = set(
+                    s.scalars(select(LeaseRow.device).where(LeaseRow.device.in_(candidates)))
+                )
+                free = [d for d in candidates if d not in taken]
+                if len(free) < count:
+                    raise NoGpuFree(gpu_type, count, len(free))
+                chosen = free[:count]
+                s.add_all(
+                    LeaseRow(user=user, server=server, gpu_type=gpu_type, device=d) for d in chosen
+                )
+                try:
+                    s.commit()
+                except IntegrityError:
+                    s.rollback()
+                    log.info("GPU lease raced with another process; retrying")
+                    continue
+                return chosen
+        raise NoGpuFree(gpu_type, count, 0)
+
+    def lease_units(self, user: str, server: str, gpu_type: str, count: int) -> None:
+        """Record `count` GPUs of `gpu_type` held by a server whose devices the cluster assigns."""
+        with self.session() as s:
+            s.add_all(LeaseRow(user=user, server=server, gpu_type=gpu_type) for _ in range(count))
+            s.commit()
+
+    def release(self, user: str, server: str) -> list[GpuLease]:
+        """Free every GPU `user`'s `server` holds; returns what was freed."""
+        with self.session() as s:
+            rows = list(
+                s.scalars(
+                    select(LeaseRow).where(LeaseRow.user == user, LeaseRow.server == server)
+                )
+            )
+            s.execute(delete(LeaseRow).where(LeaseRow.user == user, LeaseRow.server == server))
+            s.commit()
+            return [_to_lease(r) for r in rows]
+
+    def leases(self, user: str | None = None) -> list[GpuLease]:
+        with self.session() as s:
+            query = select(LeaseRow).order_by(LeaseRow.id)
+            if user is not None:
+                query = query.where(LeaseRow.user == user)
+            return [_to_lease(r) for r in s.scalars(query)]
+
+    def leases_of(self, user: str, server: str) -> list[GpuLease]:
+        return [lease for lease in self.leases(user) if lease.server == server]
+
+    def gpus_held(self, user: str, *, except_server: str | None = None) -> int:
+        with self.session() as s:
+            query = select(func.count(LeaseRow.id)).where(LeaseRow.user == user)
+            if except_server is not None:
+                query = query.where(LeaseRow.server != except_server)
+            return int(s.scalar(query) or 0)
+
+    def reconcile(self, active: Iterable[tuple[str, str]]) -> list[GpuLease]:
+        """Free the leases of servers not in `active` (user, server) pairs; returns them."""
+        active = set(active)
+        freed: list[GpuLease] = []
+        with self.session() as s:
+            for row in s.scalars(select(LeaseRow)):
+                if (row.user, row.server) not in active:
+                    freed.append(_to_lease(row))
+                    s.delete(row)
+            s.commit()
+        return freed
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()

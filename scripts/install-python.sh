@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Python side: the hub's virtual environment (.venv: gpuhub itself, JupyterHub, the single-user server
+# and the test tools) and one virtual environment per local catalogue environment (.envs/NAME), whose
+# interpreter runs that environment's kernels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+if [ ! -f .venv/.gpuhub-installed ] || [ setup.cfg -nt .venv/.gpuhub-installed ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[server,test]'
+  touch .venv/.gpuhub-installed
+fi
+
+# Kernel environments of the default catalogue (config/catalog.yaml, `local.python`).
+make_env() {
+  local name=$1; shift
+  local dir=.envs/$name
+  if [ -f "$dir/.installed" ]; then return 0; fi
+  "$PYTHON" -m venv "$dir"
+  "$dir/bin/pip" install -q --upgrade pip
+  "$dir/bin/pip" install -q ipykernel dill "$@"
+  touch "$dir/.installed"
+}
+# torch==2.13.0 is the CPU build; the same catalogue entry runs CUDA builds on GPU machines.
+make_env pytorch torch==2.13.0 numpy pandas
+make_env tensorflow tensorflow-cpu pandas
