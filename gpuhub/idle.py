@@ -1,0 +1,206 @@
+"""From NVML samples to GPU activity: busy, idle since when, or unknown.
+
+Pure core: no NVML, no clock. The Jupyter Server extension feeds the samples it takes, the hub
+service reads the result, and the simulator feeds step functions through the same code.
+
+Model. Each `Sample` is one reading of one GPU at time `t`. A reading holds until the next one
+(NVML utilisation is itself an average over the last sample period), but never for longer than
+`IdleRule.max_gap_s`: past that the GPU's state is unknown, because the sampler stopped or could
+not read it. A reading is
+
+- *busy* when the GPU utilisation is above `util_threshold` or the memory-controller utilisation
+  is above `mem_util_threshold` (either is enough, even if the other is unknown);
+- *idle* when both are known and at or below their thresholds;
+- *unknown* otherwise (a MIG instance, where NVML does not report utilisation; a failed read).
+  Unknown never counts as idle.
+
+A GPU is idle since the start of the current run of idle readings, where a busy stretch shorter
+than `min_busy_s` that has already ended does not break the run (a quick `print(x.sum())` on a
+GPU that sat idle for an hour does not mean the user is back to work). A busy stretch that lasts
+`min_busy_s` or longer, or any unknown stretch, ends the run. While a busy stretch is still going
+on the GPU is reported busy; once it ends short, the earlier idle period resumes as if nothing had
+happened.
+
+Defaults, and why:
+
+- `util_threshold = 5.0` %: NVML's GPU utilisation is the share of the sample period in which any
+  kernel ran. A GPU whose process only holds a CUDA context reads 0; monitoring (nvidia-smi,
+  DCGM), a display, or a notebook that touches a tensor now and then reads a few percent. Real
+  work sits far above: the bursts of the Adobe Sensei notebook trace run at a median of several
+  tens of percent.
+- `mem_util_threshold = 1.0` %: the memory controller is at 0 when nothing runs; anything that
+  reads or writes GPU memory shows up. 1 % absorbs rounding.
+- `min_busy_s = 60.0` s: one minute of sustained work ends an idle period; shorter spikes do not.
+  This is the same order as Run:ai's 30-second windows and far below the release timeouts
+  (30 minutes, 5 under demand), so a user who really resumes is never missed.
+- `window_s = 3600.0` s: the busy fraction is reported over the last hour, the period over which
+  people usually judge whether a GPU is "used" (and Zero to JupyterHub's default cull timeout).
+- `max_gap_s = 60.0` s: samplers read every few seconds; a reading older than a minute means the
+  sampler is stalled, and a stalled sampler must not make a GPU look idle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+BUSY = "busy"
+IDLE = "idle"
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One NVML reading of one GPU."""
+
+    t: float  # unix seconds
+    util: float | None  # GPU utilisation percent; None = unknown (not supported, e.g. MIG)
+    mem_util: float | None  # memory-controller utilisation percent; None = unknown
+
+
+@dataclass(frozen=True)
+class IdleRule:
+    """When a GPU counts as idle (see the module documentation for the reasoning)."""
+
+    util_threshold: float = 5.0
+    mem_util_threshold: float = 1.0
+    min_busy_s: float = 60.0  # busy stretches shorter than this do not end an idle period
+    window_s: float = 3600.0  # busy_fraction is measured over the last window_s seconds
+    max_gap_s: float = 60.0  # a reading holds at most this long; later the state is unknown
+
+    def __post_init__(self) -> None:
+        for name in ("util_threshold", "mem_util_threshold", "min_busy_s", "max_gap_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}: must be a number >= 0, not {value!r}")
+            if math.isnan(value):
+                raise ValueError(f"{name}: must be a number >= 0, not NaN")
+        w = self.window_s
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not w > 0:
+            raise ValueError(f"window_s: must be a number > 0, not {w!r}")
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What the samples say about one GPU at `now`.
+
+    `state` is "busy", "idle" or "unknown". `busy_fraction` is busy time over known time in the
+    last `window_s` (None when nothing is known there). `idle_since` is set only when `state` is
+    "idle": the start of the current idle period.
+    """
+
+    state: str  # "busy" | "idle" | "unknown"
+    busy_fraction: float | None
+    idle_since: float | None
+
+    def idle_for(self, now: float) -> float:
+        """Seconds the GPU has been idle at `now` (0 unless idle)."""
+        if self.state != IDLE or self.idle_since is None:
+            return 0.0
+        return max(0.0, now - self.idle_since)
+
+
+def classify(sample: Sample, rule: IdleRule) -> str:
+    """ "busy", "idle" or "unknown" for one reading."""
+    util, mem = sample.util, sample.mem_util
+    if util is not None and math.isnan(util):
+        util = None
+    if mem is not None and math.isnan(mem):
+        mem = None
+    if (util is not None and util > rule.util_threshold) or (
+        mem is not None and mem > rule.mem_util_threshold
+    ):
+        return BUSY
+    if util is None or mem is None:
+        return UNKNOWN
+    return IDLE
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of time in one state: [start, end)."""
+
+    start: float
+    end: float
+    state: str
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+def segments(samples: Sequence[Sample], rule: IdleRule, now: float) -> list[Segment]:
+    """The samples up to `now` as a step function of states, adjacent equal states merged.
+
+    Time before the first sample is not covered; a gap longer than `max_gap_s` after a reading
+    (including the time up to `now`) becomes an unknown segment.
+    """
+    ordered = sorted((s for s in samples if s.t <= now), key=lambda s: s.t)
+    out: list[Segment] = []
+
+    def add(start: float, end: float, state: str, keep_empty: bool = False) -> None:
+        if out and out[-1].state == state and out[-1].end >= start:
+            out[-1] = Segment(out[-1].start, max(out[-1].end, end), state)
+        elif end > start or keep_empty:
+            out.append(Segment(start, end, state))
+
+    last = len(ordered) - 1
+    for i, sample in enumerate(ordered):
+        next_t = ordered[i + 1].t if i < last else now
+        held_until = min(next_t, sample.t + rule.max_gap_s)
+        # The latest reading decides the current state even when it was taken at `now`.
+        add(sample.t, held_until, classify(sample, rule), keep_empty=i == last)
+        if held_until < next_t:
+            add(held_until, next_t, UNKNOWN)
+    return out
+
+
+def _idle_since(segs: list[Segment], rule: IdleRule) -> float:
+    """Start of the idle period that the last (idle) segment belongs to."""
+    i = len(segs) - 1
+    since = segs[i].start
+    while i >= 2:
+        spike, before = segs[i - 1], segs[i - 2]
+        if spike.state == BUSY and spike.duration < rule.min_busy_s and before.state == IDLE:
+            since = before.start
+            i -= 2
+        else:
+            break
+    return since
+
+
+def _busy_fraction(
+    segs: list[Segment], samples: Sequence[Sample], rule: IdleRule, now: float
+) -> float | None:
+    lo = now - rule.window_s
+    busy = known = 0.0
+    for seg in segs:
+        if seg.state == UNKNOWN:
+            continue
+        length = max(0.0, min(seg.end, now) - max(seg.start, lo))
+        known += length
+        if seg.state == BUSY:
+            busy += length
+    if known > 0:
+        return busy / known
+    # Readings with no duration yet (a single reading taken at `now`): count them.
+    states = [classify(s, rule) for s in samples if lo <= s.t <= now]
+    known_states = [s for s in states if s != UNKNOWN]
+    if not known_states:
+        return None
+    return sum(1 for s in known_states if s == BUSY) / len(known_states)
+
+
+def activity(samples: Sequence[Sample], rule: IdleRule, now: float) -> Activity:
+    """Activity of one GPU at `now` from its readings (any order; readings after `now` ignored).
+
+    `idle_since` looks at every reading given, so it can reach further back than `window_s`;
+    callers bound it by how many readings they keep.
+    """
+    segs = segments(samples, rule, now)
+    state = segs[-1].state if segs else UNKNOWN
+    fraction = _busy_fraction(segs, samples, rule, now)
+    if state != IDLE:
+        return Activity(state=state, busy_fraction=fraction, idle_since=None)
+    return Activity(state=IDLE, busy_fraction=fraction, idle_since=_idle_since(segs, rule))
