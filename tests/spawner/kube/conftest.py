@@ -1,0 +1,52 @@
+"""Fixtures for GPUKubeSpawner tests: spawners built without a cluster, a store per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from unittest import mock
+
+import pytest
+
+from gpuhub import paths
+
+KUBE_CATALOG = paths.config_dir() / "catalog-kubernetes.yaml"
+
+
+def fake_user(name: str = "ada", groups: tuple[str, ...] = ()) -> SimpleNamespace:
+    return SimpleNamespace(
+        name=name,
+        id=1,
+        url=f"/user/{name}/",
+        groups=[SimpleNamespace(name=g) for g in groups],
+        spawners={},
+    )
+
+
+@pytest.fixture
+def store_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'gpuhub.sqlite'}"
+
+
+@pytest.fixture
+def no_kube_config() -> Iterator[None]:
+    """KubeSpawner without a cluster: its client configuration is never loaded."""
+    with mock.patch("kubespawner.spawner.load_config"):
+        yield
+
+
+@pytest.fixture
+def make_spawner(no_kube_config: None, store_url: str):  # type: ignore[no-untyped-def]
+    """`make_spawner(user="ada", server="", **traits)`: a GPUKubeSpawner that builds manifests
+    (call it inside a running event loop, i.e. from an async test)."""
+    from gpuhub.spawner.kube import GPUKubeSpawner
+
+    def make(user: str = "ada", server: str = "", **traits: Any) -> GPUKubeSpawner:
+        traits.setdefault("catalog_file", str(KUBE_CATALOG))
+        traits.setdefault("store_url", store_url)
+        orm_spawner = SimpleNamespace(name=server, user_options=None, server=None, state=None)
+        return GPUKubeSpawner(_mock=True, user=fake_user(user), orm_spawner=orm_spawner, **traits)
+
+    return make
