@@ -8,12 +8,16 @@ to the API server.
 
 from __future__ import annotations
 
+from typing import Any
+
 from kubespawner import KubeSpawner
 from traitlets import Bool, Unicode, default
 
 from ..catalog import Catalog
 from ..options import Selection
+from .kube_capacity import cluster_capacity
 from .kube_objects import PodBase, PodSettings, pod_settings, template_literal
+from .kube_watch import CapacityWatch, capacity_watch
 from .mixin import GPUSpawnerMixin
 
 
@@ -45,6 +49,33 @@ class GPUKubeSpawner(GPUSpawnerMixin, KubeSpawner):
         None or "": no limit of its own.""",
     )
 
+    watch_gpu_capacity = Bool(
+        True,
+        config=True,
+        help="""Count total and free GPUs of each type from the cluster's nodes (allocatable GPU
+        resources) and pods (GPU requests), watched, not listed on every request. Needs a
+        ClusterRole that can get, list and watch nodes and pods (docs/kubernetes.md).
+
+        Off, or when the watch fails, every type counts as `max_per_server` GPUs, all free: the
+        spawn form cannot show what is free and pods wait in the Kubernetes scheduler instead
+        of gpuhub's queue.
+        """,
+    )
+
+    gpu_capacity_all_namespaces = Bool(
+        True,
+        config=True,
+        help="""Count the GPU requests of pods in every namespace (other workloads on the GPU
+        nodes included). False: only pods in the hub's namespace are seen.""",
+    )
+
+    gpu_node_label_selector = Unicode(
+        "",
+        config=True,
+        help="""Watch only the nodes with these labels (a Kubernetes label selector such as
+        `nvidia.com/gpu.present=true`), to keep the hub's memory small on large clusters.""",
+    )
+
     # A per-user home that outlives every server: created when missing, never deleted.
     @default("storage_pvc_ensure")
     def _default_storage_pvc_ensure(self) -> bool:
@@ -63,6 +94,7 @@ class GPUKubeSpawner(GPUSpawnerMixin, KubeSpawner):
         return "10Gi"
 
     _pod_base: PodBase | None = None
+    _capacity: CapacityWatch | None = None
     pod_settings: PodSettings | None = None
 
     def pod_base(self) -> PodBase:
@@ -105,8 +137,38 @@ class GPUKubeSpawner(GPUSpawnerMixin, KubeSpawner):
 
     # -- backend hooks of GPUSpawnerMixin ---------------------------------------------------------
 
+    async def start_capacity_watch(self) -> CapacityWatch | None:
+        """The shared watch of nodes and pods (listed on first use); None when it cannot run."""
+        if not self.watch_gpu_capacity:
+            return None
+        namespace = None if self.gpu_capacity_all_namespaces else self.namespace
+        try:
+            self._capacity = await capacity_watch(self, namespace, self.gpu_node_label_selector)
+        except Exception as e:
+            self.log.error("gpuhub: cannot watch the cluster's GPUs (%s); not counting them", e)
+            self._capacity = None
+        return self._capacity
+
     def gpu_capacity(self, catalog: Catalog) -> dict[str, tuple[int, int]]:
-        return {g.id: (g.max_per_server, g.max_per_server) for g in catalog.gpu_types}
+        watch = self._capacity
+        if watch is None or watch.failed:
+            return {g.id: (g.max_per_server, g.max_per_server) for g in catalog.gpu_types}
+        counts = cluster_capacity(
+            catalog.gpu_types,
+            watch.nodes,
+            watch.pods,
+            self.store.leases(),
+            self.pod_base().tolerations,
+        )
+        return {type_id: (c.total, c.free) for type_id, c in counts.items()}
+
+    async def render_options_form(self) -> str:
+        await self.start_capacity_watch()
+        return await super().render_options_form()
+
+    async def apply_gpuhub_options(self, user_options: Any) -> Selection:
+        await self.start_capacity_watch()
+        return await super().apply_gpuhub_options(user_options)
 
     async def apply_selection(self, selection: Selection, catalog: Catalog) -> None:
         self.apply_pod_settings(selection, catalog)

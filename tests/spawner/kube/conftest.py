@@ -46,6 +46,7 @@ def make_spawner(no_kube_config: None, store_url: str):  # type: ignore[no-untyp
     def make(user: str = "ada", server: str = "", **traits: Any) -> GPUKubeSpawner:
         traits.setdefault("catalog_file", str(KUBE_CATALOG))
         traits.setdefault("store_url", store_url)
+        traits.setdefault("watch_gpu_capacity", False)
         orm_spawner = SimpleNamespace(name=server, user_options=None, server=None, state=None)
         return GPUKubeSpawner(_mock=True, user=fake_user(user), orm_spawner=orm_spawner, **traits)
 

@@ -1,0 +1,203 @@
+"""The cluster's GPUs as the hub sees them: nodes and pods, listed once and then watched.
+
+Pods are kept by KubeSpawner's own `ResourceReflector` (the machinery KubeSpawner watches its
+pods with), across all namespaces or in the hub's namespace. Nodes are cluster-scoped and the
+reflector keys everything by namespace, so `NodeWatch` does the same list-then-watch for them.
+One `CapacityWatch` per event loop and namespace is shared by every spawner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from kubernetes_asyncio import client, watch
+from kubespawner.clients import shared_client
+from kubespawner.reflector import ResourceReflector
+
+log = logging.getLogger(__name__)
+
+
+class GpuPodReflector(ResourceReflector):
+    """Every pod that may hold a GPU (KubeSpawner's reflector, not limited to its own pods)."""
+
+    kind = "pods"
+
+
+class NodeWatch:
+    """The cluster's nodes by name, kept up to date with list + watch."""
+
+    def __init__(
+        self,
+        label_selector: str = "",
+        timeout_seconds: int = 30,
+        restart_seconds: float = 300,
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
+        self.api = shared_client("CoreV1Api")
+        self.label_selector = label_selector
+        self.timeout_seconds = timeout_seconds
+        self.restart_seconds = restart_seconds
+        self.on_failure = on_failure
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.first_load = asyncio.get_running_loop().create_future()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _list(self) -> str:
+        response = await self.api.list_node(
+            label_selector=self.label_selector, _preload_content=False
+        )
+        if response.status != 200:
+            raise client.ApiException(status=response.status, reason=response.reason)
+        data = json.loads(await response.read())
+        self.nodes = {n["metadata"]["name"]: n for n in data.get("items") or []}
+        if not self.first_load.done():
+            self.first_load.set_result(None)
+        return data["metadata"]["resourceVersion"]
+
+    async def _run(self) -> None:
+        delay = 0.1
+        resource_version: str | None = None
+        while True:
+            started = time.monotonic()
+            w = watch.Watch()
+            try:
+                if resource_version is None:
+                    resource_version = await self._list()
+                method = partial(self.api.list_node, _preload_content=False)
+                async with w.stream(
+                    method,
+                    label_selector=self.label_selector,
+                    resource_version=resource_version,
+                    timeout_seconds=self.timeout_seconds,
+                ) as stream:
+                    async for event in stream:
+                        delay = 0.1
+                        node = event["raw_object"]
+                        name = node["metadata"]["name"]
+                        if event["type"] == "DELETED":
+                            self.nodes.pop(name, None)
+                        elif event["type"] in ("ADDED", "MODIFIED"):
+                            self.nodes[name] = node
+                        if event["type"] != "ERROR":
+                            resource_version = node["metadata"].get(
+                                "resourceVersion", resource_version
+                            )
+                        if time.monotonic() - started > self.restart_seconds:
+                            resource_version = None  # list again now and then
+                            break
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                resource_version = None
+                delay *= 2
+                if delay > 30:
+                    log.exception("gpuhub: watching nodes never recovered, giving up")
+                    if self.on_failure:
+                        self.on_failure()
+                    return
+                log.exception("gpuhub: error watching nodes, retrying in %.1fs", delay)
+                await asyncio.sleep(delay)
+            finally:
+                w.stop()
+                await w.close()
+
+    async def start(self) -> None:
+        await self._list()
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+class CapacityWatch:
+    """Nodes and pods for counting GPUs. `ready` once both were listed; `failed` when either
+    gave up (permissions, API server gone): the spawner then falls back to not counting."""
+
+    def __init__(self, pods: ResourceReflector, nodes: NodeWatch) -> None:
+        self.pod_reflector = pods
+        self.node_watch = nodes
+        self.failed = False
+
+    @property
+    def pods(self) -> list[dict[str, Any]]:
+        return list(self.pod_reflector.resources.values())
+
+    @property
+    def nodes(self) -> list[dict[str, Any]]:
+        return list(self.node_watch.nodes.values())
+
+    def mark_failed(self) -> None:
+        self.failed = True
+
+    async def stop(self) -> None:
+        await asyncio.gather(self.pod_reflector.stop(), self.node_watch.stop())
+
+
+_watches: dict[tuple[Any, ...], asyncio.Future[CapacityWatch]] = {}
+
+
+async def capacity_watch(
+    parent: Any, namespace: str | None, node_label_selector: str = ""
+) -> CapacityWatch:
+    """The running `CapacityWatch` for this event loop (started on first use).
+
+    `namespace` None watches pods in every namespace (needs a ClusterRole that lists pods).
+    Raises what the first list raised (the next call tries again).
+    """
+    key = (asyncio.get_running_loop(), namespace, node_label_selector)
+    if key in _watches:
+        return await asyncio.shield(_watches[key])
+    future: asyncio.Future[CapacityWatch] = asyncio.get_running_loop().create_future()
+    _watches[key] = future
+    started: list[Any] = []
+    try:
+        holder: list[CapacityWatch] = []
+
+        def failed() -> None:
+            if holder:
+                holder[0].mark_failed()
+            _watches.pop(key, None)
+
+        pods = GpuPodReflector(
+            parent=parent,
+            namespace=namespace,
+            omit_namespace=namespace is None,
+            list_method_name=(
+                "list_pod_for_all_namespaces" if namespace is None else "list_namespaced_pod"
+            ),
+            on_failure=failed,
+        )
+        nodes = NodeWatch(label_selector=node_label_selector, on_failure=failed)
+        watch_ = CapacityWatch(pods, nodes)
+        holder.append(watch_)
+        started += [pods, nodes]
+        await asyncio.gather(pods.start(), nodes.start())
+    except BaseException as e:
+        _watches.pop(key, None)
+        for part in started:
+            await part.stop()
+        future.set_exception(e)
+        future.exception()  # retrieved: later callers start afresh
+        raise
+    future.set_result(watch_)
+    return watch_
+
+
+async def stop_capacity_watches() -> None:
+    """Stop every watch of the running loop (tests, hub shutdown)."""
+    loop = asyncio.get_running_loop()
+    for key in [k for k in _watches if k[0] is loop]:
+        future = _watches.pop(key)
+        if future.done() and not future.exception():
+            await future.result().stop()
