@@ -9,6 +9,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("gpuhub.demo:main", "start a real JupyterHub on this machine with gpuhub"),
     "demo-gpu": ("gpuhub.demo:demo_gpu_main", "make a simulated demo GPU busy or idle"),
+    "simulate": ("gpuhub.sim.cli:main", "compare GPU policies on a notebook workload trace"),
 }
 
 
