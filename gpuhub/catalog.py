@@ -7,6 +7,7 @@ bad catalogue fails at start with a message an admin can act on.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -386,6 +387,8 @@ def _resolve_local_paths(catalog: Catalog, base: Path) -> Catalog:
     for env in catalog.environments:
         python = env.local.python
         if python and not Path(python).is_absolute() and "/" in python:
-            python = str((base / python).resolve())
+            # normpath, not resolve(): a virtual environment's python is a symlink to the base
+            # interpreter, and only the link path runs with the environment's packages.
+            python = os.path.normpath(os.path.join(os.path.abspath(base), python))
         envs.append(replace(env, local=replace(env.local, python=python)))
     return replace(catalog, environments=tuple(envs))

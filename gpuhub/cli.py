@@ -8,7 +8,7 @@ import sys
 #: subcommand -> ("module:function", one-line help); each function takes the remaining argv.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("gpuhub.demo:main", "start a real JupyterHub on this machine with gpuhub"),
-    "demo-gpu": ("gpuhub.demo:demo_gpu_main", "make a simulated demo GPU busy or idle"),
+    "demo-gpu": ("gpuhub.demo_gpu:main", "make a simulated demo GPU busy or idle"),
     "simulate": ("gpuhub.sim.cli:main", "compare GPU policies on a notebook workload trace"),
 }
 

@@ -1,0 +1,73 @@
+# JupyterHub configuration of gpuhub's embedded default: one machine, local processes, GPUs pinned
+# with CUDA_VISIBLE_DEVICES, a SQLite store. `gpuhub demo` (and `make demo`) start JupyterHub with
+# it; the end-to-end tests use it too. Settings come from the environment:
+#
+#   GPUHUB_DEMO_PORT         public port (default 8000); the proxy API uses +1, the hub +81
+#   GPUHUB_DEMO_PASSWORD     the password of every demo user (generated and printed when unset)
+#   GPUHUB_DEMO_ADMIN_TOKEN  when set, a service token with JupyterHub's `admin` role
+#   GPUHUB_DEMO_GPUS         simulated GPUs on a machine without one (default 4)
+#   GPUHUB_STATE_DIR         databases, homes and simulated GPUs (default .demo in the checkout)
+#   GPUHUB_CATALOG           catalogue file (default config/catalog.yaml)
+#   GPUHUB_QUOTAS            quota file (default config/quotas.yaml)
+#   GPUHUB_KEEP_SERVERS      1: servers keep running when the hub stops (default 0)
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from gpuhub import demo, paths
+
+c = get_config()  # noqa: F821 - provided by JupyterHub
+
+env = os.environ
+state = demo.state_dir()
+config_dir = paths.config_dir()
+checkout = config_dir.parent
+port = int(env.get("GPUHUB_DEMO_PORT", "8000"))
+
+# Programs the hub and the servers run: this Python's scripts, then the project's Node programs
+# (configurable-http-proxy, code-server).
+bin_dirs = [str(Path(sys.executable).parent), str(checkout / "node_modules" / ".bin")]
+env["PATH"] = os.pathsep.join([*bin_dirs, env.get("PATH", "")])
+
+print(f"gpuhub: {demo.prepare_gpus(state, int(env.get('GPUHUB_DEMO_GPUS', '4')))}", flush=True)
+
+c.JupyterHub.bind_url = f"http://127.0.0.1:{port}"
+c.JupyterHub.hub_bind_url = f"http://127.0.0.1:{port + 81}"
+c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{port + 1}"
+c.ConfigurableHTTPProxy.pid_file = str(state / "proxy.pid")
+c.JupyterHub.db_url = f"sqlite:///{state / 'jupyterhub.sqlite'}"
+c.JupyterHub.cookie_secret_file = str(state / "jupyterhub_cookie_secret")
+c.JupyterHub.cleanup_servers = env.get("GPUHUB_KEEP_SERVERS", "0") != "1"
+c.JupyterHub.allow_named_servers = True
+c.JupyterHub.named_server_limit_per_user = 4
+
+# Authentication: any user name with the demo password.
+c.JupyterHub.authenticator_class = demo.DemoAuthenticator
+c.DemoAuthenticator.password = env.get("GPUHUB_DEMO_PASSWORD", "")
+if not c.DemoAuthenticator.password:
+    print("gpuhub: GPUHUB_DEMO_PASSWORD is not set: nobody can log in", file=sys.stderr)
+
+if env.get("GPUHUB_DEMO_ADMIN_TOKEN"):
+    c.JupyterHub.services = [
+        {"name": "demo-admin", "api_token": env["GPUHUB_DEMO_ADMIN_TOKEN"]},
+    ]
+    c.JupyterHub.load_roles = [{"name": "admin", "services": ["demo-admin"]}]
+
+# The spawner: local processes run as the hub's own system user (demo only: no isolation between
+# users; a lab machine with system accounts uses gpuhub.spawner.local.LocalGPUSpawner).
+c.JupyterHub.spawner_class = "gpuhub.spawner.local.SharedUserLocalGPUSpawner"
+c.SharedUserLocalGPUSpawner.home_dir_template = str(state / "home" / "{username}")
+c.GPUSpawnerMixin.catalog_file = env.get("GPUHUB_CATALOG", str(config_dir / "catalog.yaml"))
+with open(env.get("GPUHUB_QUOTAS", str(config_dir / "quotas.yaml"))) as f:
+    c.GPUSpawnerMixin.quotas = yaml.safe_load(f) or {}
+c.GPUSpawnerMixin.store_url = f"sqlite:///{state / 'gpuhub.sqlite'}"
+c.LocalGPUSpawner.kernelspec_dir = str(state / "kernels")
+c.Spawner.cmd = [str(Path(sys.executable).with_name("jupyterhub-singleuser"))]
+if os.getuid() == 0:
+    c.Spawner.args = ["--allow-root"]
+c.Spawner.start_timeout = 180
+c.Spawner.http_timeout = 180
+# Marks every process of a test run, so the tests can end all of them.
+c.Spawner.env_keep.append("GPUHUB_TEST_RUN")

@@ -1,0 +1,304 @@
+"""Running a real gpuhub JupyterHub in tests: start it as a subprocess with the demo
+configuration, talk to its REST API, log in like a browser, and end every process a test run
+started (hub, proxy, single-user servers, kernels, code-server), found by an environment marker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from . import paths
+
+RUN_MARKER = "GPUHUB_TEST_RUN"
+
+
+def free_port_block(size: int = 100) -> int:
+    """A base port such that base, base+1 and base+81 are free (the demo's port layout)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + size > 65000:
+            continue
+        ok = True
+        for offset in (0, 1, 81):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", base + offset))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free ports")
+
+
+def processes_marked(marker: str) -> list[int]:
+    """PIDs of the processes whose environment carries `GPUHUB_TEST_RUN=marker`."""
+    needle = f"{RUN_MARKER}={marker}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_marked(marker: str, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL, every process of a test run."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = processes_marked(marker)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + timeout
+        while time.time() < deadline and processes_marked(marker):
+            time.sleep(0.2)
+
+
+@dataclass
+class Hub:
+    """A gpuhub JupyterHub subprocess on 127.0.0.1."""
+
+    state_dir: Path
+    marker: str
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    password: str = "gpuhub-test-password"
+    admin_token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api(self) -> str:
+        return f"{self.url}/hub/api"
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUHUB_")}
+        env.update(
+            {
+                "GPUHUB_STATE_DIR": str(self.state_dir),
+                "GPUHUB_DEMO_PORT": str(self.port),
+                "GPUHUB_DEMO_PASSWORD": self.password,
+                "GPUHUB_DEMO_ADMIN_TOKEN": self.admin_token,
+                "GPUHUB_DEMO_GPUS": "4",
+                "GPUHUB_KEEP_SERVERS": "1",
+                RUN_MARKER: self.marker,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.env_overrides)
+        return env
+
+    def start(self, timeout: float = 60) -> Hub:
+        if not self.port:
+            self.port = free_port_block()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.state_dir / f"hub-{int(time.time() * 1000)}.log"
+        config = paths.config_dir() / "jupyterhub_config.py"
+        jupyterhub = Path(sys.executable).with_name("jupyterhub")
+        log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the process
+        self.process = subprocess.Popen(
+            [str(jupyterhub), "-f", str(config)],
+            cwd=self.state_dir,
+            env=self.environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the hub exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if requests.get(f"{self.api}/", timeout=2).ok:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"the hub did not come up in {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stop the hub and its proxy (servers keep running: GPUHUB_KEEP_SERVERS=1)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    # -- REST API ------------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        headers = {"Authorization": f"token {self.admin_token}", **kwargs.pop("headers", {})}
+        kwargs.setdefault("timeout", 60)
+        return requests.request(method, f"{self.api}{path}", headers=headers, **kwargs)
+
+    def user(self, name: str) -> dict[str, Any]:
+        r = self.request("GET", f"/users/{name}")
+        r.raise_for_status()
+        return r.json()
+
+    def ensure_user(self, name: str) -> None:
+        if self.request("GET", f"/users/{name}").status_code == 404:
+            self.request("POST", f"/users/{name}").raise_for_status()
+
+    def spawn(self, name: str, user_options: Any, server: str = "") -> requests.Response:
+        self.ensure_user(name)
+        return self.request(
+            "POST", f"/users/{name}/servers/{server}", data=json.dumps({"user_options": user_options})
+        )
+
+    def wait_ready(self, name: str, server: str = "", timeout: float = 180) -> dict[str, Any]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            model = self.user(name)["servers"].get(server)
+            if model and model["ready"]:
+                return model
+            if model is None or (not model["pending"] and not model["ready"]):
+                raise RuntimeError(f"{name}/{server} is not starting: {model}\n{self.log()[-3000:]}")
+            time.sleep(0.5)
+        raise TimeoutError(f"{name}/{server} not ready in {timeout} s:\n{self.log()[-3000:]}")
+
+    def stop_server(self, name: str, server: str = "", timeout: float = 60) -> None:
+        r = self.request("DELETE", f"/users/{name}/servers/{server}")
+        if r.status_code not in (202, 204, 404):
+            r.raise_for_status()
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if server not in self.user(name)["servers"]:
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"{name}/{server} did not stop")
+
+    def stop_all_servers(self) -> None:
+        r = self.request("GET", "/users", params={"state": "active"})
+        if not r.ok:
+            return
+        for user in r.json():
+            for server in list(user.get("servers", {})):
+                try:
+                    self.stop_server(user["name"], server)
+                except Exception:
+                    pass
+
+    def login(self, name: str, password: str | None = None) -> requests.Session:
+        """A browser-like session logged in as `name` (groups come from the name's prefix)."""
+        session = requests.Session()
+        session.get(f"{self.url}/hub/login", timeout=30)
+        xsrf = session.cookies.get("_xsrf", "")
+        r = session.post(
+            f"{self.url}/hub/login",
+            data={"username": name, "password": password or self.password, "_xsrf": xsrf},
+            timeout=30,
+        )
+        r.raise_for_status()
+        if "jupyterhub-session-id" not in session.cookies and not any(
+            c.name.startswith("jupyterhub-hub-login") for c in session.cookies
+        ):
+            raise RuntimeError(f"login of {name} failed: {r.status_code} {r.url}")
+        return session
+
+
+def run_in_kernel(server_url: str, token: str, code: str, timeout: float = 120) -> str:
+    """Start a kernel of the server's default kernelspec, run `code`, return its stdout."""
+    import asyncio
+
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    headers = {"Authorization": f"token {token}"}
+    r = requests.post(f"{server_url}api/kernels", headers=headers, json={}, timeout=60)
+    r.raise_for_status()
+    kernel_id = r.json()["id"]
+
+    async def execute() -> str:
+        ws_url = server_url.replace("http", "ws", 1) + f"api/kernels/{kernel_id}/channels"
+        conn = await websocket_connect(HTTPRequest(ws_url, headers=headers))
+        msg_id = uuid.uuid4().hex
+        conn.write_message(
+            json.dumps(
+                {
+                    "header": {
+                        "msg_id": msg_id,
+                        "msg_type": "execute_request",
+                        "username": "test",
+                        "session": uuid.uuid4().hex,
+                        "version": "5.3",
+                    },
+                    "parent_header": {},
+                    "metadata": {},
+                    "content": {"code": code, "silent": False, "store_history": False},
+                    "channel": "shell",
+                }
+            )
+        )
+        out: list[str] = []
+        while True:
+            raw = await asyncio.wait_for(conn.read_message(), timeout)
+            if raw is None:
+                raise RuntimeError("kernel websocket closed")
+            msg = json.loads(raw)
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            kind = msg["msg_type"]
+            if kind == "stream" and msg["content"]["name"] == "stdout":
+                out.append(msg["content"]["text"])
+            elif kind == "error":
+                raise RuntimeError("\n".join(msg["content"]["traceback"]))
+            elif kind == "status" and msg["content"]["execution_state"] == "idle":
+                conn.close()
+                return "".join(out)
+
+    try:
+        return asyncio.run(execute())
+    finally:
+        requests.delete(f"{server_url}api/kernels/{kernel_id}", headers=headers, timeout=30)
+
+
+def wait_for(predicate: Any, timeout: float = 30, interval: float = 0.3, what: str = "") -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what or predicate}")
+
+
+def all_ports_closed(ports: Iterable[int]) -> bool:
+    for port in ports:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return False
+    return True
