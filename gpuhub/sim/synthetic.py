@@ -1,10 +1,12 @@
 """A seeded generator of notebook workloads in the trace format.
 
-Every distribution is a log-normal given by its median and 90th percentile, and the defaults are
-fitted to the Adobe Sensei trace (59 sessions over two days): sessions arrive as a Poisson process,
-each reserves 0, 1, 4 or 8 GPUs in the trace's proportions, waits a first gap, then alternates
-bursts and gaps, then stays open for a tail. A share of the bursts are CPU-only cells. `load`
-multiplies the arrival rate and nothing else, so 2x is twice as many sessions of the same shape.
+Every distribution is a log-normal given by its median and its mean (the mean is what decides the
+GPU-hours), and the defaults are those measured on the Adobe Sensei trace (59 sessions over two
+days): sessions arrive as a Poisson process, each reserves 0, 1, 4 or 8 GPUs in the trace's
+proportions, waits a first gap, then alternates bursts and gaps, then stays open for a tail; a
+session is cut at `max_session_hours` (the trace covers two days). A share of the bursts are
+CPU-only cells. `load` multiplies the arrival rate and nothing else, so 2x is twice as many
+sessions of the same shape.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .workload import TICK_S
-
-_Z90 = 1.2815515655446004  # standard normal 90th percentile
 
 
 @dataclass(frozen=True)
@@ -31,18 +31,19 @@ class SyntheticParams:
         default_factory=lambda: {0: 8, 1: 28, 4: 11, 8: 12}
     )  # GPUs a session reserves -> relative weight
     bursts_median: float = 6.0  # bursts per session
-    bursts_p90: float = 39.0
+    bursts_mean: float = 13.4
     burst_median_min: float = 6.0  # burst length
-    burst_p90_min: float = 32.0
+    burst_mean_min: float = 26.7
     gap_median_min: float = 3.0  # time between bursts
-    gap_p90_min: float = 38.0
+    gap_mean_min: float = 28.9
     head_median_min: float = 49.0  # from session start to its first burst
-    head_p90_min: float = 698.0
+    head_mean_min: float = 226.0
     tail_median_min: float = 73.0  # from the last burst to the session's end
-    tail_p90_min: float = 868.0
+    tail_mean_min: float = 239.0
+    max_session_hours: float = 48.0  # sessions are cut here
     cpu_burst_fraction: float = 0.31  # bursts that use no GPU (CPU-only cells)
     util_median: float = 11.4  # GPU utilisation percent during a burst
-    util_p90: float = 78.0
+    util_mean: float = 24.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -60,7 +61,7 @@ class SyntheticParams:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"{f.name}: must be a number >= 0, not {value!r}")
-        for name in ("hours", "sessions_per_hour", "load"):
+        for name in ("hours", "sessions_per_hour", "load", "max_session_hours"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0")
         if self.cpu_burst_fraction > 1:
@@ -68,9 +69,9 @@ class SyntheticParams:
         for base in ("bursts", "burst", "gap", "head", "tail", "util"):
             suffix = "" if base in ("bursts", "util") else "_min"
             median = getattr(self, f"{base}_median{suffix}")
-            p90 = getattr(self, f"{base}_p90{suffix}")
-            if median <= 0 or p90 < median:
-                raise ValueError(f"{base}_p90{suffix}: must be >= {base}_median{suffix} > 0")
+            mean = getattr(self, f"{base}_mean{suffix}")
+            if median <= 0 or mean < median:
+                raise ValueError(f"{base}_mean{suffix}: must be >= {base}_median{suffix} > 0")
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -78,9 +79,10 @@ class SyntheticParams:
         return out
 
 
-def _lognormal(rng: random.Random, median: float, p90: float, cap_factor: float = 20.0) -> float:
-    sigma = math.log(p90 / median) / _Z90 if p90 > median else 0.0
-    return min(median * math.exp(sigma * rng.gauss(0.0, 1.0)), p90 * cap_factor)
+def _lognormal(rng: random.Random, median: float, mean: float) -> float:
+    """A log-normal draw with this median and mean (mean >= median)."""
+    sigma = math.sqrt(2 * math.log(mean / median)) if mean > median else 0.0
+    return median * math.exp(sigma * rng.gauss(0.0, 1.0))
 
 
 def generate(params: SyntheticParams | None = None, seed: int = 0) -> dict[str, Any]:
@@ -96,16 +98,21 @@ def generate(params: SyntheticParams | None = None, seed: int = 0) -> dict[str, 
     while t < horizon:
         start = int(t)
         gpus = rng.choices(counts, weights)[0]
-        n_bursts = max(1, round(_lognormal(rng, p.bursts_median, p.bursts_p90, 5.0)))
-        cursor = start + max(1, round(_lognormal(rng, p.head_median_min, p.head_p90_min)))
+        end = start + max(2, round(p.max_session_hours * 60))
+        n_bursts = max(1, round(_lognormal(rng, p.bursts_median, p.bursts_mean)))
+        cursor = start + max(1, round(_lognormal(rng, p.head_median_min, p.head_mean_min)))
+        cursor = min(cursor, end - 2)
         trainings = []
         for i in range(n_bursts):
             if i:
-                cursor += max(0, round(_lognormal(rng, p.gap_median_min, p.gap_p90_min)))
-            duration = max(1, round(_lognormal(rng, p.burst_median_min, p.burst_p90_min)))
+                cursor += max(0, round(_lognormal(rng, p.gap_median_min, p.gap_mean_min)))
+            duration = max(1, round(_lognormal(rng, p.burst_median_min, p.burst_mean_min)))
+            if i and cursor + duration >= end:
+                break
+            duration = min(duration, end - 1 - cursor)
             cpu_only = gpus == 0 or rng.random() < p.cpu_burst_fraction
             used = 0 if cpu_only else gpus
-            util = round(min(100.0, max(0.1, _lognormal(rng, p.util_median, p.util_p90, 1.3))), 3)
+            util = round(min(100.0, max(0.1, _lognormal(rng, p.util_median, p.util_mean))), 3)
             trainings.append(
                 {
                     "start_tick": cursor,
@@ -116,7 +123,7 @@ def generate(params: SyntheticParams | None = None, seed: int = 0) -> dict[str, 
                 }
             )
             cursor += duration
-        stop = cursor + max(1, round(_lognormal(rng, p.tail_median_min, p.tail_p90_min)))
+        stop = min(end, cursor + max(1, round(_lognormal(rng, p.tail_median_min, p.tail_mean_min))))
         sessions.append(
             {
                 "id": f"synthetic-{len(sessions):05d}",
