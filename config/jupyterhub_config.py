@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from gpuhub import demo, paths
+from gpuhub.catalog import CatalogError, load_catalog
 
 c = get_config()  # noqa: F821 - provided by JupyterHub
 
@@ -59,7 +60,13 @@ if env.get("GPUHUB_DEMO_ADMIN_TOKEN"):
 # users; a lab machine with system accounts uses gpuhub.spawner.local.LocalGPUSpawner).
 c.JupyterHub.spawner_class = "gpuhub.spawner.local.SharedUserLocalGPUSpawner"
 c.SharedUserLocalGPUSpawner.home_dir_template = str(state / "home" / "{username}")
-c.GPUSpawnerMixin.catalog_file = env.get("GPUHUB_CATALOG", str(config_dir / "catalog.yaml"))
+c.GPUSpawnerMixin.catalog_file = catalog_file = env.get(
+    "GPUHUB_CATALOG", str(config_dir / "catalog.yaml")
+)
+try:
+    load_catalog(catalog_file)  # a bad catalogue stops the hub here, naming file and field
+except CatalogError as e:
+    sys.exit(f"gpuhub: the environment catalogue cannot be used: {e}")
 with open(env.get("GPUHUB_QUOTAS", str(config_dir / "quotas.yaml"))) as f:
     c.GPUSpawnerMixin.quotas = yaml.safe_load(f) or {}
 c.GPUSpawnerMixin.store_url = f"sqlite:///{state / 'gpuhub.sqlite'}"

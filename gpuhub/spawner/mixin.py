@@ -26,6 +26,7 @@ from ..policy import quota_config_from_dict
 from ..store import Store
 
 _catalog_cache: dict[tuple[str, int], Catalog] = {}
+_reconciled_stores: set[str] = set()
 
 
 def cached_catalog(path: str) -> Catalog:
@@ -120,7 +121,34 @@ class GPUSpawnerMixin(Configurable):
 
     @property
     def store(self) -> Store:
-        return Store.at(self.store_url)
+        store = Store.at(self.store_url)
+        if self.store_url not in _reconciled_stores:
+            _reconciled_stores.add(self.store_url)
+            self.reconcile_leases(store)
+        return store
+
+    def reconcile_leases(self, store: Store) -> None:
+        """Free the leases of servers the hub does not know as running (once per hub process).
+
+        Servers the hub still lists but that died while it was down are stopped by the hub at
+        start-up, and `stop` frees their leases.
+        """
+        db = getattr(self.user, "db", None)
+        if db is None:
+            return
+        from jupyterhub import orm
+
+        active = {
+            (s.user.name, s.name)
+            for s in db.query(orm.Spawner).filter(orm.Spawner.server_id.isnot(None))
+        }
+        for lease in store.reconcile(active):
+            self.log.warning(
+                "gpuhub: freed GPU %s of %s/%s: the hub runs no such server",
+                lease.device or lease.gpu_type,
+                lease.user,
+                lease.server,
+            )
 
     def quota_config(self) -> QuotaConfig:
         return quota_config_from_dict(self.quotas)

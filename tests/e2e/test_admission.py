@@ -1,0 +1,141 @@
+"""What a spawn request may ask for: forged options, quotas, and N+1 concurrent spawns on N GPUs."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from gpuhub.testing import Hub
+
+HERE = Path(__file__).parent
+
+# (request body, the field the 400 must name). Bodies are sent as they are.
+FORGED = [
+    ({"user_options": {"gpus": True}}, "gpus"),
+    ({"user_options": {"gpus": False}}, "gpus"),
+    ({"user_options": {"gpus": "1.5"}}, "gpus"),
+    ({"user_options": {"gpus": 1.5}}, "gpus"),
+    ({"user_options": {"gpus": -1}}, "gpus"),
+    ({"user_options": {"gpus": "-1"}}, "gpus"),
+    ({"user_options": {"gpus": "abc"}}, "gpus"),
+    ({"user_options": {"gpus": "1e3"}}, "gpus"),
+    ({"user_options": {"gpus": "\uff15"}}, "gpus"),
+    ({"user_options": {"gpus": [1]}}, "gpus"),
+    ({"user_options": {"gpus": {"count": 1}}}, "gpus"),
+    ({"user_options": {"gpus": 10**30}}, "gpus"),
+    ({"user_options": {"gpus": 9}}, "gpus"),
+    ({"user_options": {"gpus": 5}}, "gpus"),
+    ({"user_options": {"gpus": math.nan}}, "gpus"),
+    ({"user_options": {"environment": "no-such-env"}}, "environment"),
+    ({"user_options": {"environment": 5}}, "environment"),
+    ({"user_options": {"environment": ["pytorch"]}}, "environment"),
+    ({"user_options": {"environment": ""}}, "environment"),
+    ({"user_options": {"environment": "<script>alert(1)</script>"}}, "environment"),
+    ({"user_options": {"environment": "../../etc/passwd"}}, "environment"),
+    ({"user_options": {"environment": "x" * 10000}}, "environment"),
+    ({"user_options": {"environment": "staff-only"}}, "environment"),
+    ({"user_options": {"interface": "emacs"}}, "interface"),
+    ({"user_options": {"interface": 1}}, "interface"),
+    ({"user_options": {"interface": True}}, "interface"),
+    ({"user_options": {"interface": {"id": "vscode"}}}, "interface"),
+    ({"user_options": {"interface": "vscode", "environment": "lab-only"}}, "interface"),
+    ({"user_options": {"gpu_type": "h100", "gpus": 1}}, "gpu_type"),
+    ({"user_options": {"gpu_type": 0}}, "gpu_type"),
+    ({"user_options": {"gpu_type": ["gpu"]}}, "gpu_type"),
+    ({"user_options": {"gpu_type": "staff-gpu", "gpus": 1}}, "gpu_type"),
+    ({"user_options": {"image": "evil/miner:latest"}}, "image"),
+    ({"user_options": {"cmd": ["rm", "-rf", "/"]}}, "cmd"),
+    ({"user_options": {"env": {"LD_PRELOAD": "/tmp/x.so"}}}, "env"),
+    ({"user_options": {"GPUS": 1}}, "GPUS"),
+    ({"user_options": {"gpus": 1, "profile": "gpu-large"}}, "profile"),
+    ({"user_options": [1, 2]}, "user_options"),
+    ({"user_options": "gpus=1"}, "user_options"),
+    ({"gpus": 1, "kubespawner_override": {"image": "x"}}, "kubespawner_override"),
+]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, run_marker):
+    hub = Hub(
+        tmp_path_factory.mktemp("admission"),
+        run_marker,
+        env_overrides={"GPUHUB_CATALOG": str(HERE / "catalog-restricted.yaml")},
+    ).start()
+    yield hub
+    hub.stop_all_servers()
+    hub.stop()
+
+
+def test_there_are_enough_forged_cases():
+    assert len(FORGED) >= 30
+
+
+@pytest.mark.parametrize(("body", "field"), FORGED, ids=[f"{i:02d}-{f}" for i, (_b, f) in enumerate(FORGED)])
+def test_forged_options_are_refused_with_the_field_named(hub, body, field):
+    name = "forger"
+    hub.ensure_user(name)
+    r = hub.request("POST", f"/users/{name}/server", data=json.dumps(body))
+    assert r.status_code == 400, r.text
+    message = r.json()["message"]
+    assert re.search(rf"(?<![\w-]){re.escape(field)}(?![\w-])", message), message
+    assert "Traceback" not in r.text
+    assert hub.user(name)["servers"] == {}, "no server is started"
+
+
+def test_pool_size_is_checked(hub):
+    # The type allows 8 per server but the pool has 4 GPUs in all.
+    r = hub.spawn("greedy", {"gpus": 5})
+    assert r.status_code == 400
+    assert "the pool has 4" in r.json()["message"]
+
+
+def test_quota_of_the_group_is_named(hub):
+    name = "student-quota"
+    hub.login(name)  # the demo puts student-* users into group `students` (1 GPU, 1 server)
+    assert hub.user(name)["groups"] == ["students"]
+    r = hub.spawn(name, {"gpus": 2})
+    assert r.status_code == 403
+    assert r.json()["message"] == (
+        "you hold 0 of the 1 GPU allowed to group students; 2 more would go over the limit"
+    )
+    assert hub.spawn(name, {"gpus": 1}).status_code in (201, 202)
+    hub.wait_ready(name)
+    r = hub.spawn(name, {"gpus": 0}, server="second")
+    assert r.status_code == 403
+    assert r.json()["message"].startswith("you run 1 of the 1 server allowed to group students")
+    hub.stop_server(name)
+
+
+def test_the_most_generous_group_applies(hub):
+    name = "researcher-quota"
+    hub.login(name)  # group `researchers`: 2 GPUs
+    assert hub.spawn(name, {"gpus": 2}).status_code in (201, 202)
+    hub.wait_ready(name)
+    r = hub.spawn(name, {"gpus": 1}, server="more")
+    assert r.status_code == 403
+    assert r.json()["message"].startswith("you hold 2 of the 2 GPUs allowed to group researchers")
+    hub.stop_server(name)
+
+
+def test_n_plus_one_concurrent_spawns_on_n_gpus(hub):
+    names = [f"race-{i}" for i in range(5)]
+    for name in names:
+        hub.ensure_user(name)
+    with ThreadPoolExecutor(len(names)) as pool:
+        responses = list(pool.map(lambda n: hub.spawn(n, {"gpus": 1}), names))
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(409) == 1, [(r.status_code, r.text) for r in responses]
+    refused = next(r for r in responses if r.status_code == 409)
+    assert "no gpu GPU free" in refused.json()["message"]
+    started = [n for n, r in zip(names, responses, strict=True) if r.status_code in (201, 202)]
+    assert len(started) == 4
+    gpus = [tuple(hub.wait_ready(n)["state"]["gpus"]) for n in started]
+    assert all(len(g) == 1 for g in gpus)
+    assert len({g[0] for g in gpus}) == 4, "every server got its own GPU"
+    for name in started:
+        hub.stop_server(name)
