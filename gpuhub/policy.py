@@ -160,7 +160,8 @@ def quota_config_from_dict(data: Mapping[str, Any] | None) -> QuotaConfig:
         return Quota(**out)
 
     def table(key: str) -> dict[str, Quota]:
-        value = data.get(key) or {}
+        value = data.get(key)
+        value = {} if value is None else value
         if not isinstance(value, Mapping):
             raise ValueError(f"quotas.{key}: must be a mapping")
         return {str(k): one(f"quotas.{key}.{k}", v) for k, v in value.items()}

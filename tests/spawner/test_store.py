@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from gpuhub.store import NoGpuFree, Store
+
+DEVICES = [f"GPU-{i}" for i in range(4)]
+
+
+def test_lease_release_and_usage(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 's.sqlite'}")
+    assert store.lease_devices("ada", "", "gpu", DEVICES, 2) == ["GPU-0", "GPU-1"]
+    assert store.lease_devices("bob", "x", "gpu", DEVICES, 1) == ["GPU-2"]
+    assert store.gpus_held("ada") == 2
+    assert store.gpus_held("ada", except_server="") == 0
+    with pytest.raises(NoGpuFree, match="2 asked, 1 GPU is free"):
+        store.lease_devices("cy", "", "gpu", DEVICES, 2)
+    assert [lease.device for lease in store.release("ada", "")] == ["GPU-0", "GPU-1"]
+    assert store.lease_devices("cy", "", "gpu", DEVICES, 2) == ["GPU-0", "GPU-1"]
+
+
+def test_reconcile_frees_unknown_servers(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 's.sqlite'}")
+    store.lease_devices("ada", "", "gpu", DEVICES, 1)
+    store.lease_devices("bob", "", "gpu", DEVICES, 1)
+    store.lease_units("cy", "big", "shared", 2)
+    freed = store.reconcile({("ada", ""), ("cy", "big")})
+    assert [(lease.user, lease.device) for lease in freed] == [("bob", "GPU-1")]
+    assert store.gpus_held("cy") == 2
+
+
+def test_threads_never_share_a_gpu(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 's.sqlite'}")
+
+    def take(i: int):
+        try:
+            return store.lease_devices(f"u{i}", "", "gpu", DEVICES, 1)
+        except NoGpuFree:
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(take, range(12)))
+    granted = [r[0] for r in results if r]
+    assert sorted(granted) == DEVICES
+
+
+def _lease_in_process(url: str, user: str, queue) -> None:  # type: ignore[no-untyped-def]
+    store = Store(url)
+    got = []
+    for _ in range(4):
+        try:
+            got += store.lease_devices(user, str(len(got)), "gpu", DEVICES, 1)
+        except NoGpuFree:
+            break
+    queue.put(got)
+
+
+def test_processes_never_share_a_gpu(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.sqlite'}"
+    Store(url)  # create the tables once
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_lease_in_process, args=(url, f"p{i}", queue)) for i in range(3)]
+    for p in procs:
+        p.start()
+    granted = [d for _ in procs for d in queue.get(timeout=60)]
+    for p in procs:
+        p.join(30)
+    assert sorted(granted) == DEVICES
