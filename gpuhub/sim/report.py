@@ -70,9 +70,9 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        if abs(value) < 10 and value != int(value):
-            return f"{value:.3f}"
-        return f"{value:,.1f}"
+        if value == 0:
+            return "0"
+        return f"{value:.3f}" if abs(value) < 1 else f"{value:,.1f}"
     return f"{value:,}"
 
 
