@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpuhub.sim.engine import POLICIES, PolicyResult, SimConfig
+from gpuhub.policy import Rules
+from gpuhub.sim.engine import POLICIES, PolicyResult, PolicySpec, SimConfig, simulate
 from gpuhub.sim.report import as_json, compare, table
 from gpuhub.sim.synthetic import SyntheticParams, generate
 from gpuhub.sim.workload import Workload, default_trace_path, load_trace, workload_from_dict
@@ -227,6 +228,51 @@ def sweep(args: argparse.Namespace, workload: Workload) -> list[dict[str, Any]]:
     return out
 
 
+def timeout_sweep(args: argparse.Namespace, workload: Workload) -> list[list[str]]:
+    """gpuhub with different GPU idle timeouts: GPU-hours against restarts."""
+    config = SimConfig(gpus=args.gpus, restart_delay=args.restart_delay)
+    oracle = simulate(workload, PolicySpec("oracle"), config).metrics()["reserved_gpu_hours"]
+    rows = []
+    for timeout in args.idle_timeouts:
+        spec = PolicySpec("gpuhub", rules=Rules(gpu_idle_timeout=timeout))
+        m = simulate(workload, spec, config).metrics()
+        rows.append(
+            [
+                _duration(timeout),
+                f"{m['reserved_gpu_hours']:,.0f}",
+                f"{m['reserved_gpu_hours'] / oracle:.2f}",
+                f"{m['busy_fraction']:.2f}",
+                f"{m['wait_s']['mean']:.0f} s",
+                f"{m['wait_s']['max']:.0f} s",
+                f"{m['restarts_per_session']:.1f}",
+            ]
+        )
+    return rows
+
+
+TIMEOUT_HEADER = [
+    "gpu_idle_timeout",
+    "reserved GPU-h",
+    "x oracle",
+    "busy/reserved",
+    "wait mean",
+    "wait max",
+    "restarts/sess",
+]
+
+
+def print_rows(header: list[str], rows: list[list[str]], markdown: bool) -> None:
+    if markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "|".join("---:" for _ in header) + "|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+        return
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+    for row in [header, *rows]:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+
+
 def sweep_rows(points: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header = ["GPUs"] + [f"{n} mean / p95 wait" for n in POLICIES]
     rows = []
@@ -303,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write every report as JSON")
     p.add_argument("--quick", action="store_true", help="smoke run: 6 h of synthetic load")
     p.add_argument(
+        "--idle-timeouts",
+        default="300,600,1800,3600",
+        help="gpuhub GPU idle timeouts (s) to run the trace with; empty: none",
+    )
+    p.add_argument(
         "--sweep",
         default="32,48,64,96,128,160",
         help="pool sizes to run the trace on (32,48,64,96,128,160); empty: none",
@@ -316,9 +367,14 @@ def main(argv: list[str] | None = None) -> int:
         args.sweep = [int(x) for x in args.sweep.split(",") if x.strip()]
     except ValueError:
         p.error(f"--sweep: not a list of GPU counts: {args.sweep!r}")
+    try:
+        args.idle_timeouts = [float(x) for x in args.idle_timeouts.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--idle-timeouts: not a list of seconds: {args.idle_timeouts!r}")
     if args.quick:
         args.hours = 6.0
         args.sweep = []
+        args.idle_timeouts = []
         args.no_trace = args.no_trace or (args.trace is None and default_trace_path() is None)
 
     started = time.perf_counter()
@@ -335,15 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         points = sweep(args, runs[0]["workload"])
         header, rows = sweep_rows(points)
         print("\n## Adobe trace on pools of different sizes: burst wait, mean / p95\n")
-        if args.markdown:
-            print("| " + " | ".join(header) + " |")
-            print("|" + "|".join("---:" for _ in header) + "|")
-            for row in rows:
-                print("| " + " | ".join(row) + " |")
-        else:
-            widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-            for row in [header, *rows]:
-                print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        print_rows(header, rows, args.markdown)
+    if args.idle_timeouts and runs and runs[0]["label"] == "Adobe trace":
+        print(f"\n## Adobe trace, gpuhub with other GPU idle timeouts ({args.gpus} GPUs)\n")
+        print_rows(TIMEOUT_HEADER, timeout_sweep(args, runs[0]["workload"]), args.markdown)
     if args.json:
         everything = {"runs": [r["report"] for r in runs], "pool_sizes": points}
         Path(args.json).write_text(json.dumps(everything, indent=2))
