@@ -210,7 +210,11 @@ class _Reader:
         if not isinstance(value, Mapping):
             self.fail(self.field(key), f"must be a mapping, not {_type_name(value)}")
         for k, v in value.items():
-            if not isinstance(k, str) or not isinstance(v, str | int | float) or isinstance(v, bool):
+            if (
+                not isinstance(k, str)
+                or not isinstance(v, str | int | float)
+                or isinstance(v, bool)
+            ):
                 self.fail(f"{self.field(key)}.{k}", f"must map strings to strings, not {v!r}")
         return {k: str(v) for k, v in value.items()}
 
@@ -227,7 +231,9 @@ class _Reader:
 
 
 def _type_name(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+    return {dict: "a mapping", list: "a list", str: "a string"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def _unique(readers: list[_Reader], ids: list[str], what: str) -> None:
@@ -301,7 +307,9 @@ def _read_gpu_type(r: _Reader) -> GpuType:
         r.fail(r.field("resource"), f"{resource!r} is not an extended resource name")
     sharing = r.str("sharing", "dedicated") or "dedicated"
     if sharing not in GPU_SHARING_KINDS:
-        r.fail(r.field("sharing"), f"must be one of {', '.join(GPU_SHARING_KINDS)}, not {sharing!r}")
+        r.fail(
+            r.field("sharing"), f"must be one of {', '.join(GPU_SHARING_KINDS)}, not {sharing!r}"
+        )
     tolerations = r.items("tolerations")
     for t in tolerations:
         t.check_keys(["key", "operator", "value", "effect", "tolerationSeconds"])
@@ -365,7 +373,10 @@ def catalog_from_dict(data: Any, source: str = "<catalog>") -> Catalog:
 
 
 def load_catalog(path: str | Path) -> Catalog:
-    """Load a catalogue YAML file; relative `local.python` paths resolve against the file's folder."""
+    """Load a catalogue YAML file.
+
+    Relative `local.python` paths resolve against the file's folder.
+    """
     path = Path(path)
     source = str(path)
     try:

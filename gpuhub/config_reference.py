@@ -61,9 +61,8 @@ def reference() -> str:
             out.append("")
         for name, trait in own_traits(cls).items():
             help_text = textwrap.dedent(trait.help or "").strip()
-            out.append(
-                f"- **`c.{cls.__name__}.{name}`** ({type(trait).__name__}, default `{_default(trait)}`)"
-            )
+            kind, default_value = type(trait).__name__, _default(trait)
+            out.append(f"- **`c.{cls.__name__}.{name}`** ({kind}, default `{default_value}`)")
             for line in help_text.splitlines():
                 out.append(f"  {line.strip()}" if line.strip() else "")
             out.append("")

@@ -119,7 +119,9 @@ def parse(
 
     environment = catalog.environment(environment_id or "")
     if environment is None or not environment.enabled:
-        raise OptionsError("environment", f"no environment {_shown(environment_id)} in the catalogue")
+        raise OptionsError(
+            "environment", f"no environment {_shown(environment_id)} in the catalogue"
+        )
     if not environment.allowed_for(groups):
         raise OptionsError(
             "environment", f"environment {environment.id!r} is not available to your groups"
@@ -212,8 +214,8 @@ def form_choices(
 ) -> FormChoices:
     """What the spawn form offers to a user in `groups`.
 
-    `capacity` maps a GPU type id to `(total, free)`. `previous` (the last `user_options`) preselects
-    the user's last choice where it is still valid.
+    `capacity` maps a GPU type id to `(total, free)`. `previous` (the last `user_options`)
+    preselects the user's last choice where it is still valid.
     """
     groups = set(groups)
     environments = tuple(catalog.environments_for(groups))

@@ -152,8 +152,10 @@ def quota_config_from_dict(data: Mapping[str, Any] | None) -> QuotaConfig:
         out = {}
         for key in ("max_gpus", "max_servers"):
             v = value.get(key)
-            if v is not None and v != UNLIMITED and (
-                isinstance(v, bool) or not isinstance(v, int) or v < 0
+            if (
+                v is not None
+                and v != UNLIMITED
+                and (isinstance(v, bool) or not isinstance(v, int) or v < 0)
             ):
                 raise ValueError(f"{path}.{key}: must be an integer >= 0 or 'unlimited', not {v!r}")
             out[key] = v

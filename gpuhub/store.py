@@ -157,9 +157,7 @@ class Store:
         """Free every GPU `user`'s `server` holds; returns what was freed."""
         with self.session() as s:
             rows = list(
-                s.scalars(
-                    select(LeaseRow).where(LeaseRow.user == user, LeaseRow.server == server)
-                )
+                s.scalars(select(LeaseRow).where(LeaseRow.user == user, LeaseRow.server == server))
             )
             s.execute(delete(LeaseRow).where(LeaseRow.user == user, LeaseRow.server == server))
             s.commit()

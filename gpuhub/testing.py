@@ -4,6 +4,7 @@ started (hub, proxy, single-user servers, kernels, code-server), found by an env
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -68,10 +69,8 @@ def kill_marked(marker: str, timeout: float = 10) -> None:
         if not pids:
             return
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.time() + timeout
         while time.time() < deadline and processes_marked(marker):
             time.sleep(0.2)
@@ -176,7 +175,9 @@ class Hub:
     def spawn(self, name: str, user_options: Any, server: str = "") -> requests.Response:
         self.ensure_user(name)
         return self.request(
-            "POST", f"/users/{name}/servers/{server}", data=json.dumps({"user_options": user_options})
+            "POST",
+            f"/users/{name}/servers/{server}",
+            data=json.dumps({"user_options": user_options}),
         )
 
     def wait_ready(self, name: str, server: str = "", timeout: float = 180) -> dict[str, Any]:
@@ -186,7 +187,9 @@ class Hub:
             if model and model["ready"]:
                 return model
             if model is None or (not model["pending"] and not model["ready"]):
-                raise RuntimeError(f"{name}/{server} is not starting: {model}\n{self.log()[-3000:]}")
+                raise RuntimeError(
+                    f"{name}/{server} is not starting: {model}\n{self.log()[-3000:]}"
+                )
             time.sleep(0.5)
         raise TimeoutError(f"{name}/{server} not ready in {timeout} s:\n{self.log()[-3000:]}")
 
@@ -207,10 +210,8 @@ class Hub:
             return
         for user in r.json():
             for server in list(user.get("servers", {})):
-                try:
+                with contextlib.suppress(Exception):  # best effort: kill_marked ends the rest
                     self.stop_server(user["name"], server)
-                except Exception:
-                    pass
 
     def login(self, name: str, password: str | None = None) -> requests.Session:
         """A browser-like session logged in as `name` (groups come from the name's prefix)."""
@@ -284,6 +285,15 @@ def run_in_kernel(server_url: str, token: str, code: str, timeout: float = 120) 
         return asyncio.run(execute())
     finally:
         requests.delete(f"{server_url}api/kernels/{kernel_id}", headers=headers, timeout=30)
+
+
+def process_gone(pid: int) -> bool:
+    """True once `pid` has exited (a zombie waiting for its parent counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" in f.read()
+    except FileNotFoundError:
+        return True
 
 
 def wait_for(predicate: Any, timeout: float = 30, interval: float = 0.3, what: str = "") -> Any:

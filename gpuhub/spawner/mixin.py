@@ -21,8 +21,14 @@ from traitlets.config import Configurable
 from .. import paths
 from ..catalog import Catalog, CatalogError, catalog_from_dict, load_catalog
 from ..options import OptionsError, Selection, form_choices, options_from_form, parse
-from ..policy import QuotaConfig, QuotaExceeded, Usage, admit, effective_quota
-from ..policy import quota_config_from_dict
+from ..policy import (
+    QuotaConfig,
+    QuotaExceeded,
+    Usage,
+    admit,
+    effective_quota,
+    quota_config_from_dict,
+)
 from ..store import Store
 
 _catalog_cache: dict[tuple[str, int], Catalog] = {}
@@ -167,9 +173,7 @@ class GPUSpawnerMixin(Configurable):
         """Free the GPUs this server holds (called when it stops)."""
         freed = self.store.release(self.user.name, self.name)
         if freed:
-            self.log.info(
-                "gpuhub: freed %d GPU(s) of %s", len(freed), self._log_name
-            )
+            self.log.info("gpuhub: freed %d GPU(s) of %s", len(freed), self._log_name)
 
     # -- the spawn form ---------------------------------------------------------------------------
 
@@ -218,7 +222,9 @@ class GPUSpawnerMixin(Configurable):
             for name, sp in getattr(self.user, "spawners", {}).items()
             if name != self.name and (sp.active or sp.ready)
         )
-        return Usage(gpus=self.store.gpus_held(self.user.name, except_server=self.name), servers=servers)
+        return Usage(
+            gpus=self.store.gpus_held(self.user.name, except_server=self.name), servers=servers
+        )
 
     async def apply_gpuhub_options(self, user_options: Any) -> Selection:
         """Validate `user_options`, check quotas, and hand the selection to the backend.
@@ -283,7 +289,9 @@ class GPUSpawnerMixin(Configurable):
             try:
                 self.selection = Selection(**selection)
             except TypeError:
-                self.log.warning("gpuhub: ignoring unreadable selection in %s's state", self._log_name)
+                self.log.warning(
+                    "gpuhub: ignoring unreadable selection in %s's state", self._log_name
+                )
 
     def clear_state(self) -> None:
         super().clear_state()  # type: ignore[misc]

@@ -1,4 +1,4 @@
-"""The documentation says what the code does: every setting has help text and is in the reference."""
+"""The documentation says what the code does: every setting has help text and is documented."""
 
 from __future__ import annotations
 

@@ -75,7 +75,9 @@ def test_there_are_enough_forged_cases():
     assert len(FORGED) >= 30
 
 
-@pytest.mark.parametrize(("body", "field"), FORGED, ids=[f"{i:02d}-{f}" for i, (_b, f) in enumerate(FORGED)])
+@pytest.mark.parametrize(
+    ("body", "field"), FORGED, ids=[f"{i:02d}-{f}" for i, (_b, f) in enumerate(FORGED)]
+)
 def test_forged_options_are_refused_with_the_field_named(hub, body, field):
     name = "forger"
     hub.ensure_user(name)

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from gpuhub.store import Store
-from gpuhub.testing import Hub, wait_for
+from gpuhub.testing import Hub, process_gone, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +27,7 @@ def test_leases_survive_a_hub_restart_only_with_their_server(tmp_path, run_marke
 
         hub.stop()
         os.kill(goner["pid"], signal.SIGKILL)
-        wait_for(lambda: not os.path.exists(f"/proc/{goner['pid']}/status") or "zombie" in
-                 open(f"/proc/{goner['pid']}/status").read(), what="the server to die")
+        wait_for(lambda: process_gone(goner["pid"]), what="the server to die")
         hub.start()
 
         assert hub.user("goner")["servers"] == {}

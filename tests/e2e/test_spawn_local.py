@@ -20,9 +20,14 @@ COMBINATIONS = [
     ("vscode", "tensorflow"),
 ]
 
+PROBE = (
+    "import os, sys, {module}\n"
+    "print(os.environ['CUDA_VISIBLE_DEVICES'], sys.executable, '{environment}', "
+    "{module}.__version__, sep='|')"
+)
 KERNEL_PROBE = {
-    "pytorch": "import os, sys, torch\nprint(os.environ['CUDA_VISIBLE_DEVICES'], sys.executable, 'pytorch', torch.__version__, sep='|')",
-    "tensorflow": "import os, sys, tensorflow as tf\nprint(os.environ['CUDA_VISIBLE_DEVICES'], sys.executable, 'tensorflow', tf.__version__, sep='|')",
+    "pytorch": PROBE.format(module="torch", environment="pytorch"),
+    "tensorflow": PROBE.format(module="tensorflow", environment="tensorflow"),
 }
 
 
