@@ -20,6 +20,9 @@ from ..snapshot import is_snapshot_name, iso
 
 class GpuhubHandler(APIHandler):
     auth_resource = "gpuhub"
+    # The hub polls these endpoints: that is not the user's activity. (Snapshots and restores
+    # still run code in kernels, which Jupyter counts as kernel activity.)
+    _track_activity = False
 
     @property
     def gpuhub(self) -> Any:
