@@ -1,4 +1,5 @@
-"""gpuhub's own state: GPU leases (and, as gpuhub grows, its queue and action history).
+"""gpuhub's own state: GPU leases, the environments and group quotas admins set at runtime (and,
+as gpuhub grows, its queue and action history).
 
 SQLAlchemy; a SQLite file by default, any SQLAlchemy URL. The store is the one owner of who holds
 which GPU: the unique constraint on `gpu_leases.device` is what guarantees that no GPU is ever given
@@ -7,16 +8,19 @@ to two servers, also across processes.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import (
     DateTime,
     Integer,
     String,
+    Text,
     UniqueConstraint,
     create_engine,
     delete,
@@ -62,6 +66,62 @@ class GpuLease:
     @property
     def holder(self) -> tuple[str, str]:
         return (self.user, self.server)
+
+
+class CatalogEntryRow(Base):
+    """An environment an admin registered or changed at runtime, over the catalogue file's."""
+
+    __tablename__ = "catalog_environments"
+
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    #: JSON, in the shape of one `environments` entry of the catalogue file
+    data: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_by: Mapped[str] = mapped_column(String(255), default="")
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    id: str
+    data: Mapping[str, Any]
+    updated_at: datetime
+    updated_by: str
+
+
+class GroupQuotaRow(Base):
+    """A group's quota as an admin set it at runtime, over the configured one."""
+
+    __tablename__ = "group_quotas"
+
+    group: Mapped[str] = mapped_column(String(255), primary_key=True)
+    #: an integer as text, "unlimited", or NULL (not set by this entry)
+    max_gpus: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    max_servers: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_by: Mapped[str] = mapped_column(String(255), default="")
+
+
+@dataclass(frozen=True)
+class StoredQuota:
+    group: str
+    max_gpus: int | str | None
+    max_servers: int | str | None
+    updated_at: datetime
+    updated_by: str
+
+
+def _limit_text(value: int | str | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _limit_value(text: str | None) -> int | str | None:
+    if text is None:
+        return None
+    return int(text) if text.isdigit() else text
+
+
+def _aware(t: datetime) -> datetime:
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t
 
 
 class NoGpuFree(Exception):
@@ -191,6 +251,68 @@ class Store:
                     s.delete(row)
             s.commit()
         return freed
+
+    # -- environments and group quotas set at runtime -----------------------------------------
+
+    def catalog_entries(self) -> list[CatalogEntry]:
+        with self.session() as s:
+            rows = s.scalars(select(CatalogEntryRow).order_by(CatalogEntryRow.updated_at))
+            return [
+                CatalogEntry(r.id, json.loads(r.data), _aware(r.updated_at), r.updated_by)
+                for r in rows
+            ]
+
+    def put_catalog_entry(self, env_id: str, data: Mapping[str, Any], by: str) -> None:
+        """Add or replace the stored environment `env_id` (`data` is its catalogue entry)."""
+        with self.session() as s:
+            row = s.get(CatalogEntryRow, env_id)
+            if row is None:
+                row = CatalogEntryRow(id=env_id)
+                s.add(row)
+            row.data = json.dumps(dict(data), sort_keys=True)
+            row.updated_at = utcnow()
+            row.updated_by = by
+            s.commit()
+
+    def delete_catalog_entry(self, env_id: str) -> bool:
+        with self.session() as s:
+            deleted = s.execute(delete(CatalogEntryRow).where(CatalogEntryRow.id == env_id))
+            s.commit()
+            return bool(deleted.rowcount)
+
+    def group_quotas(self) -> list[StoredQuota]:
+        with self.session() as s:
+            return [
+                StoredQuota(
+                    r.group,
+                    _limit_value(r.max_gpus),
+                    _limit_value(r.max_servers),
+                    _aware(r.updated_at),
+                    r.updated_by,
+                )
+                for r in s.scalars(select(GroupQuotaRow).order_by(GroupQuotaRow.group))
+            ]
+
+    def put_group_quota(
+        self, group: str, max_gpus: int | str | None, max_servers: int | str | None, by: str
+    ) -> None:
+        """Set `group`'s quota (each limit a number, "unlimited", or None: not set here)."""
+        with self.session() as s:
+            row = s.get(GroupQuotaRow, group)
+            if row is None:
+                row = GroupQuotaRow(group=group)
+                s.add(row)
+            row.max_gpus = _limit_text(max_gpus)
+            row.max_servers = _limit_text(max_servers)
+            row.updated_at = utcnow()
+            row.updated_by = by
+            s.commit()
+
+    def delete_group_quota(self, group: str) -> bool:
+        with self.session() as s:
+            deleted = s.execute(delete(GroupQuotaRow).where(GroupQuotaRow.group == group))
+            s.commit()
+            return bool(deleted.rowcount)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
