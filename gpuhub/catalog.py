@@ -287,6 +287,14 @@ def read_environment(r: _Reader, interface_ids: Iterable[str]) -> Environment:
     )
 
 
+def environment_from_dict(
+    data: Any, interface_ids: Iterable[str], source: str = "<environment>", path: str = ""
+) -> Environment:
+    """One environment from plain data in the shape of a catalogue file's `environments` entry;
+    `CatalogError` names `source` and the field (under `path`) otherwise."""
+    return read_environment(_Reader(source, path, data), interface_ids)
+
+
 def _read_gpu_type(r: _Reader) -> GpuType:
     r.check_keys(
         [
