@@ -8,6 +8,7 @@ and freeing GPU leases when the server stops. A backend implements `gpu_capacity
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,6 +47,18 @@ def cached_catalog(path: str) -> Catalog:
         _catalog_cache.clear()
         _catalog_cache[key] = load_catalog(path)
     return _catalog_cache[key]
+
+
+@functools.lru_cache(maxsize=8)
+def template_environment(search_path: tuple[str, ...]) -> jinja2.Environment:
+    """One Jinja environment per search path: templates are compiled once, and reloaded when
+    their file changes."""
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(list(search_path)),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        auto_reload=True,
+    )
 
 
 def http_error(status: int, message: str) -> web.HTTPError:
@@ -182,12 +195,8 @@ class GPUSpawnerMixin(Configurable):
         return lambda spawner: spawner.render_options_form()
 
     def _template_env(self) -> jinja2.Environment:
-        search = [*self.form_template_paths, str(paths.templates_dir())]
-        return jinja2.Environment(
-            loader=jinja2.FileSystemLoader(search),
-            autoescape=True,
-            undefined=jinja2.StrictUndefined,
-        )
+        search = (*self.form_template_paths, str(paths.templates_dir()))
+        return template_environment(search)
 
     async def render_options_form(self) -> str:
         catalog = self.load_catalog()
