@@ -1,0 +1,114 @@
+"""GPU capacity from the watched cluster: KubeSpawner's pod reflector and gpuhub's node watch,
+running against the emulated API server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes_asyncio.client import Configuration
+
+from gpuhub.spawner.kube_watch import stop_capacity_watches
+
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+
+
+@pytest.fixture
+def api_at_emulator(emulator) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    previous = Configuration.get_default_copy()
+    conf = Configuration()
+    conf.host = emulator.url
+    Configuration.set_default(conf)
+    yield
+    Configuration.set_default(previous)
+
+
+def gpu_pod(name: str, resource: str, count: int, product: str | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "containers": [
+            {
+                "name": "c",
+                "image": "busybox",
+                "args": ["sleep", "600"],
+                "resources": {"limits": {resource: str(count)}},
+            }
+        ],
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    }
+    if product:
+        spec["nodeSelector"] = {"nvidia.com/gpu.product": product}
+    return {"metadata": {"name": name, "namespace": "research"}, "spec": spec}
+
+
+async def eventually(predicate, timeout: float = 10) -> Any:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"not true after {timeout} s: {value!r}")
+        await asyncio.sleep(0.1)
+
+
+async def test_capacity_follows_the_cluster(make_spawner, emulator, api_at_emulator) -> None:  # type: ignore[no-untyped-def]
+    spawner = make_spawner(watch_gpu_capacity=True)
+    catalog = spawner.load_catalog()
+    try:
+        assert await spawner.start_capacity_watch() is not None
+        assert spawner.gpu_capacity(catalog) == {
+            "a100": (3, 3),
+            "t4-shared": (4, 4),
+            "a100-mig-1g": (7, 7),
+            "a100-mig-3g": (2, 2),
+        }
+        # Another team's pod in another namespace takes two A100s and a MIG slice.
+        emulator.call(
+            emulator.create, "pods", gpu_pod("train", "nvidia.com/gpu", 2, "NVIDIA-A100-SXM4-80GB")
+        )
+        emulator.call(emulator.create, "pods", gpu_pod("mig", "nvidia.com/mig-3g.40gb", 1))
+        emulator.call(emulator.schedule)
+        await eventually(lambda: spawner.gpu_capacity(catalog)["a100"] == (3, 1))
+        await eventually(lambda: spawner.gpu_capacity(catalog)["a100-mig-3g"] == (2, 1))
+        # A new node joins: the node watch sees it without listing again.
+        emulator.add_node(
+            "a100-2",
+            {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
+            {"nvidia.com/gpu": 4},
+            [GPU_TAINT],
+        )
+        await eventually(lambda: spawner.gpu_capacity(catalog)["a100"] == (7, 5))
+        # The pod ends: its GPUs are free again.
+        pod = emulator.pod("research", "train")
+        emulator.call(emulator.terminate, pod, 0)
+        await eventually(lambda: spawner.gpu_capacity(catalog)["a100"] == (7, 7))
+        # A lease of a spawn whose pod is not bound yet counts as used.
+        spawner.store.lease_units("ada", "", "a100", 2)
+        assert spawner.gpu_capacity(catalog)["a100"] == (7, 5)
+        assert emulator.failures == []
+    finally:
+        emulator.call(emulator.remove, "nodes", emulator.call(emulator.get, "nodes", "", "a100-2"))
+        for name in ("mig",):
+            pod = emulator.pod("research", name)
+            if pod:
+                emulator.call(emulator.terminate, pod, 0)
+        await stop_capacity_watches()
+
+
+async def test_without_permission_to_watch_nodes_capacity_falls_back(  # type: ignore[no-untyped-def]
+    make_spawner, emulator, api_at_emulator
+) -> None:
+    """No ClusterRole to list nodes: each type counts as its per-server maximum, all free."""
+    emulator.forbidden = {"nodes"}
+    try:
+        spawner = make_spawner(watch_gpu_capacity=True)
+        assert await spawner.start_capacity_watch() is None
+        assert spawner.gpu_capacity(spawner.load_catalog())["a100"] == (4, 4)
+    finally:
+        emulator.forbidden = set()
+    # Once permitted, the next spawn counts again.
+    assert await spawner.start_capacity_watch() is not None
+    assert spawner.gpu_capacity(spawner.load_catalog())["a100"] == (3, 3)
+    await stop_capacity_watches()
