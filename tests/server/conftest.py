@@ -342,15 +342,13 @@ def _ws_request(url: str, token: str):
     return HTTPRequest(url, headers={"Authorization": f"token {token}"})
 
 
-@pytest.fixture
-def server_env(tmp_path: Path):
+def make_server_env(base: Path) -> dict[str, str]:
     """The environment of a server process: its own HOME, the pytorch kernel, no GPU env."""
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    data = write_kernelspec(tmp_path / "jupyter-data")
+    home = base / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    data = write_kernelspec(base / "jupyter-data")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUHUB_", "JUPYTER_"))}
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    # keep the test-run marker: the session fixture ends every marked process
     env.update(
         {
             "HOME": str(home),
@@ -360,9 +358,32 @@ def server_env(tmp_path: Path):
             "PYTHONUNBUFFERED": "1",
         }
     )
+    # keep the test-run marker: the session fixture ends every marked process
     if "GPUHUB_TEST_RUN" in os.environ:
         env["GPUHUB_TEST_RUN"] = os.environ["GPUHUB_TEST_RUN"]
     return env
+
+
+def new_server(env: dict[str, str], args: list[str] | None = None) -> JupyterServer:
+    return JupyterServer(
+        Path(env["HOME"]), env, ["--GpuhubExtension.sample_interval=0.5", *(args or [])]
+    )
+
+
+@pytest.fixture
+def server_env(tmp_path: Path) -> dict[str, str]:
+    return make_server_env(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """One server with one idle simulated GPU, for tests that only need a running server."""
+    base = tmp_path_factory.mktemp("shared-server")
+    path = base / "gpus.json"
+    nvml_fake.write_scenario(path, {"gpus": [gpu("GPU-0")]})
+    server = new_server({**make_server_env(base), "GPUHUB_FAKE_NVML": str(path)}).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -372,11 +393,7 @@ def jupyter_server(tmp_path: Path, server_env: dict[str, str]):
     started: list[JupyterServer] = []
 
     def start(env: dict[str, str] | None = None, args: list[str] | None = None) -> JupyterServer:
-        server = JupyterServer(
-            Path(server_env["HOME"]),
-            {**server_env, **(env or {})},
-            ["--GpuhubExtension.sample_interval=0.5", *(args or [])],
-        )
+        server = new_server({**server_env, **(env or {})}, args)
         started.append(server)
         return server.start()
 
