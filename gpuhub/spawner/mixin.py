@@ -22,6 +22,7 @@ from traitlets.config import Configurable
 from .. import paths
 from ..catalog import Catalog, CatalogError, catalog_from_dict, load_catalog
 from ..options import OptionsError, Selection, form_choices, options_from_form, parse
+from ..overrides import GroupQuota, merge_environments, merge_group_quotas
 from ..policy import (
     QuotaConfig,
     QuotaExceeded,
@@ -130,10 +131,16 @@ class GPUSpawnerMixin(Configurable):
     # -- catalogue, groups, store -----------------------------------------------------------------
 
     def load_catalog(self) -> Catalog:
-        """The catalogue in force now (re-read when its file changes)."""
+        """The catalogue in force now: the file's (re-read when it changes) or `catalog`, with
+        the environments admins registered or changed at runtime (in the store) laid over it."""
         if self.catalog:
-            return catalog_from_dict(self.catalog, source="c.GPUSpawnerMixin.catalog")
-        return cached_catalog(self.catalog_file)
+            base = catalog_from_dict(self.catalog, source="c.GPUSpawnerMixin.catalog")
+        else:
+            base = cached_catalog(self.catalog_file)
+        merged = merge_environments(base, [e.data for e in self.store.catalog_entries()])
+        for env_id, problem in merged.problems:
+            self.log.warning("gpuhub: stored environment %s is left out: %s", env_id, problem)
+        return merged.catalog
 
     def user_groups(self) -> set[str]:
         return {g.name for g in getattr(self.user, "groups", [])}
@@ -170,7 +177,9 @@ class GPUSpawnerMixin(Configurable):
             )
 
     def quota_config(self) -> QuotaConfig:
-        return quota_config_from_dict(self.quotas)
+        """The configured quotas, with the group quotas admins set at runtime (in the store)."""
+        stored = [GroupQuota(q.group, q.max_gpus, q.max_servers) for q in self.store.group_quotas()]
+        return merge_group_quotas(quota_config_from_dict(self.quotas), stored)
 
     # -- what a backend provides ------------------------------------------------------------------
 
