@@ -1,5 +1,5 @@
-"""gpuhub's own state: GPU leases, the environments and group quotas admins set at runtime (and,
-as gpuhub grows, its queue and action history).
+"""gpuhub's own state: GPU leases, the environments and group quotas admins set at runtime, the
+history of what the gpuhub service did and why (and, as gpuhub grows, its queue).
 
 SQLAlchemy; a SQLite file by default, any SQLAlchemy URL. The store is the one owner of who holds
 which GPU: the unique constraint on `gpu_leases.device` is what guarantees that no GPU is ever given
@@ -108,6 +108,89 @@ class StoredQuota:
     max_servers: int | str | None
     updated_at: datetime
     updated_by: str
+
+
+class ActionRow(Base):
+    """One thing the gpuhub service did (or set out to do) to a server, and why.
+
+    `status` moves through the steps of the action (see `ACTION_OPEN`), so a service restarted in
+    the middle of one finds it and finishes it instead of starting it again.
+    """
+
+    __tablename__ = "gpuhub_actions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    user: Mapped[str] = mapped_column(String(255), index=True)
+    server: Mapped[str] = mapped_column(String(255), default="")
+    #: the server's `started` time as the hub reports it: which run of the server this was
+    server_started: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "release" | "stop" | "warn"
+    rule: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(255))  # who: the service, or an admin's name
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    gpus: Mapped[int] = mapped_column(Integer, default=0)
+    gpu_type: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    #: JSON: the server's user options before the action (to give the GPU back with them)
+    user_options: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: JSON: the kernel snapshots taken for the action
+    snapshots: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    notified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+#: statuses of an action still under way: planned, then the snapshot, the stop and (for a
+#: release) the start without GPU
+ACTION_OPEN = ("planned", "snapshotting", "snapshotted", "stopping", "starting")
+
+
+@dataclass(frozen=True)
+class ActionRecord:
+    id: int
+    created_at: datetime
+    updated_at: datetime
+    user: str
+    server: str
+    server_started: str | None
+    kind: str
+    rule: str
+    reason: str
+    actor: str
+    status: str
+    gpus: int
+    gpu_type: str | None
+    user_options: Mapping[str, Any] | None
+    snapshots: list[Mapping[str, Any]] | None
+    error: str | None
+    notified_at: datetime | None
+
+    @property
+    def open(self) -> bool:
+        return self.status in ACTION_OPEN
+
+
+def _to_action(row: ActionRow) -> ActionRecord:
+    return ActionRecord(
+        id=row.id,
+        created_at=_aware(row.created_at),
+        updated_at=_aware(row.updated_at),
+        user=row.user,
+        server=row.server,
+        server_started=row.server_started,
+        kind=row.kind,
+        rule=row.rule,
+        reason=row.reason,
+        actor=row.actor,
+        status=row.status,
+        gpus=row.gpus,
+        gpu_type=row.gpu_type,
+        user_options=json.loads(row.user_options) if row.user_options else None,
+        snapshots=json.loads(row.snapshots) if row.snapshots else None,
+        error=row.error,
+        notified_at=_aware(row.notified_at) if row.notified_at else None,
+    )
 
 
 def _limit_text(value: int | str | None) -> str | None:
@@ -313,6 +396,90 @@ class Store:
             deleted = s.execute(delete(GroupQuotaRow).where(GroupQuotaRow.group == group))
             s.commit()
             return bool(deleted.rowcount)
+
+    # -- actions (history of releases, stops and warnings) -------------------------------------
+
+    def record_action(
+        self,
+        user: str,
+        server: str,
+        kind: str,
+        rule: str,
+        reason: str,
+        *,
+        actor: str,
+        status: str,
+        server_started: str | None = None,
+        gpus: int = 0,
+        gpu_type: str | None = None,
+        user_options: Mapping[str, Any] | None = None,
+    ) -> ActionRecord:
+        with self.session() as s:
+            row = ActionRow(
+                user=user,
+                server=server,
+                server_started=server_started,
+                kind=kind,
+                rule=rule,
+                reason=reason,
+                actor=actor,
+                status=status,
+                gpus=gpus,
+                gpu_type=gpu_type,
+                user_options=json.dumps(dict(user_options)) if user_options is not None else None,
+            )
+            s.add(row)
+            s.commit()
+            return _to_action(row)
+
+    def update_action(self, action_id: int, **changes: Any) -> ActionRecord:
+        """Change `status`, `rule`, `reason`, `snapshots`, `error` or `notified_at` of an action."""
+        allowed = {"status", "rule", "reason", "snapshots", "error", "notified_at"}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise ValueError(f"update_action: cannot change {sorted(unknown)[0]!r}")
+        with self.session() as s:
+            row = s.get(ActionRow, action_id)
+            if row is None:
+                raise KeyError(f"no action {action_id}")
+            for name, value in changes.items():
+                if name == "snapshots" and value is not None:
+                    value = json.dumps(value)
+                setattr(row, name, value)
+            row.updated_at = utcnow()
+            s.commit()
+            return _to_action(row)
+
+    def actions(
+        self,
+        user: str | None = None,
+        server: str | None = None,
+        *,
+        statuses: Iterable[str] | None = None,
+        kinds: Iterable[str] | None = None,
+        since_id: int | None = None,
+        limit: int | None = 200,
+    ) -> list[ActionRecord]:
+        """Recorded actions, newest first."""
+        with self.session() as s:
+            query = select(ActionRow).order_by(ActionRow.id.desc())
+            if user is not None:
+                query = query.where(ActionRow.user == user)
+            if server is not None:
+                query = query.where(ActionRow.server == server)
+            if statuses is not None:
+                query = query.where(ActionRow.status.in_(list(statuses)))
+            if kinds is not None:
+                query = query.where(ActionRow.kind.in_(list(kinds)))
+            if since_id is not None:
+                query = query.where(ActionRow.id > since_id)
+            if limit is not None:
+                query = query.limit(limit)
+            return [_to_action(r) for r in s.scalars(query)]
+
+    def open_actions(self) -> list[ActionRecord]:
+        """Actions still under way (oldest first): interrupted ones when no service runs them."""
+        return sorted(self.actions(statuses=ACTION_OPEN, limit=None), key=lambda a: a.id)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
