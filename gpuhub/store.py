@@ -31,6 +31,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from .queue import QueueEntry
+
 log = logging.getLogger(__name__)
 
 
@@ -220,6 +222,42 @@ class NoGpuFree(Exception):
         )
 
 
+class QueueRow(Base):
+    """A spawn waiting for GPUs (see gpuhub.queue); one per server."""
+
+    __tablename__ = "gpu_queue"
+    __table_args__ = (UniqueConstraint("user", "server", name="uq_gpu_queue_server"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user: Mapped[str] = mapped_column(String(255))
+    server: Mapped[str] = mapped_column(String(255), default="")
+    gpu_type: Mapped[str] = mapped_column(String(255), index=True)
+    gpus: Mapped[int] = mapped_column(Integer)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    enqueued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: Refreshed while the spawn waits; an entry not seen for a while does not hold up others.
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    user_options: Mapped[str] = mapped_column(Text, default="{}")
+
+
+def _aware(value: datetime) -> datetime:
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+def _to_entry(row: QueueRow) -> QueueEntry:
+    return QueueEntry(
+        user=row.user,
+        server=row.server,
+        gpu_type=row.gpu_type,
+        gpus=row.gpus,
+        enqueued_at=_aware(row.enqueued_at),
+        seen_at=_aware(row.seen_at),
+        priority=row.priority,
+        id=row.id,
+        user_options=json.loads(row.user_options or "{}"),
+    )
+
+
 def _to_lease(row: LeaseRow) -> GpuLease:
     leased_at = row.leased_at
     if leased_at.tzinfo is None:
@@ -396,6 +434,78 @@ class Store:
             deleted = s.execute(delete(GroupQuotaRow).where(GroupQuotaRow.group == group))
             s.commit()
             return bool(deleted.rowcount)
+
+    # -- the GPU wait queue ------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        user: str,
+        server: str,
+        gpu_type: str,
+        gpus: int,
+        priority: int = 0,
+        user_options: Mapping[str, Any] | None = None,
+        now: datetime | None = None,
+    ) -> QueueEntry:
+        """Put `user`'s `server` in the queue, or refresh its entry.
+
+        An entry for the same GPUs keeps its place (`enqueued_at`): a spawn interrupted by a hub
+        restart and asked for again does not go to the back. Asking for other GPUs starts anew.
+        """
+        now = now or utcnow()
+        with self.session() as s:
+            row = s.scalar(select(QueueRow).where(QueueRow.user == user, QueueRow.server == server))
+            if row is not None and (row.gpu_type, row.gpus) != (gpu_type, gpus):
+                s.delete(row)
+                s.flush()
+                row = None
+            if row is None:
+                row = QueueRow(
+                    user=user, server=server, gpu_type=gpu_type, gpus=gpus, enqueued_at=now
+                )
+                s.add(row)
+            row.priority = priority
+            row.seen_at = now
+            row.user_options = json.dumps(dict(user_options or {}), sort_keys=True)
+            s.commit()
+            return _to_entry(row)
+
+    def touch_queue_entry(self, user: str, server: str, now: datetime | None = None) -> None:
+        """Record that the spawn of `user`'s `server` is still waiting."""
+        with self.session() as s:
+            row = s.scalar(select(QueueRow).where(QueueRow.user == user, QueueRow.server == server))
+            if row is not None:
+                row.seen_at = now or utcnow()
+                s.commit()
+
+    def dequeue(self, user: str, server: str) -> bool:
+        """Take `user`'s `server` out of the queue (started, cancelled or failed)."""
+        with self.session() as s:
+            deleted = s.execute(
+                delete(QueueRow).where(QueueRow.user == user, QueueRow.server == server)
+            )
+            s.commit()
+            return bool(deleted.rowcount)
+
+    def queue(self, gpu_type: str | None = None) -> list[QueueEntry]:
+        """Every queue entry (waiting or not: see `QueueEntry.waiting`), oldest first.
+
+        Who waits for which GPU type since when: the demand signal for the hub service.
+        """
+        with self.session() as s:
+            query = select(QueueRow).order_by(QueueRow.enqueued_at, QueueRow.id)
+            if gpu_type is not None:
+                query = query.where(QueueRow.gpu_type == gpu_type)
+            return [_to_entry(r) for r in s.scalars(query)]
+
+    def purge_queue(self, not_seen_since: datetime) -> list[QueueEntry]:
+        """Drop the entries whose spawn has not been seen since `not_seen_since`."""
+        with self.session() as s:
+            rows = list(s.scalars(select(QueueRow).where(QueueRow.seen_at < not_seen_since)))
+            for row in rows:
+                s.delete(row)
+            s.commit()
+            return [_to_entry(r) for r in rows]
 
     # -- actions (history of releases, stops and warnings) -------------------------------------
 
