@@ -69,6 +69,29 @@ def _client(kernel: Any) -> AsyncKernelClient:
     return client
 
 
+async def _until_idle(client: AsyncKernelClient, msg_id: str, timeout: float) -> None:
+    """Wait (briefly) for the kernel to publish that it is idle again after our request, so
+    that whoever looks at its execution state next does not see our request as user work."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            msg = await client.iopub_channel.get_msg(timeout=left)
+        except (Empty, asyncio.TimeoutError):
+            return
+        if (
+            msg.get("msg_type") == "status"
+            and msg.get("parent_header", {}).get("msg_id") == msg_id
+            and msg.get("content", {}).get("execution_state") == "idle"
+        ):
+            return
+
+
+def _process_id(kernel: Any) -> Any:
+    """What identifies the kernel's process (a restart replaces it)."""
+    provisioner = getattr(kernel, "provisioner", None)
+    return getattr(provisioner, "pid", None) or id(getattr(provisioner, "process", None))
+
+
 async def run(kernel: Any, code: str, timeout: float) -> Any:
     """Run `code` silently in `kernel` (a jupyter_client KernelManager) and return the JSON
     result the kernel-side module left in `last_json`."""
@@ -88,16 +111,20 @@ async def run(kernel: Any, code: str, timeout: float) -> Any:
             allow_stdin=False,
             stop_on_error=False,
         )
+        process = _process_id(kernel)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise KernelCommandError(f"no answer from the kernel within {timeout:g} s")
             try:
-                reply = await client.shell_channel.get_msg(timeout=left)
+                reply = await client.shell_channel.get_msg(timeout=min(left, 1.0))
             except (Empty, asyncio.TimeoutError):
+                if not await kernel.is_alive() or _process_id(kernel) != process:
+                    raise KernelCommandError("the kernel died before it answered") from None
                 continue
             if reply.get("parent_header", {}).get("msg_id") == msg_id:
                 break
+        await _until_idle(client, msg_id, min(2.0, max(0.1, deadline - time.monotonic())))
     finally:
         client.stop_channels()
     content = reply["content"]

@@ -119,7 +119,7 @@ class SnapshotManager:
         base.update(key=key, notebook=notebook)
         if not self.is_python(kernel_id):
             return {**base, "status": "unsupported", "error": "not a Python kernel"}
-        if getattr(kernel, "execution_state", None) == "busy" and not wait:
+        if not wait and not await _settles_idle(kernel):
             return {
                 **base,
                 "status": "busy",
@@ -170,7 +170,7 @@ class SnapshotManager:
         base.update(key=key, notebook=notebook)
         if not self.is_python(kernel_id):
             return {**base, "status": "unsupported", "error": "not a Python kernel"}
-        if not auto and getattr(kernel, "execution_state", None) == "busy":
+        if not auto and not await _settles_idle(kernel):
             return {
                 **base,
                 "status": "busy",
@@ -181,7 +181,13 @@ class SnapshotManager:
             if latest is None or latest == await asyncio.to_thread(self._restored_mark, key):
                 code = kernels.bootstrap(self._config(key, kernel_id, notebook))
                 await self._quiet_run(kernel, code)  # the magics only: nothing to restore
-                return {**base, "status": "none"}
+                result = {**base, "status": "none", "snapshot": None}
+                self.restores[kernel_id] = {
+                    **result,
+                    "at": core.iso(time.time()),
+                    "automatic": True,
+                }
+                return result
             name = latest
         code = kernels.bootstrap(self._config(key, kernel_id, notebook))
         function = "run_auto_restore" if auto else "run_restore"
@@ -297,6 +303,17 @@ class SnapshotManager:
                 out.append(entry)
         out.sort(key=lambda e: e["snapshot"], reverse=True)
         return out
+
+
+async def _settles_idle(kernel: Any, within: float = 2.0) -> bool:
+    """False when the kernel is running code: still busy after `within` seconds (a status
+    message of a request that just finished may take a moment to arrive)."""
+    deadline = time.monotonic() + within
+    while getattr(kernel, "execution_state", None) == "busy":
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
 
 
 def _restore_status(report: Any) -> str:

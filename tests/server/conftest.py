@@ -268,7 +268,7 @@ class JupyterServer:
 
     async def _execute(self, kernel_id: str, code: str, timeout: float) -> dict[str, Any]:
         ws_url = f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels"
-        ws = await websocket_connect(_ws_request(ws_url, self.token), connect_timeout=30)
+        ws = await websocket_connect(_ws_request(ws_url, self.token))
         msg_id = uuid.uuid4().hex
         ws.write_message(
             json.dumps(
@@ -339,7 +339,7 @@ class JupyterServer:
 def _ws_request(url: str, token: str):
     from tornado.httpclient import HTTPRequest
 
-    return HTTPRequest(url, headers={"Authorization": f"token {token}"})
+    return HTTPRequest(url, headers={"Authorization": f"token {token}"}, connect_timeout=30)
 
 
 def make_server_env(base: Path) -> dict[str, str]:
