@@ -19,9 +19,10 @@ from .kube_capacity import cluster_capacity
 from .kube_objects import PodBase, PodSettings, pod_settings, template_literal
 from .kube_watch import CapacityWatch, capacity_watch
 from .mixin import GPUSpawnerMixin
+from .queueing import GPUQueueMixin
 
 
-class GPUKubeSpawner(GPUSpawnerMixin, KubeSpawner):
+class GPUKubeSpawner(GPUQueueMixin, GPUSpawnerMixin, KubeSpawner):
     """KubeSpawner with gpuhub's environments, GPU types, quotas and wait queue."""
 
     home_pvc = Bool(
@@ -173,5 +174,13 @@ class GPUKubeSpawner(GPUSpawnerMixin, KubeSpawner):
     async def apply_selection(self, selection: Selection, catalog: Catalog) -> None:
         self.apply_pod_settings(selection, catalog)
         if selection.gpus:
-            assert selection.gpu_type is not None
-            self.store.lease_units(self.user.name, self.name, selection.gpu_type, selection.gpus)
+            gpu_type = selection.gpu_type
+            assert gpu_type is not None
+
+            def take() -> bool:
+                # The queue lets this run only when the cluster has the GPUs free.
+                self.store.lease_units(self.user.name, self.name, gpu_type, selection.gpus)
+                return True
+
+            # Nothing free: wait in gpuhub's queue, not as a Pending pod in the scheduler's.
+            await self.wait_for_gpus(selection, catalog, take)

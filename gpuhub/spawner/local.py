@@ -20,7 +20,8 @@ from .. import nvml
 from ..catalog import Catalog, Environment, devices_by_type
 from ..options import Selection
 from ..store import NoGpuFree
-from .mixin import GPUSpawnerMixin, http_error
+from .mixin import GPUSpawnerMixin
+from .queueing import GPUQueueMixin
 
 _inventory_cache: dict[str, Any] = {"at": 0.0, "value": None}
 
@@ -75,7 +76,7 @@ def write_kernelspec(root: Path, environment: Environment) -> Path:
     return folder
 
 
-class LocalGPUSpawner(GPUSpawnerMixin, LocalProcessSpawner):
+class LocalGPUSpawner(GPUQueueMixin, GPUSpawnerMixin, LocalProcessSpawner):
     """LocalProcessSpawner with gpuhub's environments, GPU leases and quotas."""
 
     kernelspec_dir = Unicode(
@@ -111,13 +112,19 @@ class LocalGPUSpawner(GPUSpawnerMixin, LocalProcessSpawner):
         devices: list[str] = []
         if selection.gpus:
             assert selection.gpu_type is not None
-            candidates = self.devices(catalog).get(selection.gpu_type, [])
-            try:
-                devices = self.store.lease_devices(
-                    self.user.name, self.name, selection.gpu_type, candidates, selection.gpus
-                )
-            except NoGpuFree as e:
-                raise http_error(409, str(e)) from e
+            gpu_type = selection.gpu_type
+
+            def take() -> list[str] | None:
+                candidates = self.devices(catalog).get(gpu_type, [])
+                try:
+                    return self.store.lease_devices(
+                        self.user.name, self.name, gpu_type, candidates, selection.gpus
+                    )
+                except NoGpuFree:
+                    return None
+
+            # No GPU free: wait in the fair queue (the spawn page shows the place in line).
+            devices = await self.wait_for_gpus(selection, catalog, take)
         environment = catalog.environment(selection.environment)
         assert environment is not None
         self._gpuhub_env = self._selection_env(selection, environment, devices)

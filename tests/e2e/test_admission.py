@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gpuhub.testing import Hub
+from gpuhub.store import Store
+from gpuhub.testing import Hub, wait_for
 
 HERE = Path(__file__).parent
 
@@ -125,19 +126,36 @@ def test_the_most_generous_group_applies(hub):
 
 
 def test_n_plus_one_concurrent_spawns_on_n_gpus(hub):
+    """Five spawns at once on four GPUs: four start, each on its own GPU; the fifth waits in
+    the queue and gets the first GPU that is freed."""
     names = [f"race-{i}" for i in range(5)]
     for name in names:
         hub.ensure_user(name)
     with ThreadPoolExecutor(len(names)) as pool:
         responses = list(pool.map(lambda n: hub.spawn(n, {"gpus": 1}), names))
-    codes = sorted(r.status_code for r in responses)
-    assert codes.count(409) == 1, [(r.status_code, r.text) for r in responses]
-    refused = next(r for r in responses if r.status_code == 409)
-    assert "no gpu GPU free" in refused.json()["message"]
-    started = [n for n, r in zip(names, responses, strict=True) if r.status_code in (201, 202)]
-    assert len(started) == 4
-    gpus = [tuple(hub.wait_ready(n)["state"]["gpus"]) for n in started]
+    assert all(r.status_code in (201, 202) for r in responses), [r.text for r in responses]
+
+    def servers() -> dict[str, dict]:
+        return {n: hub.user(n)["servers"].get("") or {} for n in names}
+
+    wait_for(
+        lambda: sum(1 for s in servers().values() if s.get("ready")) == 4,
+        120,
+        what="four servers ready",
+    )
+    now = servers()
+    started = [n for n in names if now[n].get("ready")]
+    (waiting,) = [n for n in names if not now[n].get("ready")]
+    assert now[waiting]["pending"] == "spawn"
+    store = Store.at(f"sqlite:///{hub.state_dir / 'gpuhub.sqlite'}")
+    assert [(e.user, e.gpus) for e in store.queue()] == [(waiting, 1)]
+    gpus = [tuple(now[n]["state"]["gpus"]) for n in started]
     assert all(len(g) == 1 for g in gpus)
     assert len({g[0] for g in gpus}) == 4, "every server got its own GPU"
-    for name in started:
+
+    hub.stop_server(started[0])
+    model = hub.wait_ready(waiting)
+    assert tuple(model["state"]["gpus"]) == gpus[0], "the freed GPU goes to the waiting spawn"
+    assert store.queue() == []
+    for name in [*started[1:], waiting]:
         hub.stop_server(name)

@@ -1,0 +1,220 @@
+"""`GPUQueueMixin`: a spawn that finds no free GPU waits in gpuhub's fair queue.
+
+Used by both backends (put it before `GPUSpawnerMixin`). The backend's `apply_selection` calls
+`wait_for_gpus` with a function that takes the GPUs (a lease in the store); the spawn waits in
+the store's queue until the order in `gpuhub.queue` lets it take them, showing its place and an
+estimated wait as spawn progress messages. Stopping the pending spawn (or any failure) takes it
+out of the queue. The wait runs in JupyterHub's `apply_user_options` step, before
+`Spawner.start`, so `start_timeout` does not cut it short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from traitlets import Dict, Float
+from traitlets.config import Configurable
+
+from .. import queue
+from ..catalog import Catalog
+from ..options import Selection
+from ..store import utcnow
+
+T = TypeVar("T")
+
+#: Futures of the spawns waiting in this process, resolved whenever a GPU is released here.
+_wakeups: set[asyncio.Future[None]] = set()
+
+
+def wake_waiting_spawns() -> None:
+    for future in list(_wakeups):
+        if not future.done():
+            future.set_result(None)
+
+
+@dataclass(frozen=True)
+class WaitStatus:
+    place: int
+    waiting: int
+    wait: timedelta | None
+    message: str
+
+
+class GPUQueueMixin(Configurable):
+    """The fair GPU wait queue for a gpuhub spawner."""
+
+    queue_priorities = Dict(
+        config=True,
+        help="""Queue priority by group: `{"staff": 10}`. Higher goes first; within a priority,
+        first come, first served. A user gets their highest group's priority (0 without one).
+        """,
+    )
+
+    queue_poll_interval = Float(
+        2.0,
+        config=True,
+        help="""Seconds between two looks at the free GPUs while a spawn waits (a GPU released
+        by this hub wakes the waiting spawns at once).""",
+    )
+
+    queue_typical_hold = Float(
+        3600.0,
+        config=True,
+        help="""Seconds a GPU is typically held, for the estimated wait shown to queued users
+        (the idle release of the gpuhub service bounds it).""",
+    )
+
+    queue_stale_after = Float(
+        60.0,
+        config=True,
+        help="""Seconds after which a queue entry whose spawn is no longer seen (the hub
+        restarted, say) stops holding up the others. It keeps its place for
+        `queue_keep_place` seconds, for when its user starts the server again.""",
+    )
+
+    queue_keep_place = Float(
+        900.0,
+        config=True,
+        help="Seconds an interrupted wait keeps its place in the queue before it is dropped.",
+    )
+
+    _wait_status: WaitStatus | None = None
+    _waiting_phase: str = "idle"  # idle -> applying -> (queued ->) done
+
+    def queue_priority(self) -> int:
+        return queue.priority_for(self.user_groups(), self.queue_priorities)  # type: ignore[attr-defined]
+
+    async def wait_for_gpus(
+        self, selection: Selection, catalog: Catalog, take: Callable[[], T | None]
+    ) -> T:
+        """Wait in the queue until `take()` may run and returns the GPUs (not None)."""
+        assert selection.gpu_type is not None
+        store = self.store  # type: ignore[attr-defined]
+        user, server = self.user.name, self.name  # type: ignore[attr-defined]
+        gpu_type = catalog.gpu_type(selection.gpu_type)
+        gpu_name = gpu_type.display_name if gpu_type else selection.gpu_type
+        stale = timedelta(seconds=self.queue_stale_after)
+        store.purge_queue(utcnow() - timedelta(seconds=self.queue_keep_place))
+        now = utcnow()
+        me = queue.QueueEntry(
+            user, server, selection.gpu_type, selection.gpus, now, now, self.queue_priority(), 2**62
+        )
+        queued = False
+        try:
+            while True:
+                now = utcnow()
+                line = queue.line(store.queue(selection.gpu_type), selection.gpu_type, now, stale)
+                me = next((e for e in line if e.holder == me.holder), me)
+                _total, free = self.gpu_capacity(catalog).get(selection.gpu_type, (0, 0))  # type: ignore[attr-defined]
+                if queue.may_start(line, me, free):
+                    taken = take()
+                    if taken is not None:
+                        if queued:
+                            store.dequeue(user, server)
+                        return taken
+                if not queued:
+                    me = store.enqueue(
+                        user,
+                        server,
+                        selection.gpu_type,
+                        selection.gpus,
+                        self.queue_priority(),
+                        selection.as_user_options(),
+                    )
+                    queued = True
+                    self._waiting_phase = "queued"
+                    self.log.info(  # type: ignore[attr-defined]
+                        "gpuhub: %s waits for %d %s GPU(s)",
+                        self._log_name,  # type: ignore[attr-defined]
+                        selection.gpus,
+                        selection.gpu_type,
+                    )
+                    continue  # look again with our own entry in line
+                store.touch_queue_entry(user, server)
+                held = [
+                    lease.leased_at
+                    for lease in store.leases()
+                    if lease.gpu_type == selection.gpu_type
+                ]
+                wait = queue.estimated_wait(
+                    line, me, free, held, now, timedelta(seconds=self.queue_typical_hold)
+                )
+                place = queue.position(line, me)
+                self._set_wait_status(
+                    WaitStatus(
+                        place, len(line), wait, queue.wait_message(gpu_name, place, len(line), wait)
+                    )
+                )
+                await self._sleep_until_woken()
+        except asyncio.CancelledError:
+            # Either the user stopped the pending spawn (JupyterHub then clears the spawner's
+            # state, which leaves the queue), or the hub is shutting down: then the entry keeps
+            # its place for when the user starts again after the restart.
+            self._left_queue_pending = queued
+            raise
+        except BaseException:
+            if queued:
+                store.dequeue(user, server)
+            raise
+        finally:
+            self._set_wait_status(None)
+
+    async def _sleep_until_woken(self) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        _wakeups.add(future)
+        try:
+            await asyncio.wait_for(future, self.queue_poll_interval)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            _wakeups.discard(future)
+
+    def _set_wait_status(self, status: WaitStatus | None) -> None:
+        self._wait_status = status
+        changed = getattr(self, "_wait_changed", None)
+        if changed is not None and not changed.done():
+            changed.set_result(None)
+
+    # -- hooks around GPUSpawnerMixin --------------------------------------------------------------
+
+    async def apply_gpuhub_options(self, user_options: Any) -> Selection:
+        self._waiting_phase = "applying"
+        try:
+            return await super().apply_gpuhub_options(user_options)  # type: ignore[misc]
+        finally:
+            self._waiting_phase = "done"
+            self._set_wait_status(None)
+
+    def release_gpus(self) -> None:
+        super().release_gpus()  # type: ignore[misc]
+        wake_waiting_spawns()
+
+    _left_queue_pending: bool = False
+
+    def clear_state(self) -> None:
+        """JupyterHub clears the state after every stop, a stopped pending spawn included."""
+        super().clear_state()  # type: ignore[misc]
+        if self._left_queue_pending:
+            self.store.dequeue(self.user.name, self.name)  # type: ignore[attr-defined]
+            self._left_queue_pending = False
+            wake_waiting_spawns()
+        self._waiting_phase = "idle"
+
+    async def progress(self) -> AsyncIterator[dict[str, Any]]:
+        """The queue's messages while the spawn waits for a GPU, then the backend's own."""
+        shown: WaitStatus | None = None
+        while getattr(self, "_spawn_pending", False) and self._waiting_phase != "done":
+            status = self._wait_status
+            if status is not None and status != shown:
+                shown = status
+                yield {"progress": 5, "message": status.message}
+            self._wait_changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wait_changed, 1.0)
+        async for event in super().progress():  # type: ignore[misc]
+            yield event
