@@ -1,0 +1,165 @@
+"""The Zero to JupyterHub values in helm-values/: valid for the chart, and their loosely typed
+parts (hub.extraConfig, hub.services, hub.loadRoles, the catalogue file) checked on their own.
+
+The chart's default values and schema are data in ../shared/z2jh (next to the checkout): each
+values file is deep-merged over the defaults the way `helm install` does and validated with
+jsonschema, alone and as the base file with each cluster example on top.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from jupyterhub.scopes import scope_definitions
+from traitlets.config import Config
+
+from gpuhub import paths
+from gpuhub.catalog import catalog_from_dict
+
+CHECKOUT = paths.config_dir().parent
+VALUES_DIR = CHECKOUT / "helm-values"
+Z2JH = CHECKOUT.parent / "shared" / "z2jh"
+BASE = "gpuhub.yaml"
+VALUES = sorted(p.name for p in VALUES_DIR.glob("*.yaml"))
+OVERLAYS = [name for name in VALUES if name != BASE]
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    """Helm's merge: mappings key by key, lists and scalars replace."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = deep_merge(base.get(key), value) if key in base else copy.deepcopy(value)
+        return merged
+    return copy.deepcopy(override)
+
+
+def load(name: str) -> dict[str, Any]:
+    return yaml.safe_load((VALUES_DIR / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def chart() -> tuple[dict[str, Any], dict[str, Any]]:
+    assert (Z2JH / "values.yaml").is_file(), f"the chart's values are expected in {Z2JH}"
+    defaults = yaml.safe_load((Z2JH / "values.yaml").read_text())
+    schema = yaml.safe_load((Z2JH / "values.schema.yaml").read_text())
+    return defaults, schema
+
+
+def merged(chart: tuple[dict[str, Any], dict[str, Any]], *names: str) -> dict[str, Any]:
+    values = chart[0]
+    for name in names:
+        values = deep_merge(values, load(name))
+    return values
+
+
+#: Every file alone (the chart must accept each), and the base with each cluster example on top.
+COMBINATIONS = [(name,) for name in VALUES] + [(BASE, overlay) for overlay in OVERLAYS]
+#: What gets deployed: the base, alone or with a cluster example.
+DEPLOYED = [(BASE,)] + [(BASE, overlay) for overlay in OVERLAYS]
+
+
+def test_there_are_values_for_a_time_sliced_and_a_mig_cluster() -> None:
+    assert {BASE, "time-sliced.yaml", "mig.yaml"} <= set(VALUES)
+
+
+def test_merge_is_helms() -> None:
+    base = {"a": {"b": 1, "c": [1, 2]}, "d": 1}
+    assert deep_merge(base, {"a": {"c": [3]}, "e": 2}) == {"a": {"b": 1, "c": [3]}, "d": 1, "e": 2}
+
+
+@pytest.mark.parametrize("names", COMBINATIONS, ids="+".join)
+def test_values_are_valid_for_the_chart(chart, names) -> None:  # type: ignore[no-untyped-def]
+    values = merged(chart, *names)
+    validator = jsonschema.Draft7Validator(chart[1])
+    errors = sorted(validator.iter_errors(values), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors
+    )
+
+
+def test_the_schema_catches_mistakes(chart) -> None:  # type: ignore[no-untyped-def]
+    """The check above can fail: a typo in a strictly typed part is refused."""
+    values = deep_merge(merged(chart, BASE), {"hub": {"imagee": {"name": "x"}}})
+    assert list(jsonschema.Draft7Validator(chart[1]).iter_errors(values))
+
+
+def run_extra_config(values: dict[str, Any]) -> Config:
+    """hub.extraConfig as the chart runs it: every snippet, sorted by key, with `c`."""
+    c = Config()
+    for key in sorted(values["hub"]["extraConfig"]):
+        code = compile(values["hub"]["extraConfig"][key], f"hub.extraConfig.{key}", "exec")
+        exec(code, {"c": c, "get_config": lambda: c})
+    return c
+
+
+@pytest.mark.parametrize("names", DEPLOYED, ids="+".join)
+def test_extra_config_selects_gpuhub_and_its_catalogue(chart, names) -> None:  # type: ignore[no-untyped-def]
+    values = merged(chart, *names)
+    c = run_extra_config(values)
+    assert c.JupyterHub.spawner_class == "gpuhub.spawner.kube.GPUKubeSpawner"
+    files = {f["mountPath"]: f for f in values["hub"]["extraFiles"].values()}
+    catalog_file = c.GPUSpawnerMixin.catalog_file
+    assert catalog_file in files, "the catalogue the spawner reads is mounted"
+    catalog = catalog_from_dict(files[catalog_file]["data"], source=catalog_file)
+    assert catalog.gpu_types, "a GPU cluster's catalogue names its GPU types"
+    for env in catalog.environments:
+        image = env.image or ""
+        assert image and (CHECKOUT / "images" / image.split("/")[-1].split(":")[0]).is_dir()
+    assert values["cull"]["enabled"] is False
+    assert values["hub"]["image"]["name"] == "quay.io/gpuhub/hub"
+
+
+@pytest.mark.parametrize("names", DEPLOYED, ids="+".join)
+def test_services_and_roles(chart, names) -> None:  # type: ignore[no-untyped-def]
+    values = merged(chart, *names)
+    c = run_extra_config(values)
+    custom = dict(c.JupyterHub.custom_scopes)
+    assert "custom:gpuhub:admin" in custom
+    services = values["hub"]["services"]
+    gpuhub = services["gpuhub"]
+    assert gpuhub["url"].startswith("http://hub:")
+    port = int(gpuhub["url"].rsplit(":", 1)[1])
+    assert any(p["port"] == port for p in values["hub"]["service"]["extraPorts"])
+    assert all(isinstance(part, str) for part in gpuhub["command"])
+    assert gpuhub["command"][:3] == ["python3", "-m", "gpuhub.service"]
+
+    roles = values["hub"]["loadRoles"]
+    for name, role in roles.items():
+        assert set(role) <= {"description", "scopes", "users", "groups", "services"}, name
+        for service in role.get("services", []):
+            assert service in services, f"role {name} names unknown service {service}"
+        for scope in role["scopes"]:
+            base = scope.split("!", 1)[0]
+            assert base in scope_definitions or base in custom, f"{name}: unknown scope {scope}"
+    service_roles = [r for r in roles.values() if "gpuhub" in r.get("services", [])]
+    assert len(service_roles) == 1
+    granted = set(service_roles[0]["scopes"])
+    assert {
+        "list:users",
+        "read:users:activity",
+        "read:servers",
+        "servers",
+        "access:servers",
+        "admin:server_state",
+    } <= granted
+    assert "admin:users" not in granted and "admin-ui" not in granted
+
+
+@pytest.mark.parametrize(
+    "overlay, resources",
+    [
+        ("time-sliced.yaml", {"nvidia.com/gpu.shared", "nvidia.com/gpu"}),
+        ("mig.yaml", {"nvidia.com/mig-1g.10gb", "nvidia.com/mig-3g.40gb"}),
+    ],
+)
+def test_cluster_examples_offer_their_gpus(chart, overlay, resources) -> None:  # type: ignore[no-untyped-def]
+    values = merged(chart, BASE, overlay)
+    c = run_extra_config(values)
+    files = {f["mountPath"]: f for f in values["hub"]["extraFiles"].values()}
+    catalog = catalog_from_dict(files[c.GPUSpawnerMixin.catalog_file]["data"])
+    assert {g.resource for g in catalog.gpu_types} == resources
