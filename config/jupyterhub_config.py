@@ -78,3 +78,45 @@ c.Spawner.start_timeout = 180
 c.Spawner.http_timeout = 180
 # Marks every process of a test run, so the tests can end all of them.
 c.Spawner.env_keep.append("GPUHUB_TEST_RUN")
+
+# The gpuhub service (docs/operations.md): snapshots the kernels of a server whose GPU sits idle,
+# restarts it without the GPU, reclaims GPUs for queued users, stops idle servers, and serves
+# Prometheus metrics at /services/gpuhub/metrics. Its token holds only the scopes listed (with
+# why) in gpuhub/service/scopes.py.
+#   GPUHUB_DEMO_GPU_IDLE_TIMEOUT  seconds a GPU may sit idle before it is released (default 120)
+#   GPUHUB_DEMO_SERVICE           managed (default: the hub runs it), external (someone else runs
+#                                 it with the token in GPUHUB_DEMO_SERVICE_TOKEN), off
+#   GPUHUB_DEMO_SERVICE_PORT      its port (default: the public port + 82)
+service_mode = env.get("GPUHUB_DEMO_SERVICE", "managed")
+if service_mode != "off":
+    from gpuhub.service.scopes import service_role
+
+    gpu_idle = float(env.get("GPUHUB_DEMO_GPU_IDLE_TIMEOUT", "120"))
+    service_port = int(env.get("GPUHUB_DEMO_SERVICE_PORT", str(port + 82)))
+    gpuhub_service = {"name": "gpuhub", "url": f"http://127.0.0.1:{service_port}"}
+    if service_mode == "external":
+        gpuhub_service["api_token"] = env["GPUHUB_DEMO_SERVICE_TOKEN"]
+    else:
+        gpuhub_service["command"] = [
+            sys.executable,
+            "-m",
+            "gpuhub.service",
+            f"--store-url={c.GPUSpawnerMixin.store_url}",
+            f"--catalog-file={catalog_file}",
+            f"--proxy-url=http://127.0.0.1:{port}",
+            f"--gpu-idle-timeout={gpu_idle:g}",
+            f"--gpu-idle-timeout-under-demand={min(300.0, gpu_idle / 2):g}",
+            f"--interval={max(5.0, min(60.0, gpu_idle / 4)):g}",
+            "--log-level=INFO",
+        ]
+        gpuhub_service["cwd"] = str(state)
+        passed_on = ("GPUHUB_FAKE_NVML", "GPUHUB_TEST_RUN", "PYTHONUNBUFFERED")
+        gpuhub_service["environment"] = {k: env[k] for k in passed_on if k in env}
+        print(
+            f"gpuhub: the gpuhub service releases a GPU idle for {gpu_idle:g} s "
+            f"({min(300.0, gpu_idle / 2):g} s while someone waits for one); "
+            "set GPUHUB_DEMO_GPU_IDLE_TIMEOUT to change it",
+            flush=True,
+        )
+    c.JupyterHub.services.append(gpuhub_service)
+    c.JupyterHub.load_roles.append(service_role("gpuhub"))

@@ -26,7 +26,8 @@ RUN_MARKER = "GPUHUB_TEST_RUN"
 
 
 def free_port_block(size: int = 100) -> int:
-    """A base port such that base, base+1 and base+81 are free (the demo's port layout)."""
+    """A base port such that base, base+1, base+81 and base+82 are free (the demo's port layout:
+    proxy, proxy API, hub, gpuhub service)."""
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -34,7 +35,7 @@ def free_port_block(size: int = 100) -> int:
         if base + size > 65000:
             continue
         ok = True
-        for offset in (0, 1, 81):
+        for offset in (0, 1, 81, 82):
             with socket.socket() as s:
                 try:
                     s.bind(("127.0.0.1", base + offset))
@@ -107,6 +108,8 @@ class Hub:
                 "GPUHUB_DEMO_ADMIN_TOKEN": self.admin_token,
                 "GPUHUB_DEMO_GPUS": "4",
                 "GPUHUB_KEEP_SERVERS": "1",
+                # The gpuhub service would act on the test's servers: tests that want it say so.
+                "GPUHUB_DEMO_SERVICE": "off",
                 RUN_MARKER: self.marker,
                 "PYTHONUNBUFFERED": "1",
             }

@@ -1,0 +1,579 @@
+"""Carrying out what `policy.decide` returns: snapshot, then release (restart without GPU) or stop;
+warnings; and giving a GPU back on the user's request.
+
+Every action is a row in the store's action history (`Store.record_action`): who (the service or
+a person), what, why, when, which snapshot, and the step it reached. The step is written before
+it is taken, so a service that is restarted in the middle of an action finds the row and
+finishes that action instead of starting a second one:
+
+    planned -> snapshotting -> snapshotted -> stopping -> starting -> done
+                           \\-> snapshot-failed        \\-> failed    \\-> failed
+                           \\-> aborted (a kernel started running code)
+
+An action interrupted before `stopping` changed nothing on the server; it is taken up again if
+the rule still applies at the next cycle, or closed as `abandoned`. Nothing is released or stopped
+without a good snapshot unless the decision says so (`snapshot=False`, only after
+`force_after_snapshot_failures`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..policy import Action, ReleaseGpu, StopServer, Warn
+from ..store import ACTION_OPEN, ActionRecord, Store
+from . import notices
+from .hubapi import HubAPIError, HubClient
+from .metrics import Metrics
+from .servers import RunningServer
+
+log = logging.getLogger("gpuhub.service")
+
+RELEASE, STOP, WARN, GIVE_BACK = "release", "stop", "warn", "give-back"
+RULE_USER_REQUEST = "user-request"
+SNAPSHOT_PATH = "api/gpuhub/snapshot"
+
+RunKey = tuple[str, str, str | None]  # user, server, the run's `started`
+
+
+def run_key(server: RunningServer) -> RunKey:
+    return (server.user, server.server, server.started)
+
+
+def record_run(record: ActionRecord) -> RunKey:
+    return (record.user, record.server, record.server_started)
+
+
+@dataclass(frozen=True)
+class ActionSettings:
+    snapshot_timeout: float = 900.0
+    stop_timeout: float = 120.0
+    spawn_timeout: float = 300.0
+    notice_file: str = "GPUHUB-NOTICE.md"
+    hub_url: str = ""
+    dry_run: bool = False
+    actor: str = "gpuhub-service"
+
+
+class Ledger:
+    """The action history as the service needs it each cycle, kept in memory and refreshed
+    with the rows added since the last look (the service is the only writer of its own rows)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.rows: dict[int, ActionRecord] = {}
+        self.by_run: dict[RunKey, list[int]] = {}
+        self.max_id = 0
+
+    def refresh(self) -> None:
+        for record in sorted(
+            self.store.actions(since_id=self.max_id, limit=None), key=lambda r: r.id
+        ):
+            self.put(record)
+
+    def put(self, record: ActionRecord) -> ActionRecord:
+        if record.id not in self.rows:
+            self.by_run.setdefault(record_run(record), []).append(record.id)
+        self.rows[record.id] = record
+        self.max_id = max(self.max_id, record.id)
+        return record
+
+    def record(self, **kwargs: Any) -> ActionRecord:
+        return self.put(self.store.record_action(**kwargs))
+
+    def update(self, record: ActionRecord, **changes: Any) -> ActionRecord:
+        return self.put(self.store.update_action(record.id, **changes))
+
+    def for_run(self, run: RunKey) -> list[ActionRecord]:
+        return [self.rows[i] for i in self.by_run.get(run, ())]
+
+    def open_rows(self) -> list[ActionRecord]:
+        return sorted((r for r in self.rows.values() if r.open), key=lambda r: r.id)
+
+    def open_for(self, run: RunKey, kind: str) -> ActionRecord | None:
+        return next((r for r in self.for_run(run) if r.open and r.kind == kind), None)
+
+    def snapshot_failures(self, run: RunKey) -> tuple[int, float | None]:
+        """Consecutive failed snapshots of this run of the server, and when the last one was."""
+        count, last = 0, None
+        for r in reversed(self.for_run(run)):
+            if r.kind == WARN or r.status in ("aborted", "abandoned"):
+                continue
+            if r.status != "snapshot-failed":
+                break
+            count += 1
+            last = last or r.updated_at.timestamp()
+        return count, last
+
+    def warned_at(self, run: RunKey, rule: str) -> float | None:
+        for r in self.for_run(run):
+            if r.kind == WARN and r.rule == rule:
+                return r.created_at.timestamp()
+        return None
+
+    def prune(self, keep: Iterable[RunKey]) -> None:
+        """Forget closed rows of runs that are over (they stay in the store)."""
+        keep = set(keep)
+        for run in list(self.by_run):
+            if run in keep:
+                continue
+            ids = [i for i in self.by_run[run] if self.rows[i].open]
+            for i in self.by_run[run]:
+                if i not in ids:
+                    del self.rows[i]
+            if ids:
+                self.by_run[run] = ids
+            else:
+                del self.by_run[run]
+
+
+class SnapshotFailed(Exception):
+    pass
+
+
+class SnapshotAborted(Exception):
+    """A kernel started running code between the decision and the snapshot."""
+
+
+def snapshot_summary(result: Any) -> list[dict[str, Any]]:
+    """What the action history keeps of a snapshot response (not the manifests)."""
+    keep = ("kernel_id", "key", "notebook", "status", "snapshot", "saved", "skipped", "bytes")
+    entries = result.get("snapshots") if isinstance(result, Mapping) else None
+    return [
+        {k: e.get(k) for k in keep if k in e} | ({"error": e["error"]} if e.get("error") else {})
+        for e in entries or ()
+        if isinstance(e, Mapping)
+    ]
+
+
+def check_snapshot(result: Any) -> list[dict[str, Any]]:
+    """The summary of a good snapshot; `SnapshotFailed` / `SnapshotAborted` otherwise."""
+    if not isinstance(result, Mapping) or not isinstance(result.get("snapshots"), list):
+        raise SnapshotFailed(f"unexpected snapshot response: {str(result)[:200]}")
+    summary = snapshot_summary(result)
+    failed = [s for s in summary if s.get("status") not in ("saved", "unsupported", "busy")]
+    if failed:
+        raise SnapshotFailed(
+            "; ".join(
+                f"kernel {s.get('kernel_id')}: {s.get('error') or s.get('status')}" for s in failed
+            )
+        )
+    if any(s.get("status") == "busy" for s in summary):
+        raise SnapshotAborted("a kernel is running code")
+    if not result.get("ok", False):
+        raise SnapshotFailed("the server reported the snapshot as not ok")
+    return summary
+
+
+class Executor:
+    """Runs actions as tasks (one at a time per server) and finishes interrupted ones."""
+
+    def __init__(
+        self,
+        client: HubClient,
+        store: Store,
+        metrics: Metrics,
+        settings: ActionSettings,
+        concurrency: int = 4,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.metrics = metrics
+        self.settings = settings
+        self.ledger = Ledger(store)
+        self.tasks: dict[tuple[str, str], asyncio.Task] = {}
+        self.concurrency = max(1, concurrency)
+        self._slots: asyncio.Semaphore | None = None
+        self._slots_loop: asyncio.AbstractEventLoop | None = None
+        self.planned: list[dict[str, Any]] = []  # the last cycle's decisions (dry run included)
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+
+    def busy(self, key: tuple[str, str]) -> bool:
+        task = self.tasks.get(key)
+        return task is not None and not task.done()
+
+    def _slot(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots_loop is not loop:
+            self._slots, self._slots_loop = asyncio.Semaphore(self.concurrency), loop
+        return self._slots
+
+    def run_for(self, key: tuple[str, str], coro: Any) -> asyncio.Task:
+        """Run `coro` (an action on the server `key`) in the background; see `busy`."""
+
+        async def guarded() -> None:
+            async with self._slot():
+                try:
+                    await coro
+                except Exception:
+                    log.exception("gpuhub: action on %s/%s failed unexpectedly", *key)
+
+        task = asyncio.create_task(guarded())
+        self.tasks[key] = task
+        task.add_done_callback(
+            lambda t: self.tasks.pop(key, None) if self.tasks.get(key) is t else None
+        )
+        return task
+
+    async def wait(self) -> None:
+        """Wait for every action under way."""
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks.values()), return_exceptions=True)
+
+    # -- a cycle's decisions ---------------------------------------------------------------------
+
+    def submit(
+        self, actions: Iterable[Action], servers: Mapping[tuple[str, str], RunningServer]
+    ) -> None:
+        self.planned = []
+        for action in actions:
+            server = servers[(action.user, action.server)]
+            kind = notices.kind_of(action)
+            self.planned.append(
+                {
+                    "user": action.user,
+                    "server": action.server,
+                    "kind": kind,
+                    "rule": action.rule,
+                    "reason": action.reason,
+                }
+            )
+            if self.settings.dry_run:
+                if kind != WARN or self.ledger.warned_at(run_key(server), action.rule) is None:
+                    log.info(
+                        "gpuhub: DRY RUN: would %s %s (%s): %s",
+                        kind,
+                        server.label,
+                        action.rule,
+                        action.reason,
+                    )
+                continue
+            if self.busy(server.key):
+                continue
+            if isinstance(action, Warn):
+                self.run_for(server.key, self.warn(action, server))
+            else:
+                self.run_for(server.key, self.act(action, server))
+
+    def close_abandoned(
+        self, decided: Iterable[tuple[str, str]], running: Mapping[tuple[str, str], RunningServer]
+    ) -> None:
+        """Close open rows that changed nothing on the server and whose rule no longer applies."""
+        decided = set(decided)
+        for row in self.ledger.open_rows():
+            key = (row.user, row.server)
+            if row.status not in ("planned", "snapshotting", "snapshotted") or self.busy(key):
+                continue
+            server = running.get(key)
+            if server is not None and server.started == row.server_started and key in decided:
+                continue
+            self.ledger.update(
+                row,
+                status="abandoned",
+                error="interrupted before the server was changed; the rule no longer applies",
+            )
+            log.info(
+                "gpuhub: closed interrupted %s of %s/%s: no longer applies",
+                row.kind,
+                row.user,
+                row.server,
+            )
+
+    def resume_interrupted(self) -> None:
+        """Finish the actions a previous run of the service left after changing the server."""
+        for row in self.ledger.open_rows():
+            key = (row.user, row.server)
+            if row.status in ("stopping", "starting") and not self.busy(key):
+                log.warning(
+                    "gpuhub: finishing the interrupted %s of %s/%s (it had reached %r)",
+                    row.kind,
+                    row.user,
+                    row.server,
+                    row.status,
+                )
+                self.run_for(key, self.resume(row))
+
+    # -- warnings --------------------------------------------------------------------------------
+
+    async def warn(self, action: Warn, server: RunningServer) -> None:
+        run = run_key(server)
+        if self.ledger.warned_at(run, action.rule) is not None:
+            return
+        row = self.ledger.record(
+            user=server.user,
+            server=server.server,
+            kind=WARN,
+            rule=action.rule,
+            reason=action.reason,
+            actor=self.settings.actor,
+            status="done",
+            server_started=server.started,
+            gpus=server.gpus,
+            gpu_type=server.gpu_type,
+            user_options=server.user_options,
+        )
+        self.metrics.notices.labels(rule=action.rule).inc()
+        log.info("gpuhub: told %s: %s", server.label, action.reason)
+        await self.notify(server.model, row, WARN)
+
+    async def notify(self, model: Mapping[str, Any], row: ActionRecord, kind: str) -> None:
+        """Write the notice file into the server's home (best effort: the store has it anyway)."""
+        if not self.settings.notice_file:
+            return
+        text = notices.render(
+            RELEASE if kind == GIVE_BACK else kind,
+            row.reason,
+            at=time.time(),
+            gpus=row.gpus,
+            snapshots=row.snapshots,
+            hub_url=self.settings.hub_url,
+        )
+        path = "api/contents/" + self.settings.notice_file.lstrip("/")
+        try:
+            await self.client.server_put(model, path, notices.contents_body(text))
+        except HubAPIError as e:
+            log.warning("gpuhub: could not write the notice into %s's server: %s", row.user, e)
+            return
+        self.ledger.update(row, notified_at=_utcnow())
+
+    # -- releases and stops ----------------------------------------------------------------------
+
+    async def act(self, action: Action, server: RunningServer, actor: str | None = None) -> None:
+        kind = RELEASE if isinstance(action, ReleaseGpu) else STOP
+        assert isinstance(action, (ReleaseGpu, StopServer))
+        run = run_key(server)
+        row = self.ledger.open_for(run, kind)
+        if row is None:
+            row = self.ledger.record(
+                user=server.user,
+                server=server.server,
+                kind=kind,
+                rule=action.rule,
+                reason=action.reason,
+                actor=actor or self.settings.actor,
+                status="planned",
+                server_started=server.started,
+                gpus=server.gpus,
+                gpu_type=server.gpu_type,
+                user_options=server.user_options,
+            )
+        else:
+            row = self.ledger.update(row, rule=action.rule, reason=action.reason, status="planned")
+            log.info("gpuhub: taking up the interrupted %s of %s again", kind, server.label)
+        log.info("gpuhub: %s %s (%s): %s", kind, server.label, action.rule, action.reason)
+
+        if action.snapshot:
+            row = self.ledger.update(row, status="snapshotting")
+            try:
+                summary = await self.snapshot(server)
+            except SnapshotAborted as e:
+                self.ledger.update(row, status="aborted", error=str(e))
+                log.info("gpuhub: %s of %s called off: %s", kind, server.label, e)
+                return
+            except SnapshotFailed as e:
+                self.ledger.update(row, status="snapshot-failed", error=str(e))
+                self.metrics.snapshot_failures.inc()
+                log.warning("gpuhub: snapshot of %s failed, nothing done: %s", server.label, e)
+                return
+            row = self.ledger.update(row, status="snapshotted", snapshots=summary)
+        else:
+            row = self.ledger.update(row, status="snapshotted", snapshots=[])
+
+        if kind == STOP:
+            await self.notify(server.model, row, STOP)
+        row = self.ledger.update(row, status="stopping")
+        try:
+            await self.stop(server.user, server.server)
+        except Exception as e:
+            self._failed(row, "stop", e)
+            return
+        if kind == STOP:
+            self.ledger.update(row, status="done")
+            self.metrics.stops.labels(rule=row.rule).inc()
+            return
+        await self.start(row, _without_gpus(row.user_options or {}))
+
+    async def snapshot(self, server: RunningServer) -> list[dict[str, Any]]:
+        started = time.monotonic()
+        try:
+            result = await self.client.server_post(
+                server.model, SNAPSHOT_PATH, {}, timeout=self.settings.snapshot_timeout
+            )
+        except HubAPIError as e:
+            raise SnapshotFailed(f"{e.status} {e.message}") from e
+        finally:
+            self.metrics.snapshot_duration.observe(time.monotonic() - started)
+        return check_snapshot(result)
+
+    async def stop(self, user: str, server: str) -> None:
+        await self.client.stop_server(user, server)
+        await self.client.wait_for_server(user, server, "stopped", self.settings.stop_timeout)
+
+    async def start(self, row: ActionRecord, options: Mapping[str, Any]) -> None:
+        """Start the server with `options` and wait for it; the row ends `done` or `failed`."""
+        row = self.ledger.update(row, status="starting")
+        try:
+            await self.client.start_server(row.user, row.server, options)
+            model = await self.client.wait_for_server(
+                row.user, row.server, "ready", self.settings.spawn_timeout
+            )
+        except Exception as e:
+            if row.kind == GIVE_BACK and isinstance(e, HubAPIError) and 400 <= e.status < 500:
+                await self._fall_back(row, e)
+                return
+            self._failed(row, "start", e)
+            return
+        row = self.ledger.update(row, status="done")
+        if row.kind == RELEASE:
+            self.metrics.releases.labels(rule=row.rule, gpu_type=row.gpu_type or "").inc()
+        log.info("gpuhub: %s of %s done", row.kind, _label(row))
+        if model is not None:
+            await self.notify(model, row, row.kind)
+
+    async def _fall_back(self, row: ActionRecord, error: HubAPIError) -> None:
+        """A GPU asked back could not be had: start the server as it was, without GPU."""
+        log.warning("gpuhub: %s could not get a GPU back (%s); restarting without", row.user, error)
+        try:
+            await self.client.start_server(
+                row.user, row.server, _without_gpus(row.user_options or {})
+            )
+            await self.client.wait_for_server(
+                row.user, row.server, "ready", self.settings.spawn_timeout
+            )
+        except Exception as e:
+            self._failed(row, "start", e)
+            return
+        self.ledger.update(
+            row, status="failed", error=f"no GPU: {error.message}; restarted without GPU"
+        )
+        self.metrics.action_failures.labels(kind=row.kind, step="start").inc()
+
+    def _failed(self, row: ActionRecord, step: str, error: Exception) -> None:
+        message = f"{step}: {error}"
+        self.ledger.update(row, status="failed", error=message[:2000])
+        self.metrics.action_failures.labels(kind=row.kind, step=step).inc()
+        log.error("gpuhub: %s of %s failed at the %s: %s", row.kind, _label(row), step, error)
+
+    async def resume(self, row: ActionRecord) -> None:
+        """Finish an action whose service stopped after it began changing the server."""
+        try:
+            model = await self.client.server_model(row.user, row.server)
+        except HubAPIError as e:
+            log.warning("gpuhub: cannot resume the %s of %s yet: %s", row.kind, _label(row), e)
+            return
+        if row.status == "stopping":
+            if model is not None:
+                ours = model.get("started") == row.server_started or model.get("pending") == "stop"
+                if not ours:
+                    self.ledger.update(
+                        row, status="done", error="the server was started again in the meantime"
+                    )
+                    return
+                try:
+                    await self.stop(row.user, row.server)
+                except Exception as e:
+                    self._failed(row, "stop", e)
+                    return
+            if row.kind == STOP:
+                self.ledger.update(row, status="done")
+                self.metrics.stops.labels(rule=row.rule).inc()
+                return
+            await self.start(row, self._start_options(row))
+            return
+        # "starting": the start was asked for, or was about to be
+        if model is None:
+            await self.start(row, self._start_options(row))
+            return
+        try:
+            model = await self.client.wait_for_server(
+                row.user, row.server, "ready", self.settings.spawn_timeout
+            )
+        except Exception as e:
+            self._failed(row, "start", e)
+            return
+        row = self.ledger.update(row, status="done")
+        if row.kind == RELEASE:
+            self.metrics.releases.labels(rule=row.rule, gpu_type=row.gpu_type or "").inc()
+        if model is not None:
+            await self.notify(model, row, row.kind)
+
+    @staticmethod
+    def _start_options(row: ActionRecord) -> dict[str, Any]:
+        options = dict(row.user_options or {})
+        return options if row.kind == GIVE_BACK else _without_gpus(options)
+
+    # -- giving a GPU back -----------------------------------------------------------------------
+
+    def last_release(self, user: str, server: str) -> ActionRecord | None:
+        for row in self.store.actions(user, server, kinds=[RELEASE], statuses=["done"], limit=1):
+            return row
+        return None
+
+    async def give_back(self, user: str, server: str, actor: str) -> ActionRecord:
+        """Restart `user`'s `server` with the options it had before its GPU was released
+        (kernels snapshotted first, as for a release). Raises `LookupError` when there is no
+        released GPU to give back, `RuntimeError` when the server is busy with another action."""
+        if self.busy((user, server)):
+            raise RuntimeError("an action on this server is under way")
+        release = self.last_release(user, server)
+        if release is None or not release.user_options:
+            raise LookupError(f"no GPU of {user}/{server} was released")
+        model = await self.client.server_model(user, server)
+        row = self.ledger.record(
+            user=user,
+            server=server,
+            kind=GIVE_BACK,
+            rule=RULE_USER_REQUEST,
+            reason=f"{actor} asked for the GPU back",
+            actor=actor,
+            status="planned",
+            server_started=(model or {}).get("started"),
+            gpus=release.gpus,
+            gpu_type=release.gpu_type,
+            user_options=release.user_options,
+        )
+
+        async def run() -> None:
+            current = row
+            if model is not None and model.get("ready"):
+                current = self.ledger.update(current, status="snapshotting")
+                running = RunningServer(user, server, frozenset(), model)
+                try:
+                    summary = await self.snapshot(running)
+                except (SnapshotFailed, SnapshotAborted) as e:
+                    self.ledger.update(current, status="snapshot-failed", error=str(e))
+                    return
+                current = self.ledger.update(current, status="snapshotted", snapshots=summary)
+                current = self.ledger.update(current, status="stopping")
+                try:
+                    await self.stop(user, server)
+                except Exception as e:
+                    self._failed(current, "stop", e)
+                    return
+            await self.start(current, dict(release.user_options or {}))
+
+        self.run_for((user, server), run())
+        return row
+
+
+def _without_gpus(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {**options, "gpus": 0}
+
+
+def _label(row: ActionRecord) -> str:
+    return f"{row.user}/{row.server}" if row.server else row.user
+
+
+def _utcnow() -> Any:
+    from ..store import utcnow
+
+    return utcnow()
+
+
+__all__ = ["ACTION_OPEN", "ActionSettings", "Executor", "Ledger"]

@@ -1,0 +1,101 @@
+"""Who waits for a GPU, and how many GPUs of each type there are: the inputs of demand-aware
+reclaim and of the pool metrics.
+
+The wait queue lives in the store (`Store.queue()`, filled by the spawners while a spawn waits);
+GPU leases too. The pool's size comes from NVML on the local backend (the service runs on the
+machine whose GPUs it hands out), or from configuration where the service cannot see the GPUs
+(a cluster).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from ..policy import Demand, Waiting
+
+log = logging.getLogger("gpuhub.service")
+
+
+@dataclass(frozen=True)
+class Pool:
+    """GPUs of each type: in the pool (`total`, None where unknown) and leased (`allocated`)."""
+
+    total: Mapping[str, int | None] = field(default_factory=dict)
+    allocated: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def types(self) -> list[str]:
+        return sorted(set(self.total) | set(self.allocated))
+
+    def free(self) -> dict[str, int]:
+        """Free GPUs of the types whose size is known."""
+        return {
+            t: max(0, n - self.allocated.get(t, 0)) for t, n in self.total.items() if n is not None
+        }
+
+
+def allocated_by_type(leases: Iterable[Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for lease in leases:
+        out[lease.gpu_type] = out.get(lease.gpu_type, 0) + 1
+    return out
+
+
+def local_totals(catalog_file: str) -> dict[str, int]:
+    """GPUs of each catalogue type on this machine, as NVML lists them (and as the local spawner
+    sorts them into types)."""
+    from .. import nvml
+    from ..catalog import devices_by_type, load_catalog
+
+    catalog = load_catalog(catalog_file)
+    inventory = nvml.inventory()
+    names = {d.uuid: d.name for d in inventory.devices}
+    return {t: len(devices) for t, devices in devices_by_type(catalog.gpu_types, names).items()}
+
+
+@dataclass(frozen=True)
+class Queued:
+    """One waiting spawn, as the metrics and `decide` see it."""
+
+    user: str
+    server: str
+    gpu_type: str
+    gpus: int
+    since: float
+
+
+def waiting_entries(entries: Iterable[Any], now: datetime, stale_after: float) -> list[Queued]:
+    """The queue entries whose spawn still waits (seen within `stale_after` seconds)."""
+    out = []
+    horizon = timedelta(seconds=stale_after)
+    for e in entries:
+        if not e.waiting(now, horizon):
+            continue
+        out.append(Queued(e.user, e.server, e.gpu_type, int(e.gpus), e.enqueued_at.timestamp()))
+    return out
+
+
+def demand_from(queued: Iterable[Queued], pool: Pool) -> Demand:
+    waiting = tuple(
+        Waiting(
+            user=f"{q.user}/{q.server}" if q.server else q.user,
+            since=q.since,
+            gpus=q.gpus,
+            gpu_type=q.gpu_type,
+        )
+        for q in queued
+    )
+    return Demand(waiting=waiting, free_gpus=pool.free())
+
+
+def queue_by_type(queued: Iterable[Queued], now: float) -> dict[str, tuple[int, float]]:
+    """gpu type -> (waiting spawns, longest wait in seconds)."""
+    out: dict[str, tuple[int, float]] = {}
+    for q in queued:
+        n, longest = out.get(q.gpu_type, (0, 0.0))
+        out[q.gpu_type] = (n + 1, max(longest, now - q.since))
+    return out
