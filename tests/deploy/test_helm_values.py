@@ -163,3 +163,32 @@ def test_cluster_examples_offer_their_gpus(chart, overlay, resources) -> None:  
     files = {f["mountPath"]: f for f in values["hub"]["extraFiles"].values()}
     catalog = catalog_from_dict(files[c.GPUSpawnerMixin.catalog_file]["data"])
     assert {g.resource for g in catalog.gpu_types} == resources
+
+
+def test_capacity_rbac_manifest_is_valid() -> None:
+    import kubernetes_validate
+
+    docs = list(
+        yaml.safe_load_all((CHECKOUT / "kubernetes" / "hub-gpu-capacity-rbac.yaml").read_text())
+    )
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.33.0", strict=True)
+    (rule,) = docs[0]["rules"]
+    assert set(rule["resources"]) == {"nodes", "pods"}
+    assert set(rule["verbs"]) == {"get", "list", "watch"}, "read only"
+
+
+@pytest.mark.parametrize("image", ["pytorch", "tensorflow"])
+def test_single_user_images(image: str) -> None:
+    text = (CHECKOUT / "images" / image / "Dockerfile").read_text()
+    assert "FROM ${CUDA_IMAGE}" in text and "ARG CUDA_IMAGE=nvidia/cuda:" in text
+    assert '"/tmp/gpuhub[server]"' in text
+    assert "code-server" in text and "jupyter_vscode_proxy" in text
+    assert 'CMD ["jupyterhub-singleuser"]' in text
+    assert "USER ${NB_UID}" in text, "servers do not run as root"
+
+
+def test_hub_image() -> None:
+    text = (CHECKOUT / "images" / "hub" / "Dockerfile").read_text()
+    assert "quay.io/jupyterhub/k8s-hub:4." in text
+    assert "import gpuhub.spawner.kube" in text
