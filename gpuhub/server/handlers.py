@@ -172,7 +172,8 @@ class SnapshotListHandler(GpuhubHandler):
     """`GET /api/gpuhub/snapshots`: the complete snapshots on disk, newest first.
 
     `{"root": path, "now": ISO, "snapshots": [{"key", "snapshot", "path", "created": ISO,
-    "notebook", "kernel_id", "saved": int, "skipped": int, "bytes": int}]}`
+    "notebook", "kernel_id", "saved": int, "skipped": int, "bytes": int,
+    "restore_next": bool}]}` (`restore_next`: chosen to come back at the next start)
     """
 
     @web.authenticated
@@ -192,10 +193,68 @@ class SnapshotListHandler(GpuhubHandler):
         )
 
 
+class SnapshotItemHandler(GpuhubHandler):
+    """`DELETE /api/gpuhub/snapshots/<key>/<snapshot>`: remove one snapshot (204)."""
+
+    auth_resource = "contents"
+
+    @web.authenticated
+    @authorized("write")
+    async def delete(self, key: str, name: str) -> None:
+        import asyncio
+
+        try:
+            await asyncio.to_thread(self.gpuhub.snapshots.delete, key, name)
+        except ValueError as e:
+            raise web.HTTPError(400, str(e)) from None
+        except FileNotFoundError as e:
+            raise web.HTTPError(404, str(e)) from None
+        self.set_status(204)
+        self.finish()
+
+
+class RestoreNextHandler(GpuhubHandler):
+    """`PUT /api/gpuhub/snapshots/<key>/<snapshot>/restore-next`: restore that snapshot the next
+    time the key's kernel starts, instead of the latest (one time). `DELETE
+    /api/gpuhub/snapshots/<key>/restore-next`: back to the latest."""
+
+    auth_resource = "contents"
+
+    @web.authenticated
+    @authorized("write")
+    async def put(self, key: str, name: str | None = None) -> None:
+        if name is None:
+            raise web.HTTPError(405)
+        await self._pin(key, name)
+        self.finish(json.dumps({"key": key, "snapshot": name, "restore_next": True}))
+
+    @web.authenticated
+    @authorized("write")
+    async def delete(self, key: str, name: str | None = None) -> None:
+        if name is not None:
+            raise web.HTTPError(405)
+        await self._pin(key, None)
+        self.set_status(204)
+        self.finish()
+
+    async def _pin(self, key: str, name: str | None) -> None:
+        import asyncio
+
+        try:
+            await asyncio.to_thread(self.gpuhub.snapshots.restore_next, key, name)
+        except ValueError as e:
+            raise web.HTTPError(400, str(e)) from None
+        except FileNotFoundError as e:
+            raise web.HTTPError(404, str(e)) from None
+
+
 def handlers() -> list[tuple[str, type]]:
     return [
         (r"/api/gpuhub/status", StatusHandler),
         (r"/api/gpuhub/snapshot", SnapshotHandler),
         (r"/api/gpuhub/restore", RestoreHandler),
         (r"/api/gpuhub/snapshots", SnapshotListHandler),
+        (r"/api/gpuhub/snapshots/([^/]+)/restore-next", RestoreNextHandler),
+        (r"/api/gpuhub/snapshots/([^/]+)/([^/]+)/restore-next", RestoreNextHandler),
+        (r"/api/gpuhub/snapshots/([^/]+)/([^/]+)", SnapshotItemHandler),
     ]

@@ -16,6 +16,7 @@ new kernel has one, else they stay on the CPU (and the report says so).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import json
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 import types
+import weakref
 from typing import Any
 
 CORE_MODULE = "_gpuhub_snapshot_core"
@@ -52,7 +54,53 @@ CONFIG: dict[str, Any] = {
 last_json = "null"
 
 _restoring: dict[str, Any] = {"current": None, "moved": set()}
+
+
+#: tensors restored on the CPU only because this kernel has no GPU -> the device they were on;
+#: the next snapshot records that device again, so they return to a GPU when there is one
+class _WeakIdentityMap:
+    """object -> value, by identity, without keeping the object alive. (A WeakKeyDictionary
+    compares keys with ==, which torch tensors answer element-wise.)"""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Any, Any]] = {}
+
+    def __setitem__(self, obj: Any, value: Any) -> None:
+        key = id(obj)
+
+        def forget(ref: Any, key: int = key) -> None:
+            if self._entries.get(key, (None,))[0] is ref:
+                del self._entries[key]
+
+        self._entries[key] = (weakref.ref(obj, forget), value)
+
+    def get(self, obj: Any, default: Any = None) -> Any:
+        entry = self._entries.get(id(obj))
+        if entry is None or entry[0]() is not obj:
+            return default
+        return entry[1]
+
+    def items(self) -> list[tuple[Any, Any]]:
+        out = []
+        for ref, value in list(self._entries.values()):
+            obj = ref()
+            if obj is not None:
+                out.append((obj, value))
+        return out
+
+
+_origin = _WeakIdentityMap()
 _notice: dict[str, Any] = {"text": None, "registered": False}
+
+
+def adopt(old: Any) -> None:
+    """Take over the state of another version of this module loaded before in this kernel."""
+    with contextlib.suppress(Exception):
+        for tensor, device in old._origin.items():
+            _origin[tensor] = device
+    with contextlib.suppress(Exception):
+        _notice["text"] = old._notice["text"]
+        old._notice["text"] = None
 
 
 def configure(**settings: Any) -> None:
@@ -148,7 +196,7 @@ def _restore_tensor(cpu: Any, device: str, requires_grad: bool) -> Any:
     out = cpu.to(target) if target != "cpu" else cpu
     if requires_grad and out.is_floating_point():
         out.requires_grad_(True)
-    return out
+    return _remember_origin(out, device, target)
 
 
 def _restore_parameter(cpu: Any, device: str, requires_grad: bool) -> Any:
@@ -156,7 +204,14 @@ def _restore_parameter(cpu: Any, device: str, requires_grad: bool) -> Any:
 
     target = _target_device(device)
     data = cpu.to(target) if target != "cpu" else cpu
-    return torch.nn.Parameter(data, requires_grad=requires_grad)
+    return _remember_origin(torch.nn.Parameter(data, requires_grad=requires_grad), device, target)
+
+
+def _remember_origin(tensor: Any, device: str, target: str) -> Any:
+    if target == "cpu" and device != "cpu":
+        with contextlib.suppress(TypeError):  # a tensor type without weak references
+            _origin[tensor] = device
+    return tensor
 
 
 def _target_device(device: str) -> str:
@@ -266,17 +321,19 @@ def _make_pickler(dill: Any) -> type:
             return NotImplemented
 
         def _tensor(self, t: Any) -> Any:
-            device = t.device
+            device = str(t.device)
+            if device == "cpu":
+                device = _origin.get(t, "cpu")  # on the CPU only for want of a GPU
             non_leaf = t.requires_grad and not t.is_leaf
-            if device.type == "meta" or (device.type == "cpu" and not non_leaf):
+            if t.device.type == "meta" or (device == "cpu" and not non_leaf):
                 return NotImplemented
-            if device.type != "cpu":
-                self.devices.add(str(device))
+            if device != "cpu":
+                self.devices.add(device)
             cpu = t.detach().to("cpu")
             restore = (
                 _restore_parameter if isinstance(t, self._torch.nn.Parameter) else _restore_tensor
             )
-            return (restore, (cpu, str(device), bool(t.requires_grad)))
+            return (restore, (cpu, device, bool(t.requires_grad)))
 
     return Pickler
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import snapshot as core
+from .. import snapshot_files
 from . import kernels
 
 log = logging.getLogger(__name__)
@@ -176,9 +177,14 @@ class SnapshotManager:
                 "status": "busy",
                 "error": "the kernel is running code; restore when it is idle",
             }
+        pinned = None
         if auto:
             latest = await asyncio.to_thread(self._latest, key)
-            if latest is None or latest == await asyncio.to_thread(self._restored_mark, key):
+            # A snapshot the user chose for the next start comes back instead of the latest.
+            pinned = await asyncio.to_thread(snapshot_files.read_pin, self.root / key)
+            if pinned is not None:
+                name = pinned
+            elif latest is None or latest == await asyncio.to_thread(self._restored_mark, key):
                 code = kernels.bootstrap(self._config(key, kernel_id, notebook))
                 await self._quiet_run(kernel, code)  # the magics only: nothing to restore
                 result = {**base, "status": "none", "snapshot": None}
@@ -188,7 +194,8 @@ class SnapshotManager:
                     "automatic": True,
                 }
                 return result
-            name = latest
+            else:
+                name = latest
         code = kernels.bootstrap(self._config(key, kernel_id, notebook))
         function = "run_auto_restore" if auto else "run_restore"
         code += "\n" + kernels.call(function, name, notify)
@@ -201,7 +208,11 @@ class SnapshotManager:
         result = {**base, "status": status, **(report or {})}
         self.restores[kernel_id] = {**result, "at": core.iso(time.time()), "automatic": auto}
         if auto and status in ("restored", "partial"):
-            await asyncio.to_thread(self._mark_restored, key, report.get("snapshot"), kernel_id)
+            # After a chosen snapshot, the latest counts as dealt with too.
+            done = latest if pinned is not None else report.get("snapshot")
+            await asyncio.to_thread(self._mark_restored, key, done, kernel_id)
+        if pinned is not None and status != "skipped":
+            await asyncio.to_thread(snapshot_files.pin, self.root, key, None)
         return result
 
     async def _quiet_run(self, kernel: Any, code: str) -> None:
@@ -301,8 +312,21 @@ class SnapshotManager:
                         bytes=manifest.total_bytes,
                     )
                 out.append(entry)
+            pinned = snapshot_files.read_pin(folder)
+            for entry in out:
+                if entry["key"] == key:
+                    entry["restore_next"] = entry["snapshot"] == pinned
         out.sort(key=lambda e: e["snapshot"], reverse=True)
         return out
+
+    def delete(self, key: str, name: str) -> None:
+        """Remove snapshot `name` of `key` (`ValueError`, `FileNotFoundError`)."""
+        snapshot_files.delete(self.root, key, name)
+
+    def restore_next(self, key: str, name: str | None) -> None:
+        """Restore snapshot `name` of `key` the next time the key's kernel starts (None: the
+        latest, as usual)."""
+        snapshot_files.pin(self.root, key, name)
 
 
 async def _settles_idle(kernel: Any, within: float = 2.0) -> bool:

@@ -202,6 +202,11 @@ def test_state_survives_a_server_restart(jupyter_server, scenario, gpu):
     out = second.run_ok(other, "print(scale(1))")["stdout"]
     assert out.startswith("gpuhub: restored")  # told at the next cell, as after any restore
     assert out.strip().splitlines()[-1] == str(expected["scale"] - 4)
+    # saved again, a tensor remembers the GPU it came from: it goes back there once there is one
+    [again] = snapshot(second, kernels=[other])["snapshots"]
+    assert again["key"] == core.snapshot_key("scratch.ipynb", other)
+    devices = {v["name"]: v["devices"] for v in again["manifest"]["saved"]}
+    assert devices["was_on_gpu"] == ["cuda:1"] and devices["tensor"] == []
     second.stop()
 
     # a snapshot is restored automatically once: a third start does not bring it back again
@@ -211,8 +216,11 @@ def test_state_survives_a_server_restart(jupyter_server, scenario, gpu):
     out = third.execute(kernel, "counter")
     assert out["status"] == "error" and "NameError" in out["error"]
     listing = third.get("/api/gpuhub/snapshots").json()["snapshots"]
-    assert [(s["key"], s["snapshot"]) for s in listing] == [(saved["key"], saved["snapshot"])]
-    assert listing[0]["notebook"] == "work/analysis.ipynb" and listing[0]["saved"] > 5
+    assert [(s["key"], s["snapshot"]) for s in listing] == [
+        (again["key"], again["snapshot"]),
+        (saved["key"], saved["snapshot"]),
+    ]
+    assert listing[1]["notebook"] == "work/analysis.ipynb" and listing[1]["saved"] > 5
 
 
 def test_an_interrupted_snapshot_leaves_the_last_good_one(jupyter_server, scenario, gpu):
