@@ -338,6 +338,28 @@ def _make_pickler(dill: Any) -> type:
     return Pickler
 
 
+def _drop_dangling(
+    core: Any, saved: list[Any], skipped: list[Any], vars_dir: str
+) -> tuple[list[Any], list[Any]]:
+    """Variables that refer to a variable that could not be saved would come back without it:
+    skip them too (repeatedly, as one dropped variable may be referred to by another)."""
+    while True:
+        gone = {s.name for s in skipped}
+        dangling = [v for v in saved if any(r in gone for r in v.refs)]
+        if not dangling:
+            return saved, skipped
+        for v in dangling:
+            missing = next(r for r in v.refs if r in gone)
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(vars_dir, os.path.basename(v.file)))
+            skipped.append(
+                core.SkippedVariable(
+                    v.name, v.type, f"refers to `{missing}`, which could not be saved", v.bytes
+                )
+            )
+        saved = [v for v in saved if v not in dangling]
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -485,6 +507,7 @@ def _write(core: Any, dill: Any, tmp: str, key: str, name: str, started: float) 
                 devices=tuple(sorted(pickler.devices)),
             )
         )
+    saved, skipped = _drop_dangling(core, saved, skipped, vars_dir)
     _fsync_dir(vars_dir)
     manifest = core.Manifest(
         key=key,

@@ -184,7 +184,9 @@ class SnapshotManager:
             pinned = await asyncio.to_thread(snapshot_files.read_pin, self.root / key)
             if pinned is not None:
                 name = pinned
-            elif latest is None or latest == await asyncio.to_thread(self._restored_mark, key):
+            elif latest is None or latest <= (
+                await asyncio.to_thread(self._restored_mark, key) or ""
+            ):  # names sort by time: only a snapshot newer than the last restored one
                 code = kernels.bootstrap(self._config(key, kernel_id, notebook))
                 await self._quiet_run(kernel, code)  # the magics only: nothing to restore
                 result = {**base, "status": "none", "snapshot": None}

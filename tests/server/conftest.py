@@ -267,7 +267,10 @@ class JupyterServer:
         return asyncio.run(self._execute(kernel_id, code, timeout))
 
     async def _execute(self, kernel_id: str, code: str, timeout: float) -> dict[str, Any]:
-        ws_url = f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels"
+        ws_url = (
+            f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels"
+            f"?session_id={uuid.uuid4().hex}"
+        )
         ws = await websocket_connect(_ws_request(ws_url, self.token))
         msg_id = uuid.uuid4().hex
         ws.write_message(

@@ -288,18 +288,27 @@ def test_size_limit_busy_kernels_and_retention(jupyter_server, scenario, gpu):
         "small = np.ones(100)\n"
         "big = np.zeros(1_000_000)\n"  # 8 MB: known to be too large before writing
         "chunks = [bytes([i]) * 1000 for i in range(250)]\n"  # 250 kB: fits
-        "more = [bytes([i]) * 1000 for i in range(250)]\n",  # does not fit any more
+        "more = [bytes([i]) * 1000 for i in range(250)]\n"  # does not fit any more
+        "holder = {'data': more}\n",  # would come back without `more`
     )
     [result] = snapshot(server)["snapshots"]
     assert result["status"] == "saved"
     skipped = {s["name"]: s for s in result["manifest"]["skipped"]}
-    assert set(skipped) == {"big", "more"}
+    assert set(skipped) == {"big", "more", "holder"}
+    assert skipped["holder"]["reason"] == "refers to `more`, which could not be saved"
     assert skipped["big"]["reason"].startswith("too large: about 7.6 MiB")
     assert skipped["big"]["bytes"] == 8_000_000
     assert skipped["more"]["reason"].startswith("too large: more than")
     assert {v["name"] for v in result["manifest"]["saved"]} == {"np", "small", "chunks"}
     assert result["bytes"] <= 300_000
     assert result["manifest"]["limit_bytes"] == 300_000
+    files = sorted(p.name for p in (Path(result["path"]) / "vars").iterdir())
+    assert files == sorted(Path(v["file"]).name for v in result["manifest"]["saved"] if v["file"])
+
+    # from the notebook itself
+    out = server.run_ok(kernel, "%gpuhub_snapshot")["stdout"]
+    assert out.startswith("gpuhub: saved 3 variable(s)")
+    assert "not saved: big (too large" in out
 
     # a kernel running code is not snapshotted unless the caller waits for it
     running = threading.Thread(target=server.execute, args=(kernel, "import time; time.sleep(4)"))

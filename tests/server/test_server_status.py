@@ -207,3 +207,19 @@ def test_bad_snapshot_names_and_keys(shared_server):
         r = server.post("/api/gpuhub/restore", body)
         assert r.status_code == 400 and message in r.json()["message"], r.text
     server.close_all()
+
+
+@pytest.mark.gpu
+def test_status_from_the_real_driver(jupyter_server):
+    """Where NVML finds a GPU: the server reads it through the real driver (no fake)."""
+    server = jupyter_server()
+    status = server.wait_for(lambda: (s := server.status())["nvml"]["sampled_at"] and s)
+    assert status["nvml"]["available"] and not status["nvml"]["simulated"]
+    assert status["gpus"], status
+    for g in status["gpus"]:
+        assert g["memory"]["total"] > 0
+        if g["mig"]:
+            assert g["state"] == "unknown"
+        else:
+            assert g["state"] in ("busy", "idle"), g
+            assert g["utilization"]["source"] in ("samples", "rates")
