@@ -67,7 +67,8 @@ try:
     load_catalog(catalog_file)  # a bad catalogue stops the hub here, naming file and field
 except CatalogError as e:
     sys.exit(f"gpuhub: the environment catalogue cannot be used: {e}")
-with open(env.get("GPUHUB_QUOTAS", str(config_dir / "quotas.yaml"))) as f:
+quotas_file = env.get("GPUHUB_QUOTAS", str(config_dir / "quotas.yaml"))
+with open(quotas_file) as f:
     c.GPUSpawnerMixin.quotas = yaml.safe_load(f) or {}
 c.GPUSpawnerMixin.store_url = f"sqlite:///{state / 'gpuhub.sqlite'}"
 c.LocalGPUSpawner.kernelspec_dir = str(state / "kernels")
@@ -120,3 +121,16 @@ if service_mode != "off":
         )
     c.JupyterHub.services.append(gpuhub_service)
     c.JupyterHub.load_roles.append(service_role("gpuhub"))
+
+    # gpuhub's pages (docs/pages.md) at /services/gpuhub/, linked in the hub's navigation bar:
+    # every user's GPUs, snapshots, quota, queue place and history; the admin pages for hub
+    # admins and the groups in GPUHUB_DEMO_ADMIN_GROUPS (comma-separated, default gpuhub-admins).
+    from gpuhub.service.web.hub_config import configure_pages
+
+    admin_groups = env.get("GPUHUB_DEMO_ADMIN_GROUPS", "gpuhub-admins").split(",")
+    configure_pages(c, gpuhub_service, admin_groups=[g.strip() for g in admin_groups if g.strip()])
+    if "command" in gpuhub_service:
+        gpuhub_service["command"] += [
+            f"--GpuhubPages.quotas_file={quotas_file}",
+            f"--GpuhubPages.snapshot_home_template={state / 'home' / '{username}'}",
+        ]

@@ -1,0 +1,126 @@
+"""gpuhub's pages in the hub, served by the gpuhub service under its prefix (`/services/gpuhub/`).
+
+`routes(service)` returns the tornado handlers and `settings(service)` the application settings
+the service's web app adds (see `gpuhub.service.app`). The pages and their JSON API are described
+in docs/pages.md.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from jupyterhub.services.auth import HubOAuth
+
+from ... import paths
+from ...policy import QuotaConfig, quota_config_from_dict
+from . import admin, user
+from .base import OAuthCallback
+from .config import GpuhubPages
+from .context import Pages
+
+__all__ = ["GpuhubPages", "Pages", "handlers", "make_pages", "routes", "settings"]
+
+_ID = r"([a-z0-9][a-z0-9._-]{0,62})"
+_SEGMENT = r"([^/]+)"
+
+
+def handlers(pages: Pages) -> list[tuple[str, type, dict[str, Any]]]:
+    """The handlers, with patterns relative to the service prefix."""
+    init = {"pages": pages}
+    routes: list[tuple[str, type]] = [
+        ("", user.UserPage),
+        ("gpu-again", user.GpuAgainForm),
+        (r"snapshots/(restore-next|delete|restore-latest)", user.SnapshotForm),
+        ("admin", admin.AdminPage),
+        ("admin/(release|stop)", admin.ServerActionForm),
+        ("admin/environments", admin.EnvironmentsPage),
+        ("admin/environments/new", admin.EnvironmentFormPage),
+        (rf"admin/environments/{_ID}", admin.EnvironmentFormPage),
+        (rf"admin/environments/{_ID}/(enable|disable|reset)", admin.EnvironmentActionForm),
+        ("admin/quotas", admin.QuotasPage),
+        ("admin/users", admin.UsersPage),
+        # JSON API
+        ("api/me", user.MeApi),
+        ("api/me/gpu-again", user.MeGpuAgainApi),
+        ("api/me/snapshots", user.MeSnapshotsApi),
+        (rf"api/me/snapshots/{_SEGMENT}/{_SEGMENT}", user.MeSnapshotApi),
+        (rf"api/me/snapshots/{_SEGMENT}/{_SEGMENT}/(restore-next)", user.MeSnapshotApi),
+        ("api/admin/(gpus|servers|queue|actions)", admin.AdminOverviewApi),
+        ("api/admin/(release|stop)", admin.ServerActionApi),
+        ("api/admin/environments", admin.EnvironmentsApi),
+        (rf"api/admin/environments/{_ID}", admin.EnvironmentApi),
+        (rf"api/admin/environments/{_ID}/(enable|disable)", admin.EnvironmentApi),
+        ("api/admin/quotas", admin.QuotasApi),
+        (rf"api/admin/quotas/{_SEGMENT}", admin.QuotaApi),
+        ("api/admin/users/import", admin.UsersImportApi),
+    ]
+    out: list[tuple[str, type, dict[str, Any]]] = [(p + "$", h, init) for p, h in routes]
+    out.append(("oauth_callback$", OAuthCallback, {}))
+    return out
+
+
+def _cached(seconds: float, load: Any) -> Any:
+    state: dict[str, Any] = {"at": -1e9, "value": None}
+
+    def get() -> Any:
+        now = time.monotonic()
+        if now - state["at"] > seconds:
+            state.update(at=now, value=load())
+        return state["value"]
+
+    return get
+
+
+def make_pages(service: Any) -> Pages:
+    """`Pages` over the service's collaborators (client, store, executor, catalogue file)."""
+    from ...spawner.mixin import cached_catalog
+
+    config = GpuhubPages(parent=service)
+    catalog_file = getattr(service, "catalog_file", "") or str(paths.default_catalog_file())
+
+    def base_quotas() -> QuotaConfig:
+        if not config.quotas_file:
+            return QuotaConfig()
+        import yaml
+
+        with open(config.quotas_file) as f:
+            return quota_config_from_dict(yaml.safe_load(f) or {})
+
+    def devices() -> list[Any]:
+        from ... import nvml
+
+        try:
+            return list(nvml.inventory().devices)
+        except Exception:
+            return []
+
+    return Pages(
+        hub=service.client,
+        store=service.store,
+        settings=config,
+        base_catalog=lambda: cached_catalog(catalog_file),
+        base_quotas=_cached(10, base_quotas),
+        executor=getattr(service, "executor", None),
+        devices=_cached(30, devices),
+        prefix=service.service_prefix,
+    )
+
+
+def routes(service: Any) -> list[tuple[str, type, dict[str, Any]]]:
+    pages = make_pages(service)
+    service.gpuhub_pages = pages
+    return handlers(pages)
+
+
+def settings(service: Any) -> dict[str, Any]:
+    """Tornado settings for the pages: the hub's OAuth, and the secret that signs its cookies."""
+    secret = os.environ.get("GPUHUB_SERVICE_COOKIE_SECRET", "")
+    return {
+        "hub_auth": HubOAuth(
+            api_url=service.hub_api_url, api_token=service.api_token, cache_max_age=60
+        ),
+        "cookie_secret": bytes.fromhex(secret) if secret else os.urandom(32),
+        "static_path": None,
+    }

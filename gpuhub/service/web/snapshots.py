@@ -1,0 +1,175 @@
+"""A user's kernel snapshots, as the pages list, delete and choose them for the next start.
+
+Snapshots live in the user's home (`~/.gpuhub/snapshots/<key>/<name>/`, see `gpuhub.snapshot`).
+The server extension serves them (`/api/gpuhub/snapshots...`); while one of the user's servers
+runs, the pages go through it (the proxy, with the service's `access:servers`). While none runs,
+and only where the service sees the homes (`GpuhubPages.snapshot_home_template`, the local
+backend), the pages read the folder themselves with the same on-disk rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from ... import snapshot_files as files
+from ..hubapi import HubAPIError, HubClient
+from . import views
+from .config import GpuhubPages
+
+LIST_PATH = "api/gpuhub/snapshots"
+
+
+class SnapshotError(Exception):
+    """A snapshot operation that cannot be done; `status` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+def check_key(key: str) -> str:
+    try:
+        return files.check_key(key)
+    except ValueError as e:
+        raise SnapshotError(400, str(e)) from e
+
+
+def check_name(name: str) -> str:
+    try:
+        return files.check_name(name)
+    except ValueError as e:
+        raise SnapshotError(400, str(e)) from e
+
+
+def _entry(item: Mapping[str, Any], server: str | None) -> dict[str, Any]:
+    created = views.parse_time(item.get("created"))
+    size = item.get("bytes") if isinstance(item.get("bytes"), int) else None
+    return {
+        "key": str(item.get("key") or ""),
+        "snapshot": str(item.get("snapshot") or ""),
+        "notebook": item.get("notebook") if isinstance(item.get("notebook"), str) else None,
+        "kernel_id": item.get("kernel_id") if isinstance(item.get("kernel_id"), str) else None,
+        "created": views.iso(created),
+        "saved": item.get("saved") if isinstance(item.get("saved"), int) else None,
+        "skipped": item.get("skipped") if isinstance(item.get("skipped"), int) else None,
+        "bytes": size,
+        "size": views.fmt_bytes(size),
+        "restore_next": bool(item.get("restore_next")),
+        "error": item.get("error") if isinstance(item.get("error"), str) else None,
+        "server": server,
+    }
+
+
+def _in_folder(operation: Any, *args: Any) -> None:
+    try:
+        operation(*args)
+    except ValueError as e:
+        raise SnapshotError(400, str(e)) from e
+    except FileNotFoundError as e:
+        raise SnapshotError(404, str(e)) from e
+
+
+class SnapshotAccess:
+    def __init__(self, hub: HubClient, settings: GpuhubPages) -> None:
+        self.hub = hub
+        self.settings = settings
+
+    def home_root(self, user: str) -> Path | None:
+        template = self.settings.snapshot_home_template
+        if not template:
+            return None
+        return Path(template.replace("{username}", user)) / self.settings.snapshot_dir
+
+    @staticmethod
+    def running(servers: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]] | None:
+        for name in sorted(servers):
+            model = servers[name]
+            if isinstance(model, Mapping) and model.get("ready"):
+                return name, model
+        return None
+
+    async def listing(self, user: str, servers: Mapping[str, Any]) -> dict[str, Any]:
+        running = self.running(servers)
+        if running is not None:
+            name, model = running
+            try:
+                data = await self.hub.server_get(
+                    model, LIST_PATH, timeout=self.settings.status_timeout
+                )
+            except HubAPIError as e:
+                return {
+                    "available": False,
+                    "source": "server",
+                    "items": [],
+                    "note": f"Your snapshots cannot be listed right now ({e.status} {e.message}).",
+                }
+            items = data.get("snapshots") if isinstance(data, Mapping) else None
+            return {
+                "available": True,
+                "source": "server",
+                "server": name,
+                "items": [_entry(i, name) for i in items or () if isinstance(i, Mapping)],
+                "note": "",
+            }
+        root = self.home_root(user)
+        if root is not None:
+            items = await asyncio.to_thread(files.list_folder, root)
+            return {
+                "available": True,
+                "source": "home",
+                "items": [_entry(i, None) for i in items],
+                "note": "",
+            }
+        return {
+            "available": False,
+            "source": None,
+            "items": [],
+            "note": "Start one of your servers to see your snapshots: they live in its home.",
+        }
+
+    def _path(self, key: str, name: str, action: str = "") -> str:
+        path = f"{LIST_PATH}/{quote(check_key(key), safe='')}/{quote(check_name(name), safe='')}"
+        return f"{path}/{action}" if action else path
+
+    async def delete(self, user: str, servers: Mapping[str, Any], key: str, name: str) -> None:
+        running = self.running(servers)
+        if running is not None:
+            await self._server_call("DELETE", running[1], self._path(key, name))
+            return
+        root = self._root_or_refuse(user)
+        await asyncio.to_thread(_in_folder, files.delete, root, key, name)
+
+    async def restore_next(
+        self, user: str, servers: Mapping[str, Any], key: str, name: str | None
+    ) -> None:
+        running = self.running(servers)
+        if running is not None:
+            if name is None:
+                path = f"{LIST_PATH}/{quote(check_key(key), safe='')}/restore-next"
+                await self._server_call("DELETE", running[1], path)
+            else:
+                await self._server_call("PUT", running[1], self._path(key, name, "restore-next"))
+            return
+        root = self._root_or_refuse(user)
+        await asyncio.to_thread(_in_folder, files.pin, root, key, name)
+
+    def _root_or_refuse(self, user: str) -> Path:
+        root = self.home_root(user)
+        if root is None:
+            raise SnapshotError(409, "start one of your servers first: your snapshots live there")
+        return root
+
+    async def _server_call(self, method: str, model: Mapping[str, Any], path: str) -> None:
+        timeout = self.settings.status_timeout
+        try:
+            if method == "PUT":
+                await self.hub.server_put(model, path, {}, timeout=timeout)
+            else:
+                await self.hub.server_delete(model, path, timeout=timeout)
+        except HubAPIError as e:
+            status = e.status if e.status in (400, 404, 409) else 502
+            raise SnapshotError(status, e.message) from e
