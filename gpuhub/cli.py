@@ -10,6 +10,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("gpuhub.demo:main", "start a real JupyterHub on this machine with gpuhub"),
     "demo-gpu": ("gpuhub.demo_gpu:main", "make a simulated demo GPU busy or idle"),
     "simulate": ("gpuhub.sim.cli:main", "compare GPU policies on a notebook workload trace"),
+    "users": ("gpuhub.service.web.registration:main", "register users and groups from a CSV file"),
 }
 
 
