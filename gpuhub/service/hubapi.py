@@ -341,3 +341,11 @@ class HubClient:
             "PUT", self.server_url(server_model, path), body=body, timeout=timeout, server=True
         )
         return response.body
+
+    async def server_delete(
+        self, server_model: Mapping[str, Any], path: str, timeout: float | None = None
+    ) -> Any:
+        response = await self._fetch(
+            "DELETE", self.server_url(server_model, path), timeout=timeout, server=True
+        )
+        return response.body
