@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import importlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -95,6 +96,14 @@ class GpuhubService(Application):
             "Print a config file with every setting and its help, and exit.",
         ),
     }
+
+    @default("log_level")
+    def _default_log_level(self) -> int:
+        return logging.INFO
+
+    @default("log_format")
+    def _default_log_format(self) -> str:
+        return "[%(levelname)1.1s %(asctime)s.%(msecs).03d %(name)s] %(message)s"
 
     # -- where things are ------------------------------------------------------------------------
 
@@ -592,6 +601,11 @@ class GpuhubService(Application):
         if self.generate_config:
             print(self.generate_config_file())
             return
+        # gpuhub's modules log to "gpuhub.*": through the application's handlers and level
+        package_log = logging.getLogger("gpuhub")
+        package_log.handlers = list(self.log.handlers)
+        package_log.setLevel(self.log_level)
+        package_log.propagate = False
         asyncio.run(self.serve())
 
     async def serve(self) -> None:

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from gpuhub import nvml
+from gpuhub.testing import Hub, free_port_block
+
+from .helpers import ServiceHub
+
+
+@pytest.fixture(scope="module")
+def service_hub(tmp_path_factory, run_marker):
+    """A real gpuhub JupyterHub (4 simulated GPUs) whose `gpuhub` service is run by the tests,
+    in-process, with the service's own token and scopes."""
+    token = uuid.uuid4().hex
+    hub = Hub(
+        tmp_path_factory.mktemp("hub"),
+        run_marker,
+        env_overrides={
+            "GPUHUB_DEMO_SERVICE": "external",
+            "GPUHUB_DEMO_SERVICE_TOKEN": token,
+            "GPUHUB_DEMO_SERVICE_PORT": str(free_port_block(1)),
+        },
+    ).start()
+    # The service counts the pool with NVML, like the hub: the same simulated GPUs.
+    previous = os.environ.get(nvml.FAKE_ENV)
+    os.environ[nvml.FAKE_ENV] = str(hub.state_dir / "simulated-gpus.json")
+    yield ServiceHub(hub, token)
+    if previous is None:
+        os.environ.pop(nvml.FAKE_ENV, None)
+    else:
+        os.environ[nvml.FAKE_ENV] = previous
+    hub.stop_all_servers()
+    hub.stop()

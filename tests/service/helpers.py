@@ -1,0 +1,350 @@
+"""Helpers for the service tests: an in-process gpuhub service against a real hub, running code
+in a server's kernels, simulated GPU activity, and an HTTP proxy that injects faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+from tornado import web
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpserver import HTTPServer
+from tornado.websocket import websocket_connect
+from traitlets.config import Config
+
+from gpuhub import demo_gpu, nvml_fake
+from gpuhub.service.app import GpuhubService
+from gpuhub.store import Store
+from gpuhub.testing import Hub, wait_for
+
+FAST = {
+    "request_timeout": 5.0,
+    "connect_timeout": 3.0,
+    "status_timeout": 5.0,
+    "retries": 1,
+    "retry_backoff": 0.1,
+    "snapshot_timeout": 60.0,
+    "stop_timeout": 60.0,
+    "spawn_timeout": 120.0,
+    "interval": 2.0,
+    "snapshot_retry": 3600.0,
+}
+
+
+@dataclass
+class ServiceHub:
+    """A hub whose gpuhub service the tests run themselves, with the service's token."""
+
+    hub: Hub
+    token: str
+
+    @property
+    def store(self) -> Store:
+        return Store.at(self.store_url)
+
+    @property
+    def store_url(self) -> str:
+        return f"sqlite:///{self.hub.state_dir / 'gpuhub.sqlite'}"
+
+    @property
+    def scenario(self) -> Path:
+        return self.hub.state_dir / "simulated-gpus.json"
+
+    def service(self, **settings: Any) -> GpuhubService:
+        c = Config()
+        values = {
+            "hub_api_url": self.hub.api,
+            "api_token": self.token,
+            "proxy_url": self.hub.url,
+            "store_url": self.store_url,
+            **FAST,
+            **settings,
+        }
+        for name, value in values.items():
+            setattr(c.GpuhubService, name, value)
+        service = GpuhubService(config=c)
+        service.setup()
+        return service
+
+    # -- servers ---------------------------------------------------------------------------------
+
+    def start(self, name: str, gpus: int = 1, server: str = "", **options: Any) -> dict[str, Any]:
+        r = self.hub.spawn(name, {"gpus": gpus, **options}, server=server)
+        assert r.status_code in (201, 202), r.text
+        return self.hub.wait_ready(name, server)
+
+    def model(self, name: str, server: str = "") -> dict[str, Any] | None:
+        return self.hub.user(name)["servers"].get(server)
+
+    def url(self, name: str, server: str = "") -> str:
+        model = self.model(name, server)
+        assert model is not None, f"{name}/{server} is not running"
+        return f"{self.hub.url}{model['url']}"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"token {self.hub.admin_token}"}
+
+    def status(self, name: str, server: str = "") -> dict[str, Any]:
+        r = requests.get(
+            self.url(name, server) + "api/gpuhub/status", headers=self.headers(), timeout=30
+        )
+        r.raise_for_status()
+        return r.json()
+
+    def devices(self, name: str, server: str = "") -> list[str]:
+        return list(self.model(name, server)["state"]["gpus"])
+
+    def leases(self, name: str) -> list[str]:
+        return [lease.device for lease in self.store.leases(name)]
+
+    def wait_gpu_state(self, name: str, state: str, idle_for: float = 0.0) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            status = self.status(name)
+            gpus = status["gpus"]
+            if not gpus or any(g["state"] != state for g in gpus):
+                return None
+            if state == "idle" and any((g["idle_for_s"] or 0) < idle_for for g in gpus):
+                return None
+            return status
+
+        return wait_for(check, timeout=60, interval=0.5, what=f"{name}'s GPU {state}")
+
+    def set_util(self, device: str, util: float) -> None:
+        scenario = json.loads(self.scenario.read_text())
+        index = demo_gpu.find_gpu(scenario, device)
+        nvml_fake.write_scenario(self.scenario, demo_gpu.apply(scenario, index, util))
+
+    def open_notebook(self, name: str, path: str, server: str = "") -> str:
+        """Open `path` as a notebook (a session with a kernel); returns the kernel id."""
+        r = requests.post(
+            self.url(name, server) + "api/sessions",
+            headers=self.headers(),
+            json={"path": path, "name": path, "type": "notebook", "kernel": {"name": "python3"}},
+            timeout=60,
+        )
+        r.raise_for_status()
+        kernel_id = r.json()["kernel"]["id"]
+        wait_for(
+            lambda: self._kernel_state(name, server, kernel_id) == "idle",
+            timeout=120,
+            what="the kernel to start",
+        )
+        return kernel_id
+
+    def _kernel_state(self, name: str, server: str, kernel_id: str) -> str | None:
+        r = requests.get(
+            self.url(name, server) + f"api/kernels/{kernel_id}", headers=self.headers(), timeout=30
+        )
+        return r.json().get("execution_state") if r.ok else None
+
+    def run(self, name: str, kernel_id: str, code: str, server: str = "", wait: bool = True) -> str:
+        return execute(self.url(name, server), self.hub.admin_token, kernel_id, code, wait=wait)
+
+    def read_file(self, name: str, path: str, server: str = "") -> str | None:
+        r = requests.get(
+            self.url(name, server) + f"api/contents/{path}",
+            headers=self.headers(),
+            params={"type": "file", "format": "text"},
+            timeout=30,
+        )
+        return r.json()["content"] if r.ok else None
+
+    def stop_everything(self) -> None:
+        self.hub.stop_all_servers()
+
+
+def execute(
+    server_url: str, token: str, kernel_id: str, code: str, wait: bool = True, timeout: float = 120
+) -> str:
+    """Run `code` in a running kernel; its stdout (or "" when not waiting for it)."""
+
+    async def go() -> str:
+        ws_url = server_url.replace("http", "ws", 1) + f"api/kernels/{kernel_id}/channels"
+        conn = await websocket_connect(
+            HTTPRequest(ws_url, headers={"Authorization": f"token {token}"})
+        )
+        msg_id = uuid.uuid4().hex
+        conn.write_message(
+            json.dumps(
+                {
+                    "header": {
+                        "msg_id": msg_id,
+                        "msg_type": "execute_request",
+                        "username": "test",
+                        "session": uuid.uuid4().hex,
+                        "version": "5.3",
+                    },
+                    "parent_header": {},
+                    "metadata": {},
+                    "content": {"code": code, "silent": False, "store_history": True},
+                    "channel": "shell",
+                }
+            )
+        )
+        out: list[str] = []
+        if not wait:
+            # the request is on its way once the kernel says it is busy with it
+            while True:
+                msg = json.loads(await asyncio.wait_for(conn.read_message(), timeout))
+                if (
+                    msg.get("parent_header", {}).get("msg_id") == msg_id
+                    and msg["msg_type"] == "status"
+                ):
+                    conn.close()
+                    return ""
+        while True:
+            raw = await asyncio.wait_for(conn.read_message(), timeout)
+            if raw is None:
+                raise RuntimeError("kernel websocket closed")
+            msg = json.loads(raw)
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            kind = msg["msg_type"]
+            if kind == "stream" and msg["content"]["name"] == "stdout":
+                out.append(msg["content"]["text"])
+            elif kind == "error":
+                conn.close()
+                raise RuntimeError("\n".join(msg["content"]["traceback"]))
+            elif kind == "status" and msg["content"]["execution_state"] == "idle":
+                conn.close()
+                return "".join(out)
+
+    return asyncio.run(go())
+
+
+def last_line(output: str) -> str:
+    """The last line a cell printed (an automatic restore prints its own line first)."""
+    lines = output.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def cycle(service: GpuhubService) -> list[Any]:
+    """One service cycle, and every action it started, to the end."""
+
+    async def go() -> list[Any]:
+        actions = await service.run_cycle()
+        await service.executor.wait()
+        return actions
+
+    return asyncio.run(go())
+
+
+def metric(service: GpuhubService, name: str, **labels: str) -> float:
+    value = service.metrics.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
+
+
+# -- an HTTP proxy that injects faults ------------------------------------------------------------
+
+
+@dataclass
+class Fault:
+    method: str  # "*" for any
+    path: str  # regular expression searched in the path
+    status: int | None = None  # answer this instead of forwarding
+    delay: float = 0.0  # seconds before answering
+    forward_first: bool = False  # forward the request, then delay the answer
+    times: int | None = None  # how many requests it applies to (None: all)
+    hits: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.times is not None and self.hits >= self.times:
+            return False
+        return self.method in ("*", method) and re.search(self.path, path) is not None
+
+
+class _Forward(web.RequestHandler):
+    SUPPORTED_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+
+    async def _handle(self) -> None:
+        proxy: FaultProxy = self.settings["proxy"]
+        method, path = self.request.method, self.request.path
+        proxy.seen.append((method, self.request.uri))
+        fault = next((f for f in proxy.faults if f.matches(method, path)), None)
+        if fault is not None:
+            fault.hits += 1
+            if not fault.forward_first:
+                await asyncio.sleep(fault.delay)
+                if fault.status is not None:
+                    self.set_status(fault.status)
+                    self.finish(json.dumps({"status": fault.status, "message": "injected fault"}))
+                    return
+        client = AsyncHTTPClient()
+        response = await client.fetch(
+            HTTPRequest(
+                proxy.target + self.request.uri,
+                method=method,
+                headers={k: v for k, v in self.request.headers.get_all() if k.lower() != "host"},
+                body=self.request.body if method in ("POST", "PUT", "PATCH", "DELETE") else None,
+                allow_nonstandard_methods=True,
+                follow_redirects=False,
+                request_timeout=600,
+                decompress_response=False,
+            ),
+            raise_error=False,
+        )
+        if fault is not None and fault.forward_first:
+            await asyncio.sleep(fault.delay)
+        self.set_status(response.code if response.code != 599 else 502)
+        for k, v in response.headers.get_all():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.add_header(k, v)
+        self.finish(response.body or b"")
+
+    get = post = put = patch = delete = head = options = _handle  # type: ignore[assignment]
+
+
+@dataclass
+class FaultProxy:
+    """Forwards every request to `target` except those a `Fault` catches."""
+
+    target: str
+    faults: list[Fault] = field(default_factory=list)
+    seen: list[tuple[str, str]] = field(default_factory=list)
+    port: int = 0
+
+    def start(self) -> FaultProxy:
+        ready = threading.Event()
+
+        def run() -> None:
+            async def main() -> None:
+                self._loop = asyncio.get_running_loop()
+                self._stop = asyncio.Event()
+                app = web.Application([(r".*", _Forward)], proxy=self)
+                server = HTTPServer(app)
+                sockets = __import__("tornado.netutil").netutil.bind_sockets(0, "127.0.0.1")
+                self.port = sockets[0].getsockname()[1]
+                server.add_sockets(sockets)
+                ready.set()
+                await self._stop.wait()
+                server.stop()
+
+            asyncio.run(main())
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+def wait_until(predicate: Any, timeout: float = 60, what: str = "") -> Any:
+    return wait_for(predicate, timeout=timeout, interval=0.2, what=what)
+
+
+__all__ = ["FAST", "Fault", "FaultProxy", "ServiceHub", "cycle", "execute", "metric", "time"]
