@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -122,12 +124,12 @@ def test_processes_holding_the_gpus(fake_nvml, gpu, tmp_path):
         "import subprocess, sys\n"
         f"c = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE,"
         " stdin=subprocess.PIPE)\n"
-        "c.stdout.readline(); print('ready', flush=True); input()\n"
+        "c.stdout.readline(); print(c.pid, flush=True); input()\n"
     )
     kernel = subprocess.Popen(
         [sys.executable, "-c", parent], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    assert kernel.stdout.readline().strip() == "ready"
+    grandchild = int(kernel.stdout.readline())
     try:
         fake_nvml(
             [
@@ -160,6 +162,10 @@ def test_processes_holding_the_gpus(fake_nvml, gpu, tmp_path):
         for p in (terminal_job, kernel):
             p.kill()
             p.wait()
+        os.kill(grandchild, signal.SIGKILL)
+        deadline = time.time() + 10
+        while grandchild in procs.device_holders({1}, pattern) and time.time() < deadline:
+            time.sleep(0.05)  # its files are closed once it is dead (even before it is reaped)
     monitor.tick()
     assert monitor.status(time.time(), kernels)["external_processes"] == []
 
