@@ -267,10 +267,11 @@ class GpuhubService(Application):
         help="Seconds to wait for a server restarted without GPU (or with it) to be ready.",
     )
     queue_stale_after = Float(
-        120.0,
+        60.0,
         config=True,
         help="""A queue entry whose spawn has not been seen waiting for this many seconds does
-        not count as demand (its hub restarted, its user left).""",
+        not count as demand (its hub restarted, its user left). Keep it equal to the
+        spawner's `queue_stale_after`.""",
     )
 
     # -- rules (gpuhub.policy.Rules; docs/gpu-release.md explains the defaults) ----------------
