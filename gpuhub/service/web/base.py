@@ -183,6 +183,8 @@ class BaseHandler(SettingsHubAuth, HubOAuthenticated, web.RequestHandler):
 
 def error_message(status_code: int, exc_info: Any) -> str:
     error = exc_info[1] if exc_info else None
+    if isinstance(error, ActionRefused | SnapshotError):
+        return str(error)
     if isinstance(error, web.HTTPError) and error.log_message:
         if error.args:
             try:

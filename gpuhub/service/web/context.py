@@ -312,6 +312,10 @@ class Pages:
             in_file = base.environment(env.id) is not None
             out.append(
                 {
+                    "description": "",
+                    "image": None,
+                    "local": {},
+                    "problem": None,
                     **environment_entry(env),
                     "groups": sorted(env.groups),
                     "origin": ("changed here" if in_file else "added here")
@@ -329,6 +333,9 @@ class Pages:
                     {
                         "id": env_id,
                         "display_name": str(record.data.get("display_name") or env_id),
+                        "description": "",
+                        "image": None,
+                        "local": {},
                         "enabled": False,
                         "origin": "added here",
                         "in_file": base.environment(env_id) is not None,

@@ -1,0 +1,351 @@
+"""gpuhub's pages and their JSON API against a real hub and the real service (run by the hub):
+who may see what, CSRF, the environment catalogue at runtime, group quotas, registering users."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PYTORCH_PYTHON = str(Path(__file__).resolve().parents[2] / ".envs" / "pytorch" / "bin" / "python")
+HOSTILE = "<img src=x onerror=alert(1)>"
+
+
+def test_pages_need_the_hub_login_and_the_api_a_token(pages):
+    import requests
+
+    r = requests.get(pages.page_url(), allow_redirects=False, timeout=30)
+    assert r.status_code == 302 and "/hub/api/oauth2/authorize" in r.headers["Location"]
+    r = pages.api(None, "GET", "me")
+    assert r.status_code == 403 and r.json()["status"] == 403
+    r = pages.api("not-a-token", "GET", "me")
+    assert r.status_code == 403
+
+
+def test_a_non_admin_is_refused_on_admin_pages_and_api(pages):
+    ada = pages.login("ada")
+    for path in ("admin", "admin/environments", "admin/quotas", "admin/users"):
+        r = pages.get(ada, path)
+        assert r.status_code == 403, path
+        assert "This page is for gpuhub admins." in r.text
+    # a form posted anyway (with a valid XSRF token from ada's own page)
+    r = pages.post_form(
+        ada, "admin/release", {"user": "bob", "server": "", "reason": "x"}, from_page=""
+    )
+    assert r.status_code == 403
+    token = pages.token("ada")
+    for method, path, body in [
+        ("GET", "admin/gpus", None),
+        ("GET", "admin/queue", None),
+        ("GET", "admin/actions", None),
+        ("GET", "admin/environments", None),
+        ("POST", "admin/environments", {"id": "evil", "image": "quay.io/x/y:1"}),
+        ("PUT", "admin/quotas/researchers", {"max_gpus": 100}),
+        ("POST", "admin/release", {"user": "bob", "reason": "x"}),
+        ("POST", "admin/users/import", None),
+    ]:
+        r = pages.api(token, method, path, json=body)
+        assert r.status_code == 403, (method, path, r.text)
+        assert r.headers["Content-Type"].startswith("application/json")
+    assert pages.store.catalog_entries() == []
+    assert pages.api(token, "GET", "me").status_code == 200
+
+
+def test_user_api_shows_quota_and_an_empty_history(pages):
+    pages.hub.login("student-lin")  # the demo's login puts students in their group
+    token = pages.token("student-lin")
+    me = pages.api(token, "GET", "me").json()
+    assert me["user"] == "student-lin" and me["groups"] == ["students"]
+    assert me["quota"]["gpus"] == {"used": 0, "limit": 1, "source": "group students", "full": False}
+    assert me["servers"] == [] and me["queue"] == [] and me["history"] == []
+    # no server runs: the demo's service reads the homes itself
+    assert me["snapshots"] == {"available": True, "source": "home", "items": [], "note": ""}
+
+
+def test_forms_and_cookie_api_calls_need_the_xsrf_token(pages):
+    grace = pages.login("admin-grace")
+    r = pages.post_form(
+        grace, "admin/quotas", {"group": "nope", "max_gpus": "1", "max_servers": ""}, xsrf=False
+    )
+    assert r.status_code == 403
+    r = grace.put(pages.page_url("api/admin/quotas/nope"), json={"max_gpus": 1}, timeout=30)
+    assert r.status_code == 403
+    assert all(q.group != "nope" for q in pages.store.group_quotas())
+    r = pages.post_form(
+        grace,
+        "admin/quotas",
+        {"group": "nope", "max_gpus": "1", "max_servers": ""},
+        from_page="admin/quotas",
+    )
+    assert r.status_code == 302, r.text
+    assert [q.max_gpus for q in pages.store.group_quotas() if q.group == "nope"] == [1]
+    pages.store.delete_group_quota("nope")
+
+
+def test_admin_manages_environments_and_the_spawn_form_follows(pages):
+    grace = pages.login("admin-grace")  # a hub admin
+    lin = pages.hub.login("student-lin")
+
+    # validation: the field is named, nothing is stored, the form keeps what was typed
+    bad = {
+        "mode": "create",
+        "id": "jax",
+        "display_name": "JAX",
+        "image": "evil.example.com/miner:latest",
+        "interfaces": ["jupyterlab"],
+    }
+    r = pages.post_form(grace, "admin/environments", bad, from_page="admin/environments/new")
+    assert r.status_code == 400
+    assert "registry &#39;evil.example.com&#39; is not allowed" in r.text
+    assert 'value="evil.example.com/miner:latest"' in r.text
+    assert pages.store.catalog_entries() == []
+
+    # a new environment, with a hostile name, for the students only
+    good = {
+        **bad,
+        "image": "quay.io/gpuhub/jax:0.4",
+        "display_name": HOSTILE,
+        "description": "JAX <b>with</b> XLA",
+        "local_python": PYTORCH_PYTHON,
+        "groups": "students",
+        "enabled": "on",
+    }
+    r = pages.post_form(grace, "admin/environments", good, from_page="admin/environments/new")
+    assert r.status_code == 302, r.text
+    listing = pages.get(grace, "admin/environments").text
+    assert "&lt;img src=x onerror=alert(1)&gt;" in listing and HOSTILE not in listing
+
+    # the spawn page shows it to a student at once (no hub restart), as text
+    spawn = lin.get(f"{pages.url}/hub/spawn", timeout=60).text
+    assert 'id="environment-jax"' in spawn
+    assert "&lt;img src=x onerror=alert(1)&gt;" in spawn and HOSTILE not in spawn
+    assert "JAX &lt;b&gt;with&lt;/b&gt; XLA" in spawn
+    # ... and not to someone outside the group
+    ada_spawn = pages.hub.login("ada").get(f"{pages.url}/hub/spawn", timeout=60).text
+    assert 'id="environment-jax"' not in ada_spawn
+
+    # creating it twice is a conflict; the JSON API says the same as the page
+    token = pages.token("admin-grace")
+    r = pages.api(token, "POST", "admin/environments", json={"id": "jax", "image": "python:3"})
+    assert r.status_code == 409 and "exists already" in r.json()["message"]
+    r = pages.api(token, "PUT", "admin/environments/jax", json={"image": "not an image"})
+    assert r.status_code == 400 and r.json()["message"].startswith("image: ")
+    r = pages.api(token, "GET", "admin/environments/jax")
+    assert r.json()["display_name"] == HOSTILE and r.json()["groups"] == ["students"]
+
+    # disabled: gone from the spawn page, and a spawn asking for it is refused naming the field
+    r = pages.post_form(grace, "admin/environments/jax/disable", from_page="admin/environments")
+    assert r.status_code == 302
+    assert 'id="environment-jax"' not in lin.get(f"{pages.url}/hub/spawn", timeout=60).text
+    r = pages.hub.spawn("student-lin", {"environment": "jax"})
+    assert r.status_code == 400 and "environment" in r.json()["message"]
+
+    # a file environment changed here, then back to the file
+    r = pages.api(token, "POST", "admin/environments/tensorflow/disable")
+    assert r.status_code == 200 and r.json()["enabled"] is False
+    envs = {e["id"]: e for e in pages.api(token, "GET", "admin/environments").json()}
+    assert envs["tensorflow"]["origin"] == "changed here" and not envs["tensorflow"]["enabled"]
+    assert 'id="environment-tensorflow"' not in lin.get(f"{pages.url}/hub/spawn", timeout=60).text
+    assert pages.api(token, "DELETE", "admin/environments/tensorflow").status_code == 204
+    assert 'id="environment-tensorflow"' in lin.get(f"{pages.url}/hub/spawn", timeout=60).text
+    assert pages.api(token, "DELETE", "admin/environments/tensorflow").status_code == 404
+
+    # removing the added one
+    r = pages.post_form(grace, "admin/environments/jax/reset", from_page="admin/environments")
+    assert r.status_code == 302
+    assert pages.api(token, "GET", "admin/environments/jax").status_code == 404
+
+
+def test_a_gpuhub_admin_group_member_manages_but_cannot_register_users(pages):
+    # (the demo's login sets groups from the name: the admin group is added after it)
+    olga = pages.hub.login("ops-olga")
+    pages.make_group_member("ops-olga", "gpuhub-admins")
+    assert pages.get(olga, "admin").status_code == 200
+    assert pages.get(olga, "admin/environments").status_code == 200
+    # registering users takes the hub's own admin rights, which olga does not have
+    r = pages.post_form(
+        olga, "admin/users", {"text": "username,groups\nzed,zoo\n"}, from_page="admin/users"
+    )
+    assert r.status_code == 403 and "admin rights" in r.text
+    assert pages.hub.request("GET", "/users/zed").status_code == 404
+
+
+def test_group_quota_edited_at_runtime_applies_to_the_next_spawn(pages):
+    grace = pages.login("admin-grace")
+    r = pages.post_form(
+        grace,
+        "admin/quotas",
+        {"group": "researchers", "max_gpus": "lots", "max_servers": ""},
+        from_page="admin/quotas",
+    )
+    assert r.status_code == 400 and "max_gpus" in r.text
+    r = pages.post_form(
+        grace,
+        "admin/quotas",
+        {"group": "researchers", "max_gpus": "0", "max_servers": ""},
+        from_page="admin/quotas",
+    )
+    assert r.status_code == 302
+    quotas = pages.api(pages.token("admin-grace"), "GET", "admin/quotas").json()
+    [researchers] = [q for q in quotas["groups"] if q["group"] == "researchers"]
+    assert researchers["max_gpus"] == 0 and researchers["configured"]["max_gpus"] == 2
+    pages.hub.login("quentin")  # a researcher (the demo's default group)
+    r = pages.hub.spawn("quentin", {"gpus": 1})
+    if r.status_code in (201, 202):
+        pages.hub.stop_server("quentin")
+    assert r.status_code == 403 and "allowed to group researchers" in r.json()["message"]
+    r = pages.post_form(
+        grace,
+        "admin/quotas",
+        {"group": "researchers", "action": "reset"},
+        from_page="admin/quotas",
+    )
+    assert r.status_code == 302
+    assert all(q.group != "researchers" for q in pages.store.group_quotas())
+
+
+def test_csv_registration_on_the_page_through_the_api_and_from_the_shell(pages, tmp_path):
+    grace = pages.login("admin-grace")
+    # bad lines: every one reported, nothing created
+    r = pages.post_form(
+        grace,
+        "admin/users",
+        {"text": "username,groups\nnew-ann,lab-a\nbad name,lab-a\nnew-ann,lab-b\n"},
+        from_page="admin/users",
+    )
+    assert r.status_code == 400
+    assert "line 3: username: &#39;bad name&#39; is not a user name" in r.text
+    assert "line 4: username: &#39;new-ann&#39; is already on line 2" in r.text
+    assert pages.hub.request("GET", "/users/new-ann").status_code == 404
+
+    # an upload: users and groups created, the page says what changed
+    csv = "username,groups\nnew-ann,lab-a lab-b\nnew-bo,lab-b\nada,lab-a\n"
+    r = pages.post_form(
+        grace,
+        "admin/users",
+        {},
+        files={"csv": ("people.csv", csv.encode(), "text/csv")},
+        from_page="admin/users",
+    )
+    assert r.status_code == 200, r.text
+    assert "created 2 user(s) and 2 group(s), added 4 group membership(s)" in r.text
+    groups = {
+        g: sorted(pages.hub.request("GET", f"/groups/{g}").json()["users"])
+        for g in ("lab-a", "lab-b")
+    }
+    assert groups == {"lab-a": ["ada", "new-ann"], "lab-b": ["new-ann", "new-bo"]}
+
+    # the JSON API: a dry run changes nothing; the same file again changes nothing either
+    token = pages.token("admin-grace")
+    more = "username,groups\nnew-cy,lab-c\nnew-ann,lab-a\n"
+    r = pages.api(token, "POST", "admin/users/import?dry_run=1", data=more)
+    assert r.status_code == 200 and r.json()["create_users"] == ["new-cy"]
+    assert r.json()["summary"].startswith("would create 1 user(s)")
+    assert pages.hub.request("GET", "/users/new-cy").status_code == 404
+    r = pages.api(token, "POST", "admin/users/import", data=csv)
+    assert r.json()["create_users"] == [] and r.json()["add_members"] == {}
+    r = pages.api(token, "POST", "admin/users/import", data="colour\nred\n")
+    assert r.status_code == 400 and r.json()["errors"][0]["line"] == 1
+
+    # from the shell, with an admin's token
+    path = tmp_path / "more.csv"
+    path.write_text(more)
+    env = {**os.environ, "JUPYTERHUB_API_TOKEN": pages.hub.admin_token}
+    out = subprocess.run(
+        [sys.executable, "-m", "gpuhub.cli", "users", "import", str(path), "--json"],
+        env={**env, "JUPYTERHUB_API_URL": pages.hub.api},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["create_users"] == ["new-cy"]
+    assert pages.hub.request("GET", "/groups/lab-c").json()["users"] == ["new-cy"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("username\nx y\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "gpuhub.cli", "users", "import", str(bad)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1 and "line 2: username" in out.stderr
+
+
+@pytest.mark.slow
+def test_user_sees_gpu_admin_releases_it_with_a_reason_user_sees_why(pages):
+    name = "ada"
+    pages.start(name, gpus=1, environment="pytorch")
+    kernel = pages.open_notebook(name, "analysis.ipynb")
+    pages.run(name, kernel, "weights = [1, 2, 3]")
+    ada_token = pages.token(name)
+
+    def my_server():
+        [server] = pages.api(ada_token, "GET", "me").json()["servers"]
+        return server
+
+    server = my_server()
+    assert server["state"] == "ready" and server["gpus_held"] == 1
+    [gpu] = server["gpus"]
+    assert gpu["simulated"] and "simulated" in gpu["name"].lower()
+    ada = pages.login(name)
+    page = pages.get(ada).text
+    assert gpu["name"] in page and "Give me a GPU again" not in page
+
+    # the admin sees the GPU held by ada and releases it with a reason
+    grace = pages.login("admin-grace")
+    admin_page = pages.get(grace, "admin").text
+    assert "<svg" in admin_page and ">ada<" in admin_page
+    gpus = pages.api(pages.token("admin-grace"), "GET", "admin/gpus").json()
+    assert [g["holder_label"] for g in gpus if g["holder"]] == ["ada"]
+    r = pages.post_form(
+        grace, "admin/release", {"user": name, "server": "", "reason": ""}, from_page="admin"
+    )
+    assert r.status_code == 302  # no reason: refused (flash)
+    assert "say why" in pages.get(grace, "admin").text
+    reason = "node maintenance at 14:00 <b>today</b>"
+    r = pages.post_form(
+        grace, "admin/release", {"user": name, "server": "", "reason": reason}, from_page="admin"
+    )
+    assert r.status_code == 302, r.text
+
+    def released():
+        actions = pages.store.actions(name, kinds=["release"], limit=1)
+        return actions and actions[0].status == "done" and actions[0]
+
+    from gpuhub.testing import wait_for
+
+    action = wait_for(released, timeout=240, interval=1, what="the release")
+    assert action.actor == "admin-grace" and action.reason == reason
+    assert [s["status"] for s in action.snapshots] == ["saved"]
+
+    # ada sees why, her snapshot, and the button to get the GPU back
+    server = my_server()
+    assert server["gpus_held"] == 0 and server["gpu_again"] == {"gpus": 1, "gpu_type": "gpu"}
+    page = pages.get(ada).text
+    assert "node maintenance at 14:00 &lt;b&gt;today&lt;/b&gt;" in page and reason not in page
+    assert "admin-grace" in page and "Give me a GPU again" in page
+    snapshots = pages.api(ada_token, "GET", "me/snapshots").json()
+    assert snapshots["source"] == "server"
+    [snap] = snapshots["items"]
+    assert snap["notebook"] == "analysis.ipynb" and snap["saved"] >= 1
+    assert "analysis.ipynb" in page
+
+    # choose it for the next start, then delete it, through the page's forms
+    form = {"key": snap["key"], "snapshot": snap["snapshot"]}
+    r = pages.post_form(ada, "snapshots/restore-next", form)
+    assert r.status_code == 302
+    assert pages.api(ada_token, "GET", "me/snapshots").json()["items"][0]["restore_next"]
+    r = pages.post_form(ada, "snapshots/delete", form)
+    assert r.status_code == 302
+    assert pages.api(ada_token, "GET", "me/snapshots").json()["items"] == []
+    r = pages.api(ada_token, "DELETE", f"me/snapshots/{snap['key']}/{snap['snapshot']}")
+    assert r.status_code == 404
+    r = pages.api(ada_token, "DELETE", f"me/snapshots/..%2F/{snap['snapshot']}")
+    assert r.status_code == 400
+    pages.hub.stop_server(name)
