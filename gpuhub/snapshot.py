@@ -26,6 +26,7 @@ MANIFEST = "manifest.json"
 VARS_DIR = "vars"
 TMP_PREFIX = ".tmp-"
 RESTORED_MARK = "restored.json"  # in <root>/<key>/: the last snapshot restored automatically
+RESTORE_NEXT = "restore-next.json"  # in <root>/<key>/: the snapshot chosen for the next start
 
 #: IPython's own names in the user namespace: never user data, not listed in manifests.
 IPYTHON_NAMES = frozenset(
@@ -296,11 +297,13 @@ def latest(names: Iterable[str]) -> str | None:
     return done[-1] if done else None
 
 
-def to_prune(names: Iterable[str], keep: int) -> list[str]:
-    """Finished snapshots beyond the `keep` newest (never the newest one)."""
+def to_prune(names: Iterable[str], keep: int, protect: Iterable[str] = ()) -> list[str]:
+    """Finished snapshots beyond the `keep` newest (never the newest one, never one in
+    `protect`: the snapshot a user chose to restore next)."""
     done = complete_snapshots(names)
     keep = max(1, keep)
-    return done[:-keep] if len(done) > keep else []
+    kept = set(protect)
+    return [n for n in (done[:-keep] if len(done) > keep else []) if n not in kept]
 
 
 def temp_prefix(name: str, pid: int) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import snapshot as core
 
-RESTORE_NEXT = "restore-next.json"
+RESTORE_NEXT = core.RESTORE_NEXT
 
 
 def check_key(key: str) -> str:

@@ -398,8 +398,17 @@ def _cleanup(keydir: str, keep: int) -> None:
                 alive.add(pid)
     for n in core.stale_temporaries(names, time.time(), mtimes, alive):
         shutil.rmtree(os.path.join(keydir, n), ignore_errors=True)
-    for n in core.to_prune(names, keep):
+    for n in core.to_prune(names, keep, protect=[_chosen(keydir)]):
         shutil.rmtree(os.path.join(keydir, n), ignore_errors=True)
+
+
+def _chosen(keydir: str) -> str:
+    """The snapshot the user chose to restore at the next start ("" if none)."""
+    try:
+        with open(os.path.join(keydir, _core().RESTORE_NEXT)) as f:
+            return str(json.load(f).get("snapshot") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def _pid_alive(pid: int) -> bool:

@@ -287,39 +287,7 @@ class SnapshotManager:
 
     def list(self) -> list[dict[str, Any]]:
         """Every complete snapshot on disk, newest first, with its manifest summary."""
-        out = []
-        try:
-            keys = sorted(os.listdir(self.root))
-        except OSError:
-            return out
-        for key in keys:
-            folder = self.root / key
-            try:
-                names = core.complete_snapshots(os.listdir(folder))
-            except OSError:
-                continue
-            for name in names:
-                entry: dict[str, Any] = {"key": key, "snapshot": name, "path": str(folder / name)}
-                try:
-                    manifest = core.manifest_from_json((folder / name / core.MANIFEST).read_text())
-                except (OSError, ValueError) as e:
-                    entry["error"] = f"unreadable manifest: {e}"
-                else:
-                    entry.update(
-                        created=core.iso(manifest.created),
-                        notebook=manifest.notebook,
-                        kernel_id=manifest.kernel_id,
-                        saved=len(manifest.saved),
-                        skipped=len(manifest.skipped),
-                        bytes=manifest.total_bytes,
-                    )
-                out.append(entry)
-            pinned = snapshot_files.read_pin(folder)
-            for entry in out:
-                if entry["key"] == key:
-                    entry["restore_next"] = entry["snapshot"] == pinned
-        out.sort(key=lambda e: e["snapshot"], reverse=True)
-        return out
+        return snapshot_files.list_folder(self.root)
 
     def delete(self, key: str, name: str) -> None:
         """Remove snapshot `name` of `key` (`ValueError`, `FileNotFoundError`)."""

@@ -310,6 +310,11 @@ def test_size_limit_busy_kernels_and_retention(jupyter_server, scenario, gpu):
     assert out.startswith("gpuhub: saved 3 variable(s)")
     assert "not saved: big (too large" in out
 
+    # the snapshot chosen to come back at the next start is kept whatever its age
+    chosen = result["snapshot"]
+    r = server.request("PUT", f"/api/gpuhub/snapshots/{result['key']}/{chosen}/restore-next")
+    assert r.status_code == 200, r.text
+
     # a kernel running code is not snapshotted unless the caller waits for it
     running = threading.Thread(target=server.execute, args=(kernel, "import time; time.sleep(4)"))
     running.start()
@@ -323,4 +328,5 @@ def test_size_limit_busy_kernels_and_retention(jupyter_server, scenario, gpu):
     assert snapshot(server)["ok"]
     keydir = Path(waited["path"]).parent
     kept = core.complete_snapshots(os.listdir(keydir))
-    assert len(kept) == 2 and kept[-1] > waited["snapshot"]  # the oldest one was removed
+    # the two newest, and the chosen one; the others were removed
+    assert len(kept) == 3 and kept[0] == chosen and kept[-1] > waited["snapshot"], kept

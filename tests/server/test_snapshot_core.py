@@ -43,6 +43,7 @@ def test_pruning_keeps_the_newest():
     assert core.to_prune(names, 3) == names[:2]
     assert core.to_prune(names, 0) == names[:4]  # never the newest one
     assert core.to_prune(names[:2], 3) == []
+    assert core.to_prune(names, 3, protect=[names[0]]) == [names[1]]  # chosen to restore next
 
 
 def test_stale_temporaries():
