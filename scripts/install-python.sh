@@ -14,6 +14,13 @@ if [ ! -f .venv/.gpuhub-installed ] || [ setup.cfg -nt .venv/.gpuhub-installed ]
   .venv/bin/pip install -q -e '.[server,test]'
   touch .venv/.gpuhub-installed
 fi
+# An editable install leaves out setup.cfg's data_files, among them the file that enables the
+# Jupyter Server extension in every single-user server (a wheel install brings it).
+config_d=.venv/etc/jupyter/jupyter_server_config.d
+if ! cmp -s gpuhub/server/etc/gpuhub.json "$config_d/gpuhub.json"; then
+  mkdir -p "$config_d"
+  cp gpuhub/server/etc/gpuhub.json "$config_d/gpuhub.json"
+fi
 
 # Kernel environments of the default catalogue (config/catalog.yaml, `local.python`).
 make_env() {
