@@ -408,6 +408,9 @@ class GpuhubService(Application):
         )
         self.ledger = self.executor.ledger
         self.cycles = 0
+        #: called with (server, status document) for every status a cycle reads (the pages'
+        #: utilisation sparklines listen)
+        self.status_listeners: list[Any] = []
         self.last_cycle_end: float | None = None
         self.last_error: str | None = None
         self._totals: tuple[float, dict[str, int | None]] | None = None
@@ -479,6 +482,9 @@ class GpuhubService(Application):
             if result.status is None:
                 self.metrics.status_errors.inc()
                 self.log.info("gpuhub: status of %s unreadable: %s", server.label, result.error)
+            else:
+                for listener in self.status_listeners:
+                    listener(server, result.status)
             run = run_key(server)
             failures, last_failure = self.ledger.snapshot_failures(run)
             views.append(
