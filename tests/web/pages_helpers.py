@@ -5,6 +5,7 @@ for the JSON API, and notebooks with running kernels."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import html
 import json
 import re
@@ -173,4 +174,6 @@ def execute(server_url: str, token: str, kernel_id: str, code: str, timeout: flo
         finally:
             conn.close()
 
-    return asyncio.run(go())
+    # in a thread of its own: Playwright's sync API keeps an event loop running in this one
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, go()).result()

@@ -111,6 +111,9 @@ def make_pages(service: Any) -> Pages:
 def routes(service: Any) -> list[tuple[str, type, dict[str, Any]]]:
     pages = make_pages(service)
     service.gpuhub_pages = pages
+    listeners = getattr(service, "status_listeners", None)
+    if listeners is not None:  # every status the service's cycle reads feeds the sparklines
+        listeners.append(lambda _server, status: pages.activity.record(status))
     return handlers(pages)
 
 

@@ -54,6 +54,7 @@ def _entry(item: Mapping[str, Any], server: str | None) -> dict[str, Any]:
         "notebook": item.get("notebook") if isinstance(item.get("notebook"), str) else None,
         "kernel_id": item.get("kernel_id") if isinstance(item.get("kernel_id"), str) else None,
         "created": views.iso(created),
+        "created_text": views.fmt_time(created),
         "saved": item.get("saved") if isinstance(item.get("saved"), int) else None,
         "skipped": item.get("skipped") if isinstance(item.get("skipped"), int) else None,
         "bytes": size,

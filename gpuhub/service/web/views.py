@@ -74,6 +74,11 @@ def parse_time(value: Any) -> datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
+def fmt_time(t: datetime | None) -> str:
+    """`2026-11-29 14:05:09 UTC` ("" when unknown)."""
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if t else ""
+
+
 def ago(t: datetime | None, now: datetime) -> str:
     if t is None:
         return ""
