@@ -16,8 +16,10 @@ from traitlets import HasTraits
 #: The configurable classes whose own settings are documented ("module:Class").
 CLASSES = [
     "gpuhub.spawner.mixin:GPUSpawnerMixin",
+    "gpuhub.spawner.queueing:GPUQueueMixin",
     "gpuhub.spawner.local:LocalGPUSpawner",
     "gpuhub.spawner.kube:GPUKubeSpawner",
+    "gpuhub.server.app:GpuhubExtension",
     "gpuhub.demo:DemoAuthenticator",
 ]
 
