@@ -47,8 +47,34 @@ c.JupyterHub.named_server_limit_per_user = 4
 # Authentication: any user name with the demo password.
 c.JupyterHub.authenticator_class = demo.DemoAuthenticator
 c.DemoAuthenticator.password = env.get("GPUHUB_DEMO_PASSWORD", "")
-if not c.DemoAuthenticator.password:
+if not c.DemoAuthenticator.password and not env.get("GPUHUB_DEMO_OIDC_URL"):
     print("gpuhub: GPUHUB_DEMO_PASSWORD is not set: nobody can log in", file=sys.stderr)
+
+# Or single sign-on with an OpenID Connect provider such as Dex (docs/pages.md): its groups claim
+# becomes the users' JupyterHub groups at each login, which drive environments and quotas.
+#   GPUHUB_DEMO_OIDC_URL             the provider's issuer URL; when set, people log in there
+#   GPUHUB_DEMO_OIDC_CLIENT_ID       the hub's client id at the provider (default gpuhub)
+#   GPUHUB_DEMO_OIDC_CLIENT_SECRET   and its secret
+#   GPUHUB_DEMO_OIDC_ADMIN_GROUPS    groups whose members are hub admins (default hub-admins)
+#   GPUHUB_DEMO_OIDC_ALLOWED_GROUPS  groups allowed to log in (default: anyone the provider lets in)
+if env.get("GPUHUB_DEMO_OIDC_URL"):
+    from gpuhub.oidc import OIDCConfigError, configure_oidc
+
+    def oidc_groups(name: str, default: str = "") -> list[str]:
+        return [g.strip() for g in env.get(name, default).split(",") if g.strip()]
+
+    try:
+        configure_oidc(
+            c,
+            issuer=env["GPUHUB_DEMO_OIDC_URL"],
+            client_id=env.get("GPUHUB_DEMO_OIDC_CLIENT_ID", "gpuhub"),
+            client_secret=env.get("GPUHUB_DEMO_OIDC_CLIENT_SECRET", ""),
+            callback_url=f"http://127.0.0.1:{port}/hub/oauth_callback",
+            admin_groups=oidc_groups("GPUHUB_DEMO_OIDC_ADMIN_GROUPS", "hub-admins"),
+            allowed_groups=oidc_groups("GPUHUB_DEMO_OIDC_ALLOWED_GROUPS"),
+        )
+    except OIDCConfigError as e:
+        sys.exit(f"gpuhub: single sign-on cannot be used: {e}")
 
 if env.get("GPUHUB_DEMO_ADMIN_TOKEN"):
     c.JupyterHub.services = [

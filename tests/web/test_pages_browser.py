@@ -16,7 +16,6 @@ from gpuhub.testing import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-CHROMIUM = "/usr/bin/chromium"
 DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
 HOSTILE = "<img src=x onerror=alert(1)>"
 
@@ -27,28 +26,6 @@ def screenshot_path(name: str, tmp_path: Path) -> Path:
         DOCS_IMG.mkdir(parents=True, exist_ok=True)
         return DOCS_IMG / name
     return tmp_path / name
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        yield browser
-        browser.close()
 
 
 def log_in(browser, pages, name: str):
