@@ -20,6 +20,7 @@ CLASSES = [
     "gpuhub.spawner.local:LocalGPUSpawner",
     "gpuhub.spawner.kube:GPUKubeSpawner",
     "gpuhub.server.app:GpuhubExtension",
+    "gpuhub.service.app:GpuhubService",
     "gpuhub.demo:DemoAuthenticator",
 ]
 
