@@ -30,14 +30,21 @@ def discover(issuer: str, timeout: float = 10.0) -> dict[str, Any]:
             document = json.load(response)
     except (OSError, ValueError) as e:
         raise OIDCConfigError(f"{url}: not reachable or not JSON ({e})") from e
+    return check_discovery(document, url)
+
+
+def check_discovery(document: Any, source: str) -> dict[str, Any]:
+    """`document` if it names the endpoints the hub needs; `OIDCConfigError` otherwise."""
+    if not isinstance(document, Mapping):
+        raise OIDCConfigError(f"{source}: the discovery document is not a JSON object")
     missing = [
         key
         for key in ("authorization_endpoint", "token_endpoint", "userinfo_endpoint")
         if not isinstance(document.get(key), str)
     ]
     if missing:
-        raise OIDCConfigError(f"{url}: no {', '.join(missing)} in the discovery document")
-    return document
+        raise OIDCConfigError(f"{source}: no {', '.join(missing)} in the discovery document")
+    return dict(document)
 
 
 def username_from(claims: Mapping[str, Any]) -> str:
@@ -68,7 +75,10 @@ def configure_oidc(
 ) -> None:
     """Log in through the OpenID Connect provider at `issuer` (`discovery` skips fetching its
     discovery document). Without `allowed_groups`, everyone the provider lets in may log in."""
-    document = dict(discovery) if discovery is not None else discover(issuer)
+    if discovery is not None:
+        document = check_discovery(discovery, issuer)
+    else:
+        document = discover(issuer)
     c.JupyterHub.authenticator_class = "generic-oauth"
     g = c.GenericOAuthenticator
     g.login_service = login_service
