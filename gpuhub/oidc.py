@@ -75,10 +75,7 @@ def configure_oidc(
 ) -> None:
     """Log in through the OpenID Connect provider at `issuer` (`discovery` skips fetching its
     discovery document). Without `allowed_groups`, everyone the provider lets in may log in."""
-    if discovery is not None:
-        document = check_discovery(discovery, issuer)
-    else:
-        document = discover(issuer)
+    document = check_discovery(discovery, issuer) if discovery is not None else discover(issuer)
     c.JupyterHub.authenticator_class = "generic-oauth"
     g = c.GenericOAuthenticator
     g.login_service = login_service
