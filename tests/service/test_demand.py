@@ -32,7 +32,8 @@ def test_queued_user_gets_the_gpu_of_the_longest_idle_holder(service_hub):
     )
 
     # nothing is idle for the normal timeout; under demand the shorter grace applies
-    service = sh.service(gpu_idle_timeout=3600, gpu_idle_timeout_under_demand=1)
+    # two users per page: the listing takes three pages
+    service = sh.service(gpu_idle_timeout=3600, gpu_idle_timeout_under_demand=1, page_size=2)
     assert metric(service, "gpuhub_queue_length", gpu_type="gpu") == 0
     actions = cycle(service)
 
@@ -43,6 +44,7 @@ def test_queued_user_gets_the_gpu_of_the_longest_idle_holder(service_hub):
     assert metric(service, "gpuhub_gpus_total", gpu_type="gpu") == 4
     assert metric(service, "gpuhub_gpus_allocated", gpu_type="gpu") == 4
     assert metric(service, "gpuhub_gpus_idle", gpu_type="gpu") == 3
+    assert metric(service, "gpuhub_servers", status="readable") == 4  # quinn's is not ready
 
     model = sh.hub.wait_ready("queued-quinn")
     assert model["state"]["gpus"] == [longest_idle], "the freed GPU went to the queued user"

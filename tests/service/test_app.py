@@ -1,0 +1,117 @@
+"""The service application: settings, --generate-config, bad settings, the web endpoints and the
+pages' hook, and a cycle against a hub that does not answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+from tornado import web
+from tornado.httpclient import AsyncHTTPClient
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+from traitlets.config import Config
+
+from gpuhub.service import app as service_app
+from gpuhub.service.app import GpuhubService
+
+
+def make(**settings) -> GpuhubService:
+    c = Config()
+    values = {"api_token": "t", "hub_api_url": "http://127.0.0.1:9/hub/api", **settings}
+    for name, value in values.items():
+        setattr(c.GpuhubService, name, value)
+    return GpuhubService(config=c)
+
+
+def test_generate_config_lists_every_setting():
+    out = subprocess.run(
+        [sys.executable, "-m", "gpuhub.service", "--generate-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    for name, trait in GpuhubService.class_traits(config=True).items():
+        if name in vars(GpuhubService):
+            assert f"c.GpuhubService.{name} =" in out, name
+            assert (trait.help or "").strip(), f"{name} has no help"
+
+
+def test_bad_settings_stop_with_the_field_named(tmp_path):
+    service = make(lease_end_action="explode", store_url=f"sqlite:///{tmp_path / 's.db'}")
+    with pytest.raises(SystemExit, match="lease_end_action"):
+        service.setup()
+    service = make(api_token="", store_url=f"sqlite:///{tmp_path / 's.db'}")
+    with pytest.raises(SystemExit, match="no API token"):
+        service.setup()
+    service = make(gpu_idle_timeout=-1, store_url=f"sqlite:///{tmp_path / 's.db'}")
+    with pytest.raises(SystemExit, match="gpu_idle_timeout"):
+        service.setup()
+
+
+def test_defaults_from_the_hub_environment(monkeypatch):
+    monkeypatch.setenv("JUPYTERHUB_API_URL", "http://hub:8081/hub/api")
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "secret")
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/services/gpuhub")
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_URL", "http://0.0.0.0:10101")
+    monkeypatch.delenv("JUPYTERHUB_PUBLIC_URL", raising=False)
+    service = GpuhubService()
+    assert service.hub_api_url == "http://hub:8081/hub/api" and service.api_token == "secret"
+    assert service.service_prefix == "/services/gpuhub/"
+    assert service.proxy_url == "http://hub:8081"
+    monkeypatch.setenv("JUPYTERHUB_PUBLIC_URL", "https://hub.example.org/")
+    assert GpuhubService().proxy_url == "https://hub.example.org"
+
+
+class Hello(web.RequestHandler):
+    def initialize(self, word: str = "hello") -> None:
+        self.word = word
+
+    def get(self) -> None:
+        self.finish(self.word)
+
+
+def test_web_endpoints_and_the_pages_hook(tmp_path, monkeypatch):
+    pages = types.ModuleType(service_app.WEB_MODULE)
+    pages.routes = lambda service: [
+        ("hello", Hello, {"word": service.service_prefix}),
+        ("/elsewhere", Hello),
+    ]
+    pages.settings = lambda service: {"pages_setting": 42}
+    monkeypatch.setitem(sys.modules, service_app.WEB_MODULE, pages)
+    service = make(store_url=f"sqlite:///{tmp_path / 's.db'}", service_prefix="/services/g/")
+    service.setup()
+
+    async def go():
+        app = service.make_web_app()
+        assert app.settings["pages_setting"] == 42
+        [sock] = bind_sockets(0, "127.0.0.1")[:1]
+        server = HTTPServer(app)
+        server.add_sockets([sock])
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        client = AsyncHTTPClient()
+        try:
+            hello = await client.fetch(f"{base}/services/g/hello")
+            elsewhere = await client.fetch(f"{base}/elsewhere")
+            metrics = await client.fetch(f"{base}/services/g/metrics")
+            health = await client.fetch(f"{base}/services/g/health", raise_error=False)
+            # a cycle against a hub that does not answer: an error, nothing decided
+            assert await service.run_cycle() == []
+            health_after = await client.fetch(f"{base}/services/g/health", raise_error=False)
+        finally:
+            server.stop()
+        return hello, elsewhere, metrics, health, health_after
+
+    hello, elsewhere, metrics, health, health_after = asyncio.run(go())
+    assert hello.body == b"/services/g/" and elsewhere.body == b"hello"
+    assert b"gpuhub_cycle_duration_seconds" in metrics.body
+    assert metrics.headers["Content-Type"].startswith("text/plain")
+    assert health.code == 503 and json.loads(health.body)["cycles"] == 0
+    report = json.loads(health_after.body)
+    assert health_after.code == 503 and "599" in report["last_error"]
+    assert service.metrics.registry.get_sample_value("gpuhub_cycle_errors_total") == 1

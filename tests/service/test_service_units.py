@@ -1,0 +1,235 @@
+"""The service's pure parts: hub and status JSON to policy views, snapshot answers, notices,
+the action history's counts, demand and pool, scopes."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpuhub.idle import BUSY, IDLE, UNKNOWN
+from gpuhub.policy import RULE_MAX_LEASE_WARNING, Demand, Rules, Waiting, decide
+from gpuhub.service import notices, scopes
+from gpuhub.service.actions import (
+    Ledger,
+    SnapshotAborted,
+    SnapshotFailed,
+    check_snapshot,
+)
+from gpuhub.service.demand import Pool, Queued, demand_from, queue_by_type
+from gpuhub.service.servers import check_status, parse_time, running_servers, view_from
+from gpuhub.store import Store
+
+T0 = "2026-01-01T10:00:00.000000Z"
+T0_S = parse_time(T0)
+
+
+def server_model(**kw):
+    return {
+        "name": "",
+        "ready": True,
+        "pending": None,
+        "url": "/user/ada/",
+        "started": T0,
+        "last_activity": "2026-01-01T10:05:00Z",
+        "user_options": {
+            "interface": "jupyterlab",
+            "environment": "pytorch",
+            "gpus": 1,
+            "gpu_type": "gpu",
+        },
+        **kw,
+    }
+
+
+def gpu(state, idle_since=None):
+    return {
+        "uuid": "GPU-1",
+        "state": state,
+        "idle_since": idle_since,
+        "utilization": {"busy_fraction": 0.0},
+    }
+
+
+def status(*gpus, kernels=(), external=()):
+    return {
+        "version": 1,
+        "gpus": list(gpus),
+        "kernels": list(kernels),
+        "external_processes": list(external),
+    }
+
+
+def one(model=None, groups=("staff",)):
+    users = [{"name": "ada", "groups": list(groups), "servers": {"": model or server_model()}}]
+    [server] = running_servers(users)
+    return server
+
+
+def test_running_servers_skips_pending_and_not_ready():
+    users = [
+        {
+            "name": "ada",
+            "groups": [],
+            "servers": {
+                "": server_model(),
+                "pending": server_model(ready=False, pending="spawn"),
+                "stopping": server_model(ready=True, pending="stop"),
+            },
+        },
+        {"name": "bob", "groups": [], "servers": {}},
+        {"name": 7, "servers": {"": server_model()}},
+    ]
+    assert [s.key for s in running_servers(users)] == [("ada", "")]
+
+
+def test_view_from_idle_status():
+    view = view_from(one(), status(gpu("idle", "2026-01-01T10:01:00Z")))
+    assert view.status_readable and view.gpus == 1 and view.gpu_type == "gpu"
+    assert view.groups == frozenset({"staff"})
+    assert view.gpu_activity[0].state == IDLE
+    assert view.gpu_idle_for(T0_S + 600) == pytest.approx(540)
+    assert view.started == T0_S and view.lease_start == T0_S
+    assert view.last_activity == T0_S + 300
+    assert not view.work_in_progress
+
+
+def test_view_from_busy_unknown_unavailable_and_work_in_progress():
+    assert view_from(one(), status(gpu("busy"))).gpu_activity[0].state == BUSY
+    for state in ("unknown", "unavailable", "weird"):
+        assert view_from(one(), status(gpu(state))).gpu_activity[0].state == UNKNOWN
+    # idle without a readable idle_since is not idle
+    assert view_from(one(), status(gpu("idle", None))).gpu_activity[0].state == UNKNOWN
+    executing = view_from(
+        one(), status(gpu("idle", T0), kernels=[{"id": "k", "execution_state": "busy"}])
+    )
+    assert executing.kernels_executing and executing.work_in_progress
+    outside = view_from(one(), status(gpu("idle", T0), external=[{"pid": 5}]))
+    assert outside.outside_gpu_processes
+    # fewer GPUs in the status than held: unknown
+    two = one(server_model(user_options={"gpus": 2, "gpu_type": "gpu"}))
+    assert view_from(two, status(gpu("idle", T0))).gpu_unknown()
+
+
+def test_unreadable_status_is_never_idle():
+    view = view_from(one(), None, lease_start=T0_S)
+    assert not view.status_readable and view.gpu_idle_for(T0_S + 10**6) is None
+    rules = Rules(gpu_idle_timeout=1, server_idle_timeout=1)
+    assert decide([view], Demand(), T0_S + 10**6, rules) == []
+
+
+def test_check_status():
+    assert check_status(status(gpu("idle", T0))) is None
+    assert check_status("<html>") == "not a JSON object"
+    assert "not gpuhub" in check_status({"version": 1})
+    assert check_status({"gpus": ["x"], "kernels": []}) == "a `gpus` entry is not an object"
+
+
+def test_cpu_only_server_has_no_gpu():
+    server = one(server_model(user_options={"gpus": 0, "gpu_type": "gpu"}))
+    assert server.gpus == 0 and server.gpu_type is None
+    bogus = one(server_model(user_options={"gpus": True}))
+    assert bogus.gpus == 0
+
+
+def test_check_snapshot():
+    saved = {"kernel_id": "k", "status": "saved", "snapshot": "s", "saved": 2, "manifest": {}}
+    assert check_snapshot({"ok": True, "snapshots": [saved]}) == [
+        {"kernel_id": "k", "status": "saved", "snapshot": "s", "saved": 2}
+    ]
+    assert check_snapshot({"ok": True, "snapshots": []}) == []
+    unsupported = {"kernel_id": "r", "status": "unsupported", "error": "not a Python kernel"}
+    assert check_snapshot({"ok": True, "snapshots": [saved, unsupported]})[1]["error"]
+    with pytest.raises(SnapshotFailed, match="disk full"):
+        check_snapshot(
+            {
+                "ok": False,
+                "snapshots": [saved, {"kernel_id": "x", "status": "failed", "error": "disk full"}],
+            }
+        )
+    with pytest.raises(SnapshotAborted):
+        check_snapshot({"ok": False, "snapshots": [{"kernel_id": "x", "status": "busy"}]})
+    with pytest.raises(SnapshotFailed):
+        check_snapshot({"ok": False, "snapshots": [saved]})
+    with pytest.raises(SnapshotFailed, match="unexpected"):
+        check_snapshot("<html>oops</html>")
+
+
+def test_notices_say_what_why_and_how_back():
+    snaps = [
+        {
+            "kernel_id": "k",
+            "notebook": "work/train.ipynb",
+            "status": "saved",
+            "snapshot": "20260101T100000.000000Z",
+            "saved": 3,
+            "skipped": 1,
+        }
+    ]
+    text = notices.render(
+        "release",
+        "1 GPU idle for 31 min (limit 30 min)",
+        at=T0_S,
+        gpus=1,
+        snapshots=snaps,
+        hub_url="https://hub.example.org",
+    )
+    assert text.startswith("# Your GPU was given back to the pool")
+    assert "idle for 31 min" in text and "work/train.ipynb" in text
+    assert "20260101T100000.000000Z" in text and "3 variables, 1 skipped" in text
+    assert "https://hub.example.org/hub/home" in text and "2026-01-01 10:00 UTC" in text
+    stop = notices.render("stop", "no user activity for 2.0 h", at=T0_S, snapshots=[])
+    assert "stopped this server" in stop and "No kernel was running" in stop
+    warn = notices.render("warn", "the GPU lease reaches its maximum", at=T0_S)
+    assert "The GPU lease reaches its maximum." in warn and "Nothing was changed" in warn
+
+
+def test_ledger_counts_consecutive_snapshot_failures_per_run(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 's.sqlite'}")
+    ledger = Ledger(store)
+    run = ("ada", "", T0)
+
+    def add(status, kind="release", rule="gpu-idle", started=T0):
+        store.record_action(
+            "ada", "", kind, rule, "why", actor="t", status=status, server_started=started
+        )
+
+    add("snapshot-failed")
+    add("done", started="an earlier run")
+    add("aborted")
+    add("snapshot-failed")
+    add("done", kind="warn", rule=RULE_MAX_LEASE_WARNING)
+    ledger.refresh()
+    count, last = ledger.snapshot_failures(run)
+    assert count == 2 and last is not None
+    assert ledger.warned_at(run, RULE_MAX_LEASE_WARNING) is not None
+    assert ledger.warned_at(("ada", "", "an earlier run"), RULE_MAX_LEASE_WARNING) is None
+    add("snapshotted")
+    ledger.refresh()
+    assert ledger.snapshot_failures(run) == (0, None)
+    assert ledger.open_for(run, "release").status == "snapshotted"
+    ledger.prune([])
+    assert [r.status for r in ledger.open_rows()] == ["snapshotted"]
+    assert ledger.for_run(("ada", "", "an earlier run")) == []
+
+
+def test_pool_demand_and_queue():
+    pool = Pool(total={"gpu": 4, "mig": None}, allocated={"gpu": 3, "mig": 2})
+    assert pool.free() == {"gpu": 1}
+    assert pool.types == ["gpu", "mig"]
+    queued = [Queued("ada", "", "gpu", 1, 100.0), Queued("bob", "big", "gpu", 2, 150.0)]
+    demand = demand_from(queued, pool)
+    assert demand.waiting == (
+        Waiting("ada", 100.0, 1, "gpu"),
+        Waiting("bob/big", 150.0, 2, "gpu"),
+    )
+    assert demand.free_gpus == {"gpu": 1}
+    assert queue_by_type(queued, 200.0) == {"gpu": (2, 100.0)}
+
+
+def test_scopes_by_jupyterhub_version():
+    six = scopes.scopes("6.1.0")
+    assert "start:servers" in six and "delete:servers" in six and "servers" not in six
+    five = scopes.scopes("5.3.0")
+    assert "servers" in five and "start:servers" not in five
+    assert "admin:server_state" not in six and "admin:users" not in six
+    role = scopes.service_role("gpuhub", "6.1.0")
+    assert role["services"] == ["gpuhub"] and role["scopes"] == six
