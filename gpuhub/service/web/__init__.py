@@ -16,6 +16,7 @@ from jupyterhub.services.auth import HubOAuth
 from ... import paths
 from ...policy import QuotaConfig, quota_config_from_dict
 from . import admin, user
+from .activity import ActivityLog
 from .base import OAuthCallback
 from .config import GpuhubPages
 from .context import Pages
@@ -104,6 +105,7 @@ def make_pages(service: Any) -> Pages:
         base_quotas=_cached(10, base_quotas),
         executor=getattr(service, "executor", None),
         devices=_cached(30, devices),
+        activity=ActivityLog(window=config.activity_window),
         prefix=service.service_prefix,
     )
 
