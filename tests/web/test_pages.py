@@ -341,6 +341,11 @@ def test_user_sees_gpu_admin_releases_it_with_a_reason_user_sees_why(pages):
     r = pages.post_form(ada, "snapshots/restore-next", form)
     assert r.status_code == 302
     assert pages.api(ada_token, "GET", "me/snapshots").json()["items"][0]["restore_next"]
+    r = pages.api(ada_token, "DELETE", f"me/snapshots/{snap['key']}/restore-next")
+    assert r.status_code == 204
+    assert not pages.api(ada_token, "GET", "me/snapshots").json()["items"][0]["restore_next"]
+    r = pages.api(ada_token, "PUT", f"me/snapshots/{snap['key']}/{snap['snapshot']}/restore-next")
+    assert r.status_code == 200 and r.json()["restore_next"]
     r = pages.post_form(ada, "snapshots/delete", form)
     assert r.status_code == 302
     assert pages.api(ada_token, "GET", "me/snapshots").json()["items"] == []

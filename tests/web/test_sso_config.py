@@ -3,6 +3,9 @@ values (helm-values/oidc-dex.yaml) and the demo's `configure_oidc`."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+
 import pytest
 import yaml
 from oauthenticator.generic import GenericOAuthenticator
@@ -14,13 +17,20 @@ from gpuhub.oidc import OIDCConfigError, configure_oidc
 VALUES = paths.config_dir().parent / "helm-values" / "oidc-dex.yaml"
 
 
-async def groups_and_admin(authenticator: GenericOAuthenticator, userinfo: dict) -> tuple:
-    model = {"name": "x", "admin": None, "auth_state": {"oauth_user": userinfo}}
-    model = await authenticator._apply_managed_groups(model)
+def groups_and_admin(authenticator: GenericOAuthenticator, userinfo: dict) -> tuple:
+    """The groups and admin flag a login with `userinfo` gives (run in a thread of its own: the
+    browser tests of this folder keep an event loop running in this one)."""
+
+    async def login() -> dict:
+        model = {"name": "x", "admin": None, "auth_state": {"oauth_user": userinfo}}
+        return await authenticator._apply_managed_groups(model)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        model = pool.submit(asyncio.run, login()).result()
     return model["groups"], model["admin"]
 
 
-async def test_zero_to_jupyterhub_values_map_dex_groups_to_hub_groups_and_admins():
+def test_zero_to_jupyterhub_values_map_dex_groups_to_hub_groups_and_admins():
     values = yaml.safe_load(VALUES.read_text())
     config = Config(values["hub"]["config"])
     assert config.JupyterHub.authenticator_class == "generic-oauth"
@@ -28,14 +38,14 @@ async def test_zero_to_jupyterhub_values_map_dex_groups_to_hub_groups_and_admins
     assert authenticator.manage_groups and authenticator.allow_all
     assert authenticator.userdata_url.endswith("/dex/userinfo")
     assert "groups" in authenticator.scope
-    assert await groups_and_admin(authenticator, {"groups": ["hub-admins", "ml"]}) == (
+    assert groups_and_admin(authenticator, {"groups": ["hub-admins", "ml"]}) == (
         ["hub-admins", "ml"],
         True,
     )
-    assert await groups_and_admin(authenticator, {"groups": ["students"]}) == (["students"], False)
+    assert groups_and_admin(authenticator, {"groups": ["students"]}) == (["students"], False)
 
 
-async def test_configure_oidc_from_a_discovery_document():
+def test_configure_oidc_from_a_discovery_document():
     c = Config()
     configure_oidc(
         c,
@@ -54,7 +64,7 @@ async def test_configure_oidc_from_a_discovery_document():
     authenticator = GenericOAuthenticator(config=c)
     assert authenticator.token_url == "https://idp.example.org/token"
     assert authenticator.allowed_groups == {"students", "ops"} and not authenticator.allow_all
-    assert await groups_and_admin(authenticator, {"groups": ["ops"]}) == (["ops"], True)
+    assert groups_and_admin(authenticator, {"groups": ["ops"]}) == (["ops"], True)
     assert authenticator.username_claim({"preferred_username": "ada"}) == "ada"
     with pytest.raises(OIDCConfigError, match="no authorization_endpoint, token_endpoint"):
         configure_oidc(c, issuer="x", client_id="", client_secret="", callback_url="", discovery={})

@@ -46,6 +46,7 @@ def handlers(pages: Pages) -> list[tuple[str, type, dict[str, Any]]]:
         ("api/me", user.MeApi),
         ("api/me/gpu-again", user.MeGpuAgainApi),
         ("api/me/snapshots", user.MeSnapshotsApi),
+        (rf"api/me/snapshots/{_SEGMENT}/restore-next", user.MeRestoreLatestApi),
         (rf"api/me/snapshots/{_SEGMENT}/{_SEGMENT}", user.MeSnapshotApi),
         (rf"api/me/snapshots/{_SEGMENT}/{_SEGMENT}/(restore-next)", user.MeSnapshotApi),
         ("api/admin/(gpus|servers|queue|actions)", admin.AdminOverviewApi),

@@ -68,15 +68,14 @@ class MeSnapshotsApi(ApiHandler):
 
 
 class MeSnapshotApi(ApiHandler):
-    """DELETE `api/me/snapshots/<key>/<snapshot>`; PUT / DELETE `.../restore-next`."""
+    """DELETE `api/me/snapshots/<key>/<snapshot>`; PUT `.../restore-next`."""
 
     @web.authenticated
     async def delete(self, key: str, name: str, restore_next: str | None = None) -> None:
-        servers = await self.pages.user_servers(self.user_name)
         if restore_next:
-            await self.pages.snapshots.restore_next(self.user_name, servers, key, None)
-        else:
-            await self.pages.snapshots.delete(self.user_name, servers, key, name)
+            raise web.HTTPError(405)
+        servers = await self.pages.user_servers(self.user_name)
+        await self.pages.snapshots.delete(self.user_name, servers, key, name)
         self.set_status(204)
         self.finish()
 
@@ -87,6 +86,17 @@ class MeSnapshotApi(ApiHandler):
         servers = await self.pages.user_servers(self.user_name)
         await self.pages.snapshots.restore_next(self.user_name, servers, key, name)
         self.write_json({"key": key, "snapshot": name, "restore_next": True})
+
+
+class MeRestoreLatestApi(ApiHandler):
+    """DELETE `api/me/snapshots/<key>/restore-next`: the latest comes back at the next start."""
+
+    @web.authenticated
+    async def delete(self, key: str) -> None:
+        servers = await self.pages.user_servers(self.user_name)
+        await self.pages.snapshots.restore_next(self.user_name, servers, key, None)
+        self.set_status(204)
+        self.finish()
 
 
 class MeGpuAgainApi(ApiHandler):
