@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,15 +26,18 @@ from . import paths
 RUN_MARKER = "GPUHUB_TEST_RUN"
 
 
+#: Test hubs take their ports below the kernel's ephemeral port range (32768 and up on Linux),
+#: where single-user servers and kernels get theirs, so a port chosen here cannot be taken by one
+#: of them before the hub binds it.
+TEST_PORT_RANGE = (20000, 32000)
+
+
 def free_port_block(size: int = 100) -> int:
     """A base port such that base, base+1, base+81 and base+82 are free (the demo's port layout:
     proxy, proxy API, hub, gpuhub service)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + size > 65000:
-            continue
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(TEST_PORT_RANGE[0], TEST_PORT_RANGE[1] - size)
         ok = True
         for offset in (0, 1, 81, 82):
             with socket.socket() as s:
