@@ -141,7 +141,19 @@ class CapacityWatch:
         self.failed = True
 
     async def stop(self) -> None:
-        await asyncio.gather(self.pod_reflector.stop(), self.node_watch.stop())
+        await asyncio.gather(stop_quietly(self.pod_reflector), stop_quietly(self.node_watch))
+
+
+async def stop_quietly(part: Any) -> None:
+    """Stop a reflector or watch. KubeSpawner's `ResourceReflector.stop` awaits the watch task it
+    has just cancelled and so raises that task's CancelledError; only a cancellation of the caller
+    itself goes on."""
+    try:
+        await part.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
 
 
 _watches: dict[tuple[Any, ...], asyncio.Future[CapacityWatch]] = {}
@@ -186,7 +198,7 @@ async def capacity_watch(
     except BaseException as e:
         _watches.pop(key, None)
         for part in started:
-            await part.stop()
+            await stop_quietly(part)
         future.set_exception(e)
         future.exception()  # retrieved: later callers start afresh
         raise

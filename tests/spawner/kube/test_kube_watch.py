@@ -112,3 +112,30 @@ async def test_without_permission_to_watch_nodes_capacity_falls_back(  # type: i
     assert await spawner.start_capacity_watch() is not None
     assert spawner.gpu_capacity(spawner.load_catalog())["a100"] == (3, 3)
     await stop_capacity_watches()
+
+
+async def test_stopping_a_reflector_whose_watch_task_was_cancelled_does_not_raise() -> None:
+    """KubeSpawner's reflector `stop()` re-raises its own watch task's CancelledError."""
+    from gpuhub.spawner.kube_watch import stop_quietly
+
+    class Reflector:
+        async def stop(self) -> None:
+            task = asyncio.create_task(asyncio.sleep(10))
+            await asyncio.sleep(0)
+            task.cancel()
+            await task  # raises CancelledError, as ResourceReflector.stop does
+
+    await stop_quietly(Reflector())  # returns normally
+
+    async def caller() -> None:
+        await stop_quietly(SlowReflector())
+
+    class SlowReflector:
+        async def stop(self) -> None:
+            await asyncio.sleep(10)
+
+    outer = asyncio.create_task(caller())
+    await asyncio.sleep(0.01)
+    outer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await outer  # the caller's own cancellation is not swallowed
