@@ -161,3 +161,15 @@ def test_activity_log_keeps_an_hour_in_slots():
     log.record({"gpus": [{"uuid": "G", "utilization": {"gpu": 5}}]}, t0 + 7300)
     assert log.series("G", now=t0 + 7300, buckets=2) == [None, 5.0]
     assert log.series("unknown", now=t0) == [None] * 30
+
+
+def test_activity_log_keeps_the_latest_status_per_server():
+    log = ActivityLog()
+    status = {"gpus": [{"uuid": "G", "utilization": {"gpu": 70}}]}
+    log.remember("ada", "", status, t=100.0)
+    assert log.latest("ada", "", max_age=60, now=150.0) is status
+    assert log.latest("ada", "", max_age=60, now=170.0) is None  # too old: read it again
+    assert log.latest("bob", "", max_age=60, now=150.0) is None
+    assert log.series("G", now=130.0, buckets=1) == [70.0]  # and its utilisation is recorded
+    log.forget_others({("bob", "")})
+    assert log.latest("ada", "", max_age=1e9, now=150.0) is None

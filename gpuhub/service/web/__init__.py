@@ -116,7 +116,9 @@ def routes(service: Any) -> list[tuple[str, type, dict[str, Any]]]:
     service.gpuhub_pages = pages
     listeners = getattr(service, "status_listeners", None)
     if listeners is not None:  # every status the service's cycle reads feeds the sparklines
-        listeners.append(lambda _server, status: pages.activity.record(status))
+        listeners.append(
+            lambda server, status: pages.activity.remember(server.user, server.server, status)
+        )
     return handlers(pages)
 
 

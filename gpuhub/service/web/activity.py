@@ -20,7 +20,34 @@ class ActivityLog:
         self.window = window
         self.resolution = max(1.0, resolution)
         self._readings: dict[str, deque[tuple[float, float | None]]] = {}
+        #: (user, server) -> (when, the latest status document read)
+        self._latest: dict[tuple[str, str], tuple[float, Mapping[str, Any]]] = {}
         self._lock = threading.Lock()
+
+    def remember(
+        self, user: str, server: str, status: Mapping[str, Any], t: float | None = None
+    ) -> None:
+        """Keep a server's latest status (and record its GPUs' utilisation)."""
+        t = time.time() if t is None else t
+        self.record(status, t)
+        with self._lock:
+            self._latest[(user, server)] = (t, status)
+
+    def latest(
+        self, user: str, server: str, max_age: float, now: float | None = None
+    ) -> Mapping[str, Any] | None:
+        """The server's status read at most `max_age` seconds ago, if any."""
+        now = time.time() if now is None else now
+        with self._lock:
+            entry = self._latest.get((user, server))
+        if entry is None or now - entry[0] > max_age:
+            return None
+        return entry[1]
+
+    def forget_others(self, keep: set[tuple[str, str]]) -> None:
+        with self._lock:
+            for key in [k for k in self._latest if k not in keep]:
+                del self._latest[key]
 
     def add(self, uuid: str, t: float, utilization: float | None) -> None:
         with self._lock:

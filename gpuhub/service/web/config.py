@@ -71,6 +71,14 @@ class GpuhubPages(Configurable):
         help="Seconds the pages wait for one server's status or snapshot list.",
     )
 
+    status_max_age = Float(
+        120.0,
+        config=True,
+        help="""The admin page shows a server's status as the service's last cycle read it when
+        it is at most this many seconds old (no request to every server at each page view);
+        older or missing ones are read. The user's page always reads their servers' now.""",
+    )
+
     history_limit = Int(
         50, config=True, help="Releases and stops shown in a user's history and the admin's."
     )

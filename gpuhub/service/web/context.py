@@ -84,10 +84,17 @@ class Pages:
 
     # -- statuses -------------------------------------------------------------------------------
 
-    async def status_of(self, model: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
-        """A ready server's status document (recorded for the sparklines), or why not."""
+    async def status_of(
+        self, model: Mapping[str, Any], user: str = "", server: str = "", max_age: float = 0.0
+    ) -> tuple[Mapping[str, Any] | None, str | None]:
+        """A ready server's status document, or why not: the one the service's cycle read at
+        most `max_age` seconds ago, else read now (and recorded for the sparklines)."""
         if not model.get("ready"):
             return None, None
+        if max_age > 0:
+            cached = self.activity.latest(user, server, max_age)
+            if cached is not None:
+                return cached, None
         try:
             data = await self.hub.server_get(
                 model, STATUS_PATH, timeout=self.settings.status_timeout
@@ -96,7 +103,7 @@ class Pages:
             return None, f"the server's GPU status cannot be read ({e.status} {e.message})"
         if not isinstance(data, dict) or not isinstance(data.get("gpus"), list):
             return None, "the server does not report its GPUs (gpuhub's extension is missing)"
-        self.activity.record(data)
+        self.activity.remember(user, server, data)
         return data, None
 
     # -- the user's page ------------------------------------------------------------------------
@@ -117,7 +124,9 @@ class Pages:
         for lease in leases:
             held[lease.server] = held.get(lease.server, 0) + 1
         names = sorted(set(servers) | set(held))
-        statuses = await asyncio.gather(*(self.status_of(servers.get(n) or {}) for n in names))
+        statuses = await asyncio.gather(
+            *(self.status_of(servers.get(n) or {}, name, n) for n in names)
+        )
         entries = []
         for server_name, (status, error) in zip(names, statuses, strict=True):
             entries.append(
@@ -210,7 +219,9 @@ class Pages:
         now = utcnow()
         catalog = self.catalog()
         running = await self.ready_servers()
-        results = await asyncio.gather(*(self.status_of(m) for _u, _s, m in running))
+        max_age = self.settings.status_max_age
+        results = await asyncio.gather(*(self.status_of(m, u, s, max_age) for u, s, m in running))
+        self.activity.forget_others({(u, s) for u, s, _m in running})
         statuses = {
             (u, s): status for (u, s, _m), (status, _e) in zip(running, results, strict=True)
         }
