@@ -124,11 +124,24 @@ def routes(service: Any) -> list[tuple[str, type, dict[str, Any]]]:
 
 def settings(service: Any) -> dict[str, Any]:
     """Tornado settings for the pages: the hub's OAuth, and the secret that signs its cookies."""
-    secret = os.environ.get("GPUHUB_SERVICE_COOKIE_SECRET", "")
     return {
         "hub_auth": HubOAuth(
             api_url=service.hub_api_url, api_token=service.api_token, cache_max_age=60
         ),
-        "cookie_secret": bytes.fromhex(secret) if secret else os.urandom(32),
-        "static_path": None,
+        "cookie_secret": cookie_secret(),
     }
+
+
+def cookie_secret() -> bytes:
+    """$GPUHUB_SERVICE_COOKIE_SECRET (hex), so that logins to the pages survive a restart of the
+    service; without it a random one (people go through the hub's OAuth again, unnoticed)."""
+    secret = os.environ.get("GPUHUB_SERVICE_COOKIE_SECRET", "").strip()
+    if not secret:
+        return os.urandom(32)
+    try:
+        value = bytes.fromhex(secret)
+    except ValueError:
+        raise SystemExit("gpuhub service: GPUHUB_SERVICE_COOKIE_SECRET must be hex") from None
+    if len(value) < 16:
+        raise SystemExit("gpuhub service: GPUHUB_SERVICE_COOKIE_SECRET: at least 32 hex digits")
+    return value
