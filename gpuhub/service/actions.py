@@ -262,16 +262,23 @@ class Executor:
                 self.run_for(server.key, self.act(action, server))
 
     def close_abandoned(
-        self, decided: Iterable[tuple[str, str]], running: Mapping[tuple[str, str], RunningServer]
+        self, actions: Iterable[Action], running: Mapping[tuple[str, str], RunningServer]
     ) -> None:
-        """Close open rows that changed nothing on the server and whose rule no longer applies."""
-        decided = set(decided)
+        """Close open rows that changed nothing on the server and that this cycle's decisions do
+        not take up again (same server run, same kind of action)."""
+        decided = {
+            ((a.user, a.server), notices.kind_of(a)) for a in actions if not isinstance(a, Warn)
+        }
         for row in self.ledger.open_rows():
             key = (row.user, row.server)
             if row.status not in ("planned", "snapshotting", "snapshotted") or self.busy(key):
                 continue
             server = running.get(key)
-            if server is not None and server.started == row.server_started and key in decided:
+            if (
+                server is not None
+                and server.started == row.server_started
+                and (key, row.kind) in decided
+            ):
                 continue
             self.ledger.update(
                 row,

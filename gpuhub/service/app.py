@@ -502,8 +502,7 @@ class GpuhubService(Application):
         pool = Pool(total=self.pool_totals(), allocated=allocated_by_type(leases))
         actions = policy.decide(views, demand_from(queued, pool), now, self.policy_rules)
         if not self.dry_run:
-            acting = [(a.user, a.server) for a in actions if not isinstance(a, policy.Warn)]
-            self.executor.close_abandoned(acting, by_key)
+            self.executor.close_abandoned(actions, by_key)
         self.executor.submit(actions, by_key)
         self.ledger.prune(run_key(s) for s in running)
         self.update_metrics(candidates, statuses, pool, queued, now)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import http.server
 import os
+import threading
 import uuid
 
 import pytest
@@ -11,20 +13,40 @@ from gpuhub.testing import Hub, free_port_block
 from .helpers import ServiceHub
 
 
+class Answer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
 def service_hub(tmp_path_factory, run_marker):
     """A real gpuhub JupyterHub (4 simulated GPUs) whose `gpuhub` service is run by the tests,
     in-process, with the service's own token and scopes."""
     token = uuid.uuid4().hex
+    port = free_port_block(1)
     hub = Hub(
         tmp_path_factory.mktemp("hub"),
         run_marker,
         env_overrides={
             "GPUHUB_DEMO_SERVICE": "external",
             "GPUHUB_DEMO_SERVICE_TOKEN": token,
-            "GPUHUB_DEMO_SERVICE_PORT": str(free_port_block(1)),
+            "GPUHUB_DEMO_SERVICE_PORT": str(port),
         },
-    ).start()
+    )
+    # The hub waits up to 30 s for an external service's address to answer HTTP; the tests run
+    # the service without its web server, so something answers there while the hub starts.
+    placeholder = http.server.HTTPServer(("127.0.0.1", port), Answer)
+    thread = threading.Thread(target=placeholder.serve_forever, daemon=True)
+    thread.start()
+    try:
+        hub.start()
+    finally:
+        placeholder.shutdown()
+        placeholder.server_close()
     # The service counts the pool with NVML, like the hub: the same simulated GPUs.
     previous = os.environ.get(nvml.FAKE_ENV)
     os.environ[nvml.FAKE_ENV] = str(hub.state_dir / "simulated-gpus.json")

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from gpuhub.policy import RULE_GPU_IDLE, RULE_WORK_IN_PROGRESS, ReleaseGpu, Warn
+from gpuhub.policy import (
+    RULE_GPU_IDLE,
+    RULE_SERVER_IDLE,
+    RULE_WORK_IN_PROGRESS,
+    ReleaseGpu,
+    StopServer,
+    Warn,
+)
 
 from .helpers import cycle, last_line, metric, wait_until
 
@@ -123,4 +130,32 @@ def test_dry_run_changes_nothing(service_hub):
     assert len(sh.store.actions()) == before
     assert service.health()["last_decisions"][0]["user"] == "dry-dan"
     assert metric(service, "gpuhub_dry_run") == 1
+    sh.stop_everything()
+
+
+def test_idle_server_snapshotted_then_stopped(service_hub):
+    sh = service_hub
+    sh.start("gone-gus", gpus=0)
+    kernel = sh.open_notebook("gone-gus", "report.ipynb")
+    sh.run("gone-gus", kernel, "draft = 'chapter 1'")
+    service = sh.service(server_idle_timeout=1)
+    wait_until(
+        lambda: any(isinstance(a, StopServer) and a.user == "gone-gus" for a in cycle(service)),
+        what="the idle server stopped",
+    )
+    assert sh.model("gone-gus") is None
+    [stop] = sh.store.actions("gone-gus", kinds=["stop"])
+    assert stop.status == "done" and stop.rule == RULE_SERVER_IDLE
+    assert stop.snapshots[0]["notebook"] == "report.ipynb"
+    notice = sh.hub.state_dir / "home" / "gone-gus" / "GPUHUB-NOTICE.md"
+    assert "stopped this server" in notice.read_text()
+    assert metric(service, "gpuhub_stops_total", rule=RULE_SERVER_IDLE) == 1
+    # started again, the notebook's variables come back
+    sh.start("gone-gus", gpus=0)
+    kernel = sh.open_notebook("gone-gus", "report.ipynb")
+    wait_until(
+        lambda: any(k.get("last_restore") for k in sh.status("gone-gus")["kernels"]),
+        what="the automatic restore",
+    )
+    assert last_line(sh.run("gone-gus", kernel, "print(draft)")) == "chapter 1"
     sh.stop_everything()

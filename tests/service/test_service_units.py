@@ -233,3 +233,45 @@ def test_scopes_by_jupyterhub_version():
     assert "admin:server_state" not in six and "admin:users" not in six
     role = scopes.service_role("gpuhub", "6.1.0")
     assert role["services"] == ["gpuhub"] and role["scopes"] == six
+
+
+def test_interrupted_actions_are_taken_up_or_closed(tmp_path):
+    from gpuhub.policy import ReleaseGpu, StopServer
+    from gpuhub.service.actions import ActionSettings, Executor
+    from gpuhub.service.hubapi import HubClient
+    from gpuhub.service.metrics import Metrics
+
+    store = Store(f"sqlite:///{tmp_path / 's.sqlite'}")
+    client = HubClient("http://127.0.0.1:9/hub/api", "t", "http://127.0.0.1:9")
+    executor = Executor(client, store, Metrics(), ActionSettings())
+
+    def interrupted(user):
+        return store.record_action(
+            user,
+            "",
+            "release",
+            "gpu-idle",
+            "why",
+            actor="t",
+            status="snapshotting",
+            server_started=T0,
+        )
+
+    kept, other_kind, gone = interrupted("ada"), interrupted("bob"), interrupted("cy")
+    executor.ledger.refresh()
+    servers = {
+        ("ada", ""): one(),
+        ("bob", ""): running_servers(
+            [{"name": "bob", "groups": [], "servers": {"": server_model()}}]
+        )[0],
+    }
+    executor.close_abandoned(
+        [
+            ReleaseGpu("ada", "", "gpu-idle", "still idle"),
+            StopServer("bob", "", "server-idle", "x"),
+        ],
+        servers,
+    )
+    statuses = {r.user: r.status for r in store.actions()}
+    assert statuses == {"ada": "snapshotting", "bob": "abandoned", "cy": "abandoned"}
+    assert {kept.id, other_kind.id, gone.id} == {r.id for r in store.actions()}
