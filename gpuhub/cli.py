@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo-gpu": ("gpuhub.demo_gpu:main", "make a simulated demo GPU busy or idle"),
     "simulate": ("gpuhub.sim.cli:main", "compare GPU policies on a notebook workload trace"),
     "users": ("gpuhub.service.web.registration:main", "register users and groups from a CSV file"),
+    "service": ("gpuhub.service.app:main", "run the gpuhub hub service (python -m gpuhub.service)"),
 }
 
 
