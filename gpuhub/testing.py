@@ -4,6 +4,8 @@ started (hub, proxy, single-user servers, kernels, code-server), found by an env
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -238,58 +240,128 @@ class Hub:
         return session
 
 
-def run_in_kernel(server_url: str, token: str, code: str, timeout: float = 120) -> str:
-    """Start a kernel of the server's default kernelspec, run `code`, return its stdout."""
-    import asyncio
+@dataclass
+class CellResult:
+    """What a cell did: the reply's status, its stdout, its value, and its error if it raised."""
 
+    status: str | None = None
+    stdout: str = ""
+    result: str | None = None
+    error: str | None = None
+    traceback: list[str] = field(default_factory=list)
+
+
+async def execute_cell(
+    server_url: str,
+    token: str,
+    kernel_id: str,
+    code: str,
+    *,
+    wait: bool = True,
+    timeout: float = 120,
+) -> CellResult:
+    """Run `code` in a running kernel of the server at `server_url` (ending in `/`), as a browser
+    does over the kernel's websocket. `wait=False` returns as soon as the kernel is busy with it."""
     from tornado.httpclient import HTTPRequest
     from tornado.websocket import websocket_connect
 
+    ws_url = (
+        server_url.replace("http", "ws", 1)
+        + f"api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}"
+    )
+    conn = await websocket_connect(HTTPRequest(ws_url, headers={"Authorization": f"token {token}"}))
+    msg_id = uuid.uuid4().hex
+    conn.write_message(
+        json.dumps(
+            {
+                "header": {
+                    "msg_id": msg_id,
+                    "msg_type": "execute_request",
+                    "username": "test",
+                    "session": uuid.uuid4().hex,
+                    "version": "5.3",
+                    "date": "",
+                },
+                "parent_header": {},
+                "metadata": {},
+                "content": {
+                    "code": code,
+                    "silent": False,
+                    "store_history": True,
+                    "user_expressions": {},
+                    "allow_stdin": False,
+                    "stop_on_error": True,
+                },
+                "channel": "shell",
+                "buffers": [],
+            }
+        )
+    )
+    out = CellResult()
+    got_reply = got_idle = False
+    deadline = time.monotonic() + timeout
+    try:
+        while not (got_reply and got_idle):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"cell did not finish in {timeout} s: {code[:200]}")
+            raw = await asyncio.wait_for(conn.read_message(), left)
+            if raw is None:
+                raise RuntimeError("the kernel websocket closed")
+            msg = json.loads(raw)
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "status" and content["execution_state"] == "busy" and not wait:
+                return out
+            if kind == "stream" and content["name"] == "stdout":
+                out.stdout += content["text"]
+            elif kind == "execute_result":
+                out.result = content["data"].get("text/plain")
+            elif kind == "error":
+                out.error = f"{content['ename']}: {content['evalue']}"
+                out.traceback = content["traceback"]
+            elif kind == "status" and content["execution_state"] == "idle":
+                got_idle = True
+            elif kind == "execute_reply":
+                out.status = content["status"]
+                got_reply = True
+    finally:
+        conn.close()
+    return out
+
+
+def execute(
+    server_url: str,
+    token: str,
+    kernel_id: str,
+    code: str,
+    *,
+    wait: bool = True,
+    timeout: float = 120,
+) -> str:
+    """`execute_cell` from synchronous code: the cell's stdout; raises if the cell raised.
+
+    Runs in a thread of its own, so it also works where an event loop is running (Playwright's
+    synchronous API keeps one in the test's thread)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        cell = pool.submit(
+            asyncio.run,
+            execute_cell(server_url, token, kernel_id, code, wait=wait, timeout=timeout),
+        ).result()
+    if cell.error:
+        raise RuntimeError("\n".join(cell.traceback) or cell.error)
+    return cell.stdout
+
+
+def run_in_kernel(server_url: str, token: str, code: str, timeout: float = 120) -> str:
+    """Start a kernel of the server's default kernelspec, run `code`, return its stdout."""
     headers = {"Authorization": f"token {token}"}
     r = requests.post(f"{server_url}api/kernels", headers=headers, json={}, timeout=60)
     r.raise_for_status()
     kernel_id = r.json()["id"]
-
-    async def execute() -> str:
-        ws_url = server_url.replace("http", "ws", 1) + f"api/kernels/{kernel_id}/channels"
-        conn = await websocket_connect(HTTPRequest(ws_url, headers=headers))
-        msg_id = uuid.uuid4().hex
-        conn.write_message(
-            json.dumps(
-                {
-                    "header": {
-                        "msg_id": msg_id,
-                        "msg_type": "execute_request",
-                        "username": "test",
-                        "session": uuid.uuid4().hex,
-                        "version": "5.3",
-                    },
-                    "parent_header": {},
-                    "metadata": {},
-                    "content": {"code": code, "silent": False, "store_history": False},
-                    "channel": "shell",
-                }
-            )
-        )
-        out: list[str] = []
-        while True:
-            raw = await asyncio.wait_for(conn.read_message(), timeout)
-            if raw is None:
-                raise RuntimeError("kernel websocket closed")
-            msg = json.loads(raw)
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            kind = msg["msg_type"]
-            if kind == "stream" and msg["content"]["name"] == "stdout":
-                out.append(msg["content"]["text"])
-            elif kind == "error":
-                raise RuntimeError("\n".join(msg["content"]["traceback"]))
-            elif kind == "status" and msg["content"]["execution_state"] == "idle":
-                conn.close()
-                return "".join(out)
-
     try:
-        return asyncio.run(execute())
+        return execute(server_url, token, kernel_id, code, timeout=timeout)
     finally:
         requests.delete(f"{server_url}api/kernels/{kernel_id}", headers=headers, timeout=30)
 

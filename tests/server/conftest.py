@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 import requests
-from tornado.websocket import websocket_connect
 
 from gpuhub import nvml, nvml_fake
+from gpuhub.testing import execute_cell
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -264,70 +264,17 @@ class JupyterServer:
 
     def execute(self, kernel_id: str, code: str, timeout: float = 180) -> dict[str, Any]:
         """Run a cell through the kernel's websocket; {"status", "stdout", "error", "result"}."""
-        return asyncio.run(self._execute(kernel_id, code, timeout))
-
-    async def _execute(self, kernel_id: str, code: str, timeout: float) -> dict[str, Any]:
-        ws_url = (
-            f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels"
-            f"?session_id={uuid.uuid4().hex}"
-        )
-        ws = await websocket_connect(_ws_request(ws_url, self.token))
-        msg_id = uuid.uuid4().hex
-        ws.write_message(
-            json.dumps(
-                {
-                    "header": {
-                        "msg_id": msg_id,
-                        "msg_type": "execute_request",
-                        "username": "test",
-                        "session": uuid.uuid4().hex,
-                        "version": "5.3",
-                        "date": "",
-                    },
-                    "parent_header": {},
-                    "metadata": {},
-                    "content": {
-                        "code": code,
-                        "silent": False,
-                        "store_history": True,
-                        "user_expressions": {},
-                        "allow_stdin": False,
-                        "stop_on_error": True,
-                    },
-                    "channel": "shell",
-                    "buffers": [],
-                }
+        cell = asyncio.run(
+            execute_cell(
+                f"http://127.0.0.1:{self.port}/", self.token, kernel_id, code, timeout=timeout
             )
         )
-        out: dict[str, Any] = {"status": None, "stdout": "", "error": None, "result": None}
-        got_reply = got_idle = False
-        deadline = time.monotonic() + timeout
-        try:
-            while not (got_reply and got_idle):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"cell did not finish in {timeout} s: {code[:200]}")
-                raw = await asyncio.wait_for(ws.read_message(), left)
-                if raw is None:
-                    raise RuntimeError("the kernel websocket closed")
-                msg = json.loads(raw)
-                if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                    continue
-                kind, content = msg["msg_type"], msg["content"]
-                if kind == "stream":
-                    out["stdout"] += content["text"]
-                elif kind == "execute_result":
-                    out["result"] = content["data"].get("text/plain")
-                elif kind == "error":
-                    out["error"] = f"{content['ename']}: {content['evalue']}"
-                elif kind == "status" and content["execution_state"] == "idle":
-                    got_idle = True
-                elif kind == "execute_reply":
-                    out["status"] = content["status"]
-                    got_reply = True
-        finally:
-            ws.close()
-        return out
+        return {
+            "status": cell.status,
+            "stdout": cell.stdout,
+            "error": cell.error,
+            "result": cell.result,
+        }
 
     def run_ok(self, kernel_id: str, code: str, timeout: float = 180) -> dict[str, Any]:
         out = self.execute(kernel_id, code, timeout)
@@ -337,12 +284,6 @@ class JupyterServer:
     def kernel_pid(self, kernel_id: str) -> int:
         out = self.run_ok(kernel_id, "import os; print(os.getpid())")
         return int(out["stdout"].strip())
-
-
-def _ws_request(url: str, token: str):
-    from tornado.httpclient import HTTPRequest
-
-    return HTTPRequest(url, headers={"Authorization": f"token {token}"}, connect_timeout=30)
 
 
 def make_server_env(base: Path) -> dict[str, str]:

@@ -8,7 +8,6 @@ import json
 import re
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,12 @@ import requests
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.httpserver import HTTPServer
-from tornado.websocket import websocket_connect
 from traitlets.config import Config
 
 from gpuhub import demo_gpu, nvml_fake
 from gpuhub.service.app import GpuhubService
 from gpuhub.store import Store
-from gpuhub.testing import Hub, wait_for
+from gpuhub.testing import Hub, execute, wait_for
 
 FAST = {
     "request_timeout": 5.0,
@@ -159,65 +157,6 @@ class ServiceHub:
 
     def stop_everything(self) -> None:
         self.hub.stop_all_servers()
-
-
-def execute(
-    server_url: str, token: str, kernel_id: str, code: str, wait: bool = True, timeout: float = 120
-) -> str:
-    """Run `code` in a running kernel; its stdout (or "" when not waiting for it)."""
-
-    async def go() -> str:
-        ws_url = server_url.replace("http", "ws", 1) + f"api/kernels/{kernel_id}/channels"
-        conn = await websocket_connect(
-            HTTPRequest(ws_url, headers={"Authorization": f"token {token}"})
-        )
-        msg_id = uuid.uuid4().hex
-        conn.write_message(
-            json.dumps(
-                {
-                    "header": {
-                        "msg_id": msg_id,
-                        "msg_type": "execute_request",
-                        "username": "test",
-                        "session": uuid.uuid4().hex,
-                        "version": "5.3",
-                    },
-                    "parent_header": {},
-                    "metadata": {},
-                    "content": {"code": code, "silent": False, "store_history": True},
-                    "channel": "shell",
-                }
-            )
-        )
-        out: list[str] = []
-        if not wait:
-            # the request is on its way once the kernel says it is busy with it
-            while True:
-                msg = json.loads(await asyncio.wait_for(conn.read_message(), timeout))
-                if (
-                    msg.get("parent_header", {}).get("msg_id") == msg_id
-                    and msg["msg_type"] == "status"
-                ):
-                    conn.close()
-                    return ""
-        while True:
-            raw = await asyncio.wait_for(conn.read_message(), timeout)
-            if raw is None:
-                raise RuntimeError("kernel websocket closed")
-            msg = json.loads(raw)
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            kind = msg["msg_type"]
-            if kind == "stream" and msg["content"]["name"] == "stdout":
-                out.append(msg["content"]["text"])
-            elif kind == "error":
-                conn.close()
-                raise RuntimeError("\n".join(msg["content"]["traceback"]))
-            elif kind == "status" and msg["content"]["execution_state"] == "idle":
-                conn.close()
-                return "".join(out)
-
-    return asyncio.run(go())
 
 
 def last_line(output: str) -> str:

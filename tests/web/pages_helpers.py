@@ -4,21 +4,15 @@ for the JSON API, and notebooks with running kernels."""
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import html
-import json
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import requests
-from tornado.httpclient import HTTPRequest
-from tornado.websocket import websocket_connect
 
 from gpuhub.store import Store
-from gpuhub.testing import Hub, wait_for
+from gpuhub.testing import Hub, execute, wait_for
 
 PREFIX = "/services/gpuhub/"
 XSRF = re.compile(r'name="(?:_xsrf" value|gpuhub-xsrf" content)="([^"]+)"')
@@ -127,53 +121,3 @@ class PagesHub:
 
     def run(self, name: str, kernel_id: str, code: str, server: str = "") -> str:
         return execute(self.server_url(name, server), self.hub.admin_token, kernel_id, code)
-
-
-def execute(server_url: str, token: str, kernel_id: str, code: str, timeout: float = 120) -> str:
-    """Run `code` in a running kernel, as a browser does over the kernel's websocket; its stdout."""
-
-    async def go() -> str:
-        ws_url = server_url.replace("http", "ws", 1) + f"api/kernels/{kernel_id}/channels"
-        conn = await websocket_connect(
-            HTTPRequest(ws_url, headers={"Authorization": f"token {token}"})
-        )
-        msg_id = uuid.uuid4().hex
-        conn.write_message(
-            json.dumps(
-                {
-                    "header": {
-                        "msg_id": msg_id,
-                        "msg_type": "execute_request",
-                        "username": "test",
-                        "session": uuid.uuid4().hex,
-                        "version": "5.3",
-                    },
-                    "parent_header": {},
-                    "metadata": {},
-                    "content": {"code": code, "silent": False, "store_history": True},
-                    "channel": "shell",
-                }
-            )
-        )
-        out: list[str] = []
-        try:
-            while True:
-                raw = await asyncio.wait_for(conn.read_message(), timeout)
-                if raw is None:
-                    raise RuntimeError("kernel websocket closed")
-                msg = json.loads(raw)
-                if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                    continue
-                kind = msg["msg_type"]
-                if kind == "stream" and msg["content"]["name"] == "stdout":
-                    out.append(msg["content"]["text"])
-                elif kind == "error":
-                    raise RuntimeError("\n".join(msg["content"]["traceback"]))
-                elif kind == "status" and msg["content"]["execution_state"] == "idle":
-                    return "".join(out)
-        finally:
-            conn.close()
-
-    # in a thread of its own: Playwright's sync API keeps an event loop running in this one
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, go()).result()
