@@ -3,48 +3,12 @@ VS Code + PyTorch + 1 GPU on the spawn page, and land in VS Code."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-CHROMIUM = "/usr/bin/chromium"
-DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
 
-
-def screenshot_path(name: str, tmp_path: Path) -> Path:
-    """docs/img when GPUHUB_UPDATE_SCREENSHOTS=1 (to refresh the docs), else the test's folder."""
-    if os.environ.get("GPUHUB_UPDATE_SCREENSHOTS") == "1":
-        DOCS_IMG.mkdir(parents=True, exist_ok=True)
-        return DOCS_IMG / name
-    return tmp_path / name
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        yield browser
-        browser.close()
-
-
-def test_log_in_pick_vscode_pytorch_one_gpu_and_land_in_vscode(hub, browser, tmp_path):
+def test_log_in_pick_vscode_pytorch_one_gpu_and_land_in_vscode(hub, browser, screenshot_path):
     name = "browser-ada"
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(f"{hub.url}/hub/login")
@@ -58,12 +22,12 @@ def test_log_in_pick_vscode_pytorch_one_gpu_and_land_in_vscode(hub, browser, tmp
     page.get_by_label("PyTorch").check()
     page.get_by_label("Number of GPUs").select_option("1")
     assert "4 of 4 free" in page.get_by_label("GPU type").inner_text()
-    page.screenshot(path=str(screenshot_path("spawn-page.png", tmp_path)), full_page=True)
+    page.screenshot(path=screenshot_path("spawn-page.png"), full_page=True)
 
     page.get_by_role("button", name="Start").click()
     page.wait_for_url(f"**/user/{name}/vscode/**", timeout=180_000)
     page.wait_for_selector(".monaco-workbench", timeout=180_000)
-    page.screenshot(path=str(screenshot_path("vscode.png", tmp_path)))
+    page.screenshot(path=screenshot_path("vscode.png"))
 
     model = hub.user(name)["servers"][""]
     assert model["user_options"]["interface"] == "vscode"

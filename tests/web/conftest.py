@@ -33,26 +33,3 @@ def pages(tmp_path_factory, run_marker):
     yield PagesHub(hub)
     hub.stop_all_servers()
     hub.stop()
-
-
-@pytest.fixture(scope="package")
-def browser():
-    """Headless Debian Chromium, driven by Playwright."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        yield browser
-        browser.close()

@@ -6,9 +6,6 @@ non-admin is refused. Screenshots of the pages go to docs/img with GPUHUB_UPDATE
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import requests
 
@@ -16,16 +13,7 @@ from gpuhub.testing import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
 HOSTILE = "<img src=x onerror=alert(1)>"
-
-
-def screenshot_path(name: str, tmp_path: Path) -> Path:
-    """docs/img when GPUHUB_UPDATE_SCREENSHOTS=1 (to refresh the docs), else the test's folder."""
-    if os.environ.get("GPUHUB_UPDATE_SCREENSHOTS") == "1":
-        DOCS_IMG.mkdir(parents=True, exist_ok=True)
-        return DOCS_IMG / name
-    return tmp_path / name
 
 
 def log_in(browser, pages, name: str):
@@ -46,7 +34,7 @@ def log_in(browser, pages, name: str):
 
 
 def test_user_sees_gpu_and_snapshots_admin_releases_user_reads_why_and_gets_it_back(
-    pages, browser, tmp_path
+    pages, browser, screenshot_path
 ):
     name = "browser-bea"
     pages.hub.login(name)
@@ -78,7 +66,7 @@ def test_user_sees_gpu_and_snapshots_admin_releases_user_reads_why_and_gets_it_b
     row = grace.locator("#gpuhub-gpus tbody tr", has_text=name)
     assert row.count() == 1 and row.locator("svg.gpuhub-sparkline").count() == 1
     assert grace.locator("#gpuhub-gpus tbody tr", has_text="free").count() == 3
-    grace.screenshot(path=str(screenshot_path("pages-admin.png", tmp_path)), full_page=True)
+    grace.screenshot(path=screenshot_path("pages-admin.png"), full_page=True)
     reason = "the node goes down for maintenance at 18:00"
     grace.get_by_label(f"Reason for releasing the GPU of {name}").fill(reason)
     grace.get_by_role("button", name=f"Release the GPU of {name}").click()
@@ -96,7 +84,7 @@ def test_user_sees_gpu_and_snapshots_admin_releases_user_reads_why_and_gets_it_b
     history = bea.locator("#gpuhub-history").inner_text()
     assert reason in history and "admin-grace" in history and "GPU released" in history
     assert bea.locator("#gpuhub-snapshots tbody tr").count() == 2
-    bea.screenshot(path=str(screenshot_path("pages-user.png", tmp_path)), full_page=True)
+    bea.screenshot(path=screenshot_path("pages-user.png"), full_page=True)
     bea.get_by_role("button", name="Give me a GPU again (default server)").click()
     bea.wait_for_url("**/services/gpuhub/")
     assert "restarts with its GPU" in bea.get_by_role("status").inner_text()
@@ -113,7 +101,9 @@ def test_user_sees_gpu_and_snapshots_admin_releases_user_reads_why_and_gets_it_b
     pages.hub.stop_server(name)
 
 
-def test_admin_registers_an_environment_a_user_sees_it_at_once_as_text(pages, browser, tmp_path):
+def test_admin_registers_an_environment_a_user_sees_it_at_once_as_text(
+    pages, browser, screenshot_path
+):
     grace = log_in(browser, pages, "admin-grace")
     grace.goto(pages.page_url("admin/environments"))
     grace.get_by_role("link", name="Register an environment").click()
@@ -127,7 +117,7 @@ def test_admin_registers_an_environment_a_user_sees_it_at_once_as_text(pages, br
     assert "Environment rapids saved." in grace.get_by_role("status").inner_text()
     row = grace.locator("#gpuhub-environments tbody tr", has_text="rapids")
     assert HOSTILE in row.inner_text()
-    grace.screenshot(path=str(screenshot_path("pages-environments.png", tmp_path)), full_page=True)
+    grace.screenshot(path=screenshot_path("pages-environments.png"), full_page=True)
 
     # a bad image is refused on the form, naming the field
     grace.goto(pages.page_url("admin/environments/new"))
