@@ -1,0 +1,458 @@
+"""Snapshot and restore throughput for large arrays, against a raw `numpy.save` / `torch.save`
+(and `numpy.load` / `torch.load`) of the same data, to the same disk, in the same kernel.
+
+The kernel is a real ipykernel of the `pytorch` catalogue environment (`.envs/pytorch`), started
+the way the single-user server starts kernels: a notebook session through jupyter_server's
+`SessionManager` and `AsyncMappingKernelManager`. Snapshots and restores go through the
+extension's own `SnapshotManager` with the extension's default settings, so the kernel receives
+exactly the code the server sends (`kernels.bootstrap` + `run_snapshot` / `run_restore`): dill,
+one file per variable, fsync of every file and folder, the manifest, the atomic rename. The raw
+side is one silent cell in the same kernel that writes the same object with `numpy.save` (or
+`torch.save`) to a file next to the snapshots, then flushes and fsyncs it; loading assigns the
+loaded object to the same variable, as a restore does.
+
+For each kind and size, the user namespace holds just one variable (`data`: random float64 for
+numpy, float32 for torch), so a snapshot's bytes are that object's. Every figure is the wall time
+the caller waits (the request to the kernel included), the median of `--repeat` rounds after one
+round that is not counted; gpuhub goes first in even rounds and second in odd ones. Every restore
+and load is checked against the original's checksum.
+
+    .venv/bin/python benchmarks/snapshot_throughput.py                      # 10, 100, 1000 MB
+    .venv/bin/python benchmarks/snapshot_throughput.py --sizes 1 --repeat 1  # a quick check
+
+The kernel needs up to three times the largest size in memory for a moment (restoring a tensor:
+the tensor being replaced, the bytes read, the storage built from them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_server.services.contents.largefilemanager import AsyncLargeFileManager
+from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+from jupyter_server.services.sessions.sessionmanager import SessionManager
+
+from gpuhub.server.app import GpuhubExtension
+from gpuhub.server.snapshots import SnapshotManager, SnapshotSettings
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL_PYTHON = REPO / ".envs" / "pytorch" / "bin" / "python"
+KINDS = ("numpy", "torch")
+OPS = ("save", "load")
+
+#: Loaded into the kernel as module `_gpuhub_bench` (never into the user namespace, which is
+#: what a snapshot saves). `make` puts the data in the namespace as `data`.
+HELPER = r"""
+import hashlib, json, os, sys, time
+from IPython import get_ipython
+
+last = "null"
+
+
+def _ns():
+    return get_ipython().user_ns
+
+
+def _checksum(value):
+    if type(value).__module__.startswith("torch"):
+        value = value.numpy()
+    return hashlib.sha256(memoryview(value).cast("B")).hexdigest()[:16]
+
+
+def make(kind, nbytes):
+    global last
+    ns = _ns()
+    ns.pop("data", None)
+    import numpy as np
+    rng = np.random.default_rng(0)
+    if kind == "numpy":
+        value = rng.random(nbytes // 8)
+    else:
+        import torch
+        value = torch.from_numpy(rng.random(nbytes // 4, dtype=np.float32))
+    ns["data"] = value
+    last = json.dumps({"nbytes": int(value.nbytes if kind == "numpy" else
+                                     value.element_size() * value.nelement()),
+                       "checksum": _checksum(value)})
+
+
+def peak_rss():
+    global last
+    import resource
+    last = json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def checksum():
+    global last
+    last = json.dumps(_checksum(_ns()["data"]))
+
+
+def save(kind, path):
+    global last
+    value = _ns()["data"]
+    started = time.perf_counter()
+    with open(path, "wb") as f:
+        if kind == "numpy":
+            import numpy as np
+            np.save(f, value)
+        else:
+            import torch
+            torch.save(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+    last = json.dumps({"seconds": time.perf_counter() - started, "bytes": os.path.getsize(path)})
+
+
+def load(kind, path):
+    global last
+    started = time.perf_counter()
+    if kind == "numpy":
+        import numpy as np
+        value = np.load(path)
+    else:
+        import torch
+        value = torch.load(path, weights_only=True)
+    _ns()["data"] = value
+    last = json.dumps({"seconds": time.perf_counter() - started})
+"""
+HELPER_MODULE = "_gpuhub_bench"
+RESULT = f"__import__('sys').modules[{HELPER_MODULE!r}].last"
+
+
+@dataclass(frozen=True)
+class Row:
+    """Median seconds of one operation on one object, through gpuhub and raw."""
+
+    kind: str
+    op: str  # "save" (snapshot vs numpy/torch.save) or "load" (restore vs numpy/torch.load)
+    nbytes: int
+    gpuhub_s: float
+    raw_s: float
+    gpuhub_kernel_s: float | None  # the snapshot's own duration, from its manifest
+    file_bytes: int  # what the snapshot wrote for the object
+    raw_file_bytes: int
+    kernel_peak_rss: int  # bytes, the kernel's peak resident memory so far
+
+    @property
+    def gpuhub_mb_s(self) -> float:
+        return self.nbytes / 1e6 / self.gpuhub_s
+
+    @property
+    def raw_mb_s(self) -> float:
+        return self.nbytes / 1e6 / self.raw_s
+
+    @property
+    def ratio(self) -> float:
+        """gpuhub's throughput relative to the raw call (1.0: as fast)."""
+        return self.raw_s / self.gpuhub_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "gpuhub_mb_s": self.gpuhub_mb_s,
+            "raw_mb_s": self.raw_mb_s,
+            "ratio": self.ratio,
+        }
+
+
+def default_settings(root: Path) -> SnapshotSettings:
+    """The extension's snapshot settings with their default values, snapshots under `root`."""
+    traits = GpuhubExtension.class_traits()
+
+    def default(name: str) -> Any:
+        return traits[name].default_value
+
+    return SnapshotSettings(
+        root=str(root),
+        limit_bytes=default("snapshot_size_limit") or None,
+        reserve_bytes=default("snapshot_disk_reserve"),
+        keep=default("snapshots_kept"),
+        timeout_s=default("snapshot_timeout"),
+        restore_timeout_s=default("restore_timeout"),
+        auto_restore=False,  # the benchmark restores on its own schedule
+    )
+
+
+class Bench:
+    """One notebook kernel of the `pytorch` environment, with gpuhub's snapshot manager."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.snapshot_root = workdir / "snapshots"
+        self.raw_dir = workdir / "raw"
+        self.raw_dir.mkdir(parents=True, exist_ok=True)
+        spec = workdir / "kernels" / "pytorch"
+        spec.mkdir(parents=True, exist_ok=True)
+        (spec / "kernel.json").write_text(
+            json.dumps(
+                {
+                    "argv": [
+                        str(KERNEL_PYTHON),
+                        "-m",
+                        "ipykernel_launcher",
+                        "-f",
+                        "{connection_file}",
+                    ],
+                    "display_name": "PyTorch",
+                    "language": "python",
+                }
+            )
+        )
+        root = workdir / "work"
+        root.mkdir(exist_ok=True)
+        (workdir / "runtime").mkdir(exist_ok=True)
+        self.km = AsyncMappingKernelManager(
+            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(workdir / "kernels")]),
+            root_dir=str(root),
+            connection_dir=str(workdir / "runtime"),
+        )
+        self.sessions = SessionManager(
+            kernel_manager=self.km, contents_manager=AsyncLargeFileManager(root_dir=str(root))
+        )
+        settings = default_settings(self.snapshot_root)
+        self.snapshots = SnapshotManager(self.km, self.sessions, settings)
+        self.kernel_id = ""
+        self.client: Any = None
+
+    async def start(self) -> None:
+        if not KERNEL_PYTHON.exists():
+            raise SystemExit(f"{KERNEL_PYTHON} is missing: run scripts/install-python.sh")
+        session = await self.sessions.create_session(
+            path="throughput.ipynb", name="throughput.ipynb", type="notebook", kernel_name="pytorch"
+        )
+        self.kernel_id = session["kernel"]["id"]
+        kernel = self.km.get_kernel(self.kernel_id)
+        self.client = kernel.client()
+        self.client.start_channels()
+        await self.client.wait_for_ready(timeout=120)
+        await self.execute(
+            "import sys, types\n"
+            f"_m = sys.modules[{HELPER_MODULE!r}] = types.ModuleType({HELPER_MODULE!r})\n"
+            f"exec({HELPER!r}, _m.__dict__)\n"
+            "del _m, sys, types",
+        )
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            self.client.stop_channels()
+        await self.km.shutdown_all(now=True)
+        self.sessions.close()
+
+    async def execute(self, code: str) -> Any:
+        """Run `code` as a silent cell; the helper module's `last` result, decoded."""
+        reply = await self.client.execute_interactive(
+            code,
+            silent=True,
+            store_history=False,
+            user_expressions={"result": RESULT},
+            allow_stdin=False,
+            timeout=900,
+        )
+        content = reply["content"]
+        if content["status"] != "ok":
+            raise RuntimeError(f"the kernel raised {content.get('ename')}: {content.get('evalue')}")
+        result = content["user_expressions"].get("result", {})
+        if result.get("status") != "ok":
+            return None
+        return json.loads(ast.literal_eval(result["data"]["text/plain"]))
+
+    async def helper(self, function: str, *args: Any) -> Any:
+        rendered = ", ".join(repr(a) for a in args)
+        return await self.execute(
+            f"__import__('sys').modules[{HELPER_MODULE!r}].{function}({rendered})"
+        )
+
+    # -- one round ------------------------------------------------------------------------------
+
+    async def gpuhub_save(self) -> tuple[float, dict[str, Any]]:
+        started = time.perf_counter()
+        result = await self.snapshots.snapshot(self.kernel_id)
+        seconds = time.perf_counter() - started
+        if result["status"] != "saved":
+            raise RuntimeError(f"snapshot failed: {result}")
+        saved = {v["name"]: v for v in result["manifest"]["saved"]}
+        if "data" not in saved:
+            raise RuntimeError(f"the snapshot did not save `data`: {result['manifest']}")
+        return seconds, result
+
+    async def gpuhub_load(self, snapshot: str) -> float:
+        started = time.perf_counter()
+        result = await self.snapshots.restore(self.kernel_id, snapshot, notify=False)
+        seconds = time.perf_counter() - started
+        if result["status"] != "restored" or "data" not in result["restored"]:
+            raise RuntimeError(f"restore failed: {result}")
+        return seconds
+
+    async def raw_save(self, kind: str, path: Path) -> tuple[float, int]:
+        started = time.perf_counter()
+        result = await self.helper("save", kind, str(path))
+        return time.perf_counter() - started, int(result["bytes"])
+
+    async def raw_load(self, kind: str, path: Path) -> float:
+        started = time.perf_counter()
+        await self.helper("load", kind, str(path))
+        return time.perf_counter() - started
+
+    async def check(self, expected: str, what: str) -> None:
+        got = await self.helper("checksum")
+        if got != expected:
+            raise RuntimeError(f"{what} brought back different data ({got} != {expected})")
+
+    async def round(self, kind: str, first: str, expected: str) -> dict[str, Any]:
+        """Save and load once each way; `first` says which way goes first."""
+        path = self.raw_dir / ("data.npy" if kind == "numpy" else "data.pt")
+        out: dict[str, Any] = {}
+        for way in (first, "raw" if first == "gpuhub" else "gpuhub"):
+            if way == "gpuhub":
+                out["gpuhub_save"], result = await self.gpuhub_save()
+                out["gpuhub_kernel"] = float(result["manifest"]["duration_s"])
+                out["file_bytes"] = next(
+                    v["bytes"] for v in result["manifest"]["saved"] if v["name"] == "data"
+                )
+                snapshot = result["snapshot"]
+            else:
+                out["raw_save"], out["raw_file_bytes"] = await self.raw_save(kind, path)
+        for way in (first, "raw" if first == "gpuhub" else "gpuhub"):
+            if way == "gpuhub":
+                out["gpuhub_load"] = await self.gpuhub_load(snapshot)
+                await self.check(expected, "the restore")
+            else:
+                out["raw_load"] = await self.raw_load(kind, path)
+                await self.check(expected, f"{kind}.load")
+        self.snapshots.delete(result["key"], snapshot)
+        path.unlink()
+        return out
+
+
+async def measure(workdir: Path, sizes_mb: list[float], kinds: list[str], repeat: int) -> list[Row]:
+    """Rows for every kind and size (ascending); one fresh kernel per kind, so its peak memory
+    after a size is that size's."""
+    rows: list[Row] = []
+    for kind in kinds:
+        bench = Bench(workdir / kind)
+        await bench.start()
+        try:
+            # Warm-up: gpuhub's modules loaded into the kernel, the saving paths imported.
+            made = await bench.helper("make", kind, 1024)
+            await bench.round(kind, "gpuhub", made["checksum"])
+            for size in sorted(sizes_mb):
+                made = await bench.helper("make", kind, int(size * 1e6))
+                # One round not counted: the first use of this much memory and disk is slower
+                # (fresh pages for the process, and on a virtual machine for the machine).
+                await bench.round(kind, "raw", made["checksum"])
+                rounds = [
+                    await bench.round(kind, "gpuhub" if i % 2 == 0 else "raw", made["checksum"])
+                    for i in range(repeat)
+                ]
+                peak = await bench.helper("peak_rss")
+
+                def median(key: str, rounds: list[dict[str, Any]] = rounds) -> float:
+                    return statistics.median(r[key] for r in rounds)
+
+                for op in OPS:
+                    rows.append(
+                        Row(
+                            kind=kind,
+                            op=op,
+                            nbytes=int(made["nbytes"]),
+                            gpuhub_s=median(f"gpuhub_{op}"),
+                            raw_s=median(f"raw_{op}"),
+                            gpuhub_kernel_s=median("gpuhub_kernel") if op == "save" else None,
+                            file_bytes=int(rounds[0]["file_bytes"]),
+                            raw_file_bytes=int(rounds[0]["raw_file_bytes"]),
+                            kernel_peak_rss=int(peak),
+                        )
+                    )
+        finally:
+            await bench.stop()
+    return rows
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:g} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:g} MB"
+
+
+def _operation(r: Row, code: str = "") -> str:
+    raw = f"{code}{r.kind}.{r.op}{code}"
+    return f"{'snapshot' if r.op == 'save' else 'restore'} vs {raw}"
+
+
+def table(rows: list[Row], repeat: int) -> str:
+    head = (
+        f"{'object':<8}{'size':>9}  {'operation':<26}{'gpuhub MB/s':>12}{'raw MB/s':>10}"
+        f"{'gpuhub/raw':>12}{'kernel peak':>13}"
+    )
+    lines = [
+        f"snapshot throughput: median of {repeat} round(s), wall time of each request",
+        head,
+        "-" * len(head),
+    ]
+    for r in rows:
+        peak = f"{r.kernel_peak_rss / 1e6:,.0f} MB" if r.op == "save" else ""
+        lines.append(
+            f"{r.kind:<8}{_size(r.nbytes):>9}  {_operation(r):<26}{r.gpuhub_mb_s:>12,.0f}"
+            f"{r.raw_mb_s:>10,.0f}{r.ratio:>11.2f}x{peak:>13}"
+        )
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = [
+        "| object | size | operation | gpuhub MB/s | raw MB/s | gpuhub / raw | kernel peak |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        peak = f"{r.kernel_peak_rss / 1e6:,.0f} MB" if r.op == "save" else ""
+        lines.append(
+            f"| {r.kind} | {_size(r.nbytes)} | {_operation(r, '`')} | {r.gpuhub_mb_s:,.0f} "
+            f"| {r.raw_mb_s:,.0f} | {r.ratio:.2f} | {peak} |"
+        )
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sizes", type=float, nargs="+", default=[10, 100, 1000], help="MB (10^6 bytes)"
+    )
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--dir", type=Path, help="where snapshots and raw files go (default: a temporary folder)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    args = parser.parse_args()
+    if args.repeat < 1 or any(s <= 0 for s in args.sizes):
+        parser.error("--repeat and --sizes must be positive")
+    workdir = Path(tempfile.mkdtemp(prefix="gpuhub-snapshot-bench-", dir=args.dir))
+    try:
+        rows = asyncio.run(measure(workdir, args.sizes, args.kinds, args.repeat))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=1))
+    elif args.markdown:
+        print(markdown(rows))
+    else:
+        print(table(rows, args.repeat))
+        print(f"(kernel: {KERNEL_PYTHON}; files under {args.dir or tempfile.gettempdir()})")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    sys.exit(main())
