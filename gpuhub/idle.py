@@ -157,7 +157,7 @@ def segments(samples: Sequence[Sample], rule: IdleRule, now: float) -> list[Segm
     return out
 
 
-def _idle_since(segs: list[Segment], rule: IdleRule) -> float:
+def idle_since(segs: list[Segment], rule: IdleRule) -> float:
     """Start of the idle period that the last (idle) segment belongs to."""
     i = len(segs) - 1
     since = segs[i].start
@@ -204,4 +204,4 @@ def activity(samples: Sequence[Sample], rule: IdleRule, now: float) -> Activity:
     fraction = _busy_fraction(segs, samples, rule, now)
     if state != IDLE:
         return Activity(state=state, busy_fraction=fraction, idle_since=None)
-    return Activity(state=IDLE, busy_fraction=fraction, idle_since=_idle_since(segs, rule))
+    return Activity(state=IDLE, busy_fraction=fraction, idle_since=idle_since(segs, rule))

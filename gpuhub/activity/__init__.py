@@ -23,6 +23,9 @@ class GpuSample:
     utilization: float | None  # percent, 0..100; None: the source has no reading
     memory_used: int | None  # bytes; None: unknown
     at: float  # Unix seconds of the reading
+    #: memory-controller utilisation, percent; None where the source has no such reading (the
+    #: GPU utilisation alone then decides idle or busy)
+    memory_utilization: float | None = None
 
 
 @dataclass(frozen=True)

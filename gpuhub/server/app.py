@@ -15,13 +15,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Float, Int, Unicode
+from traitlets import Bool, Float, Int, Unicode, default
 
 from .. import idle
 from ..snapshot import iso
 from . import procs
 from .handlers import handlers
 from .monitor import GpuMonitor
+from .reporter import Reporter
 from .snapshots import KERNEL_ACTIONS, SnapshotManager, SnapshotSettings
 
 ACTIVITY_KEY = "gpuhub"
@@ -145,6 +146,27 @@ class GpuhubExtension(ExtensionApp):
         demand either way.""",
     )
 
+    # -- reporting to the gpuhub service (gpuhub.protocol) ---------------------------------------
+
+    service_url = Unicode(
+        config=True,
+        help="""The gpuhub service's URL prefix, where this server reports its status with its
+        own JUPYTERHUB_API_TOKEN and picks up commands (snapshots before a release, notices).
+        Default: $GPUHUB_SERVICE_URL, set by gpuhub's spawners. Empty: no reports (a server that
+        does not report keeps its GPU only up to the maximum GPU lease).""",
+    )
+
+    @default("service_url")
+    def _default_service_url(self) -> str:
+        return os.environ.get("GPUHUB_SERVICE_URL", "")
+
+    report_hold = Float(
+        30.0,
+        config=True,
+        help="""Seconds the service may hold a report's answer open until a command comes. A
+        change that matters for a release (a kernel starts executing) is reported at once.""",
+    )
+
     def rule(self) -> idle.IdleRule:
         return idle.IdleRule(
             util_threshold=self.util_threshold,
@@ -176,6 +198,8 @@ class GpuhubExtension(ExtensionApp):
             ),
         )
         self._sampler_task: asyncio.Task | None = None
+        self._reporter_task: asyncio.Task | None = None
+        self.reporter: Reporter | None = None
         self.settings["gpuhub_extension"] = self
 
     def initialize_handlers(self) -> None:
@@ -186,12 +210,28 @@ class GpuhubExtension(ExtensionApp):
             schema_id=KERNEL_ACTIONS, listener=self.snapshots.on_kernel_event
         )
         self._sampler_task = asyncio.create_task(self._sample_forever())
+        token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+        if self.service_url and token:
+            self.reporter = Reporter(
+                service_url=self.service_url,
+                token=token,
+                server_name=os.environ.get("JUPYTERHUB_SERVER_NAME", ""),
+                status=self.status,
+                snapshots=self.snapshots,
+                contents_manager=serverapp.contents_manager,
+                hold=self.report_hold,
+            )
+            self._reporter_task = asyncio.create_task(self.reporter.run_forever())
+            self.log.info("gpuhub: reporting to the gpuhub service at %s", self.service_url)
 
     async def stop_extension(self) -> None:
-        if self._sampler_task is not None:
-            self._sampler_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._sampler_task
+        for task in (self._sampler_task, self._reporter_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self.reporter is not None:
+            self.reporter.close()
         await self.snapshots.close()
 
     # -- sampling loop --------------------------------------------------------------------------
@@ -217,11 +257,12 @@ class GpuhubExtension(ExtensionApp):
 
     async def sample_once(self) -> None:
         await asyncio.to_thread(self.monitor.tick)
+        kernels = self.kernel_models()
+        status = self.monitor.status(time.time(), kernels, self.external_processes_count_as_busy)
+        if self.reporter is not None:
+            self.reporter.note_status({**status, "kernels": kernels})
         if not self.report_activity:
             return
-        status = self.monitor.status(
-            time.time(), self.kernel_models(), self.external_processes_count_as_busy
-        )
         if status["busy"]:
             now = datetime.now(timezone.utc)
             self.monitor.last_gpu_activity = now.timestamp()

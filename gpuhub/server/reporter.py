@@ -1,0 +1,251 @@
+"""The server's side of `gpuhub.protocol`: report this server's status to the gpuhub service with
+the server's own `JUPYTERHUB_API_TOKEN`, and carry out the commands the answer brings, for this
+server's own user (snapshot the kernels, write a notice, list/delete/choose snapshots).
+
+The report is held by the service until a command comes (at most `hold` seconds); a change that
+matters for a release (a kernel starts or stops executing, a program outside the kernels opens a
+GPU) is reported at once, without waiting for the held answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import posixpath
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+from .. import protocol
+from ..protocol import Command, CommandResult
+
+log = logging.getLogger("gpuhub.server")
+
+StatusFn = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def bounded_status(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The status cut to the protocol's bounds (long command lines, many kernels or processes)."""
+    doc = dict(status)
+    doc["kernels"] = list(doc.get("kernels") or [])[: protocol.MAX_KERNELS]
+    doc["gpus"] = list(doc.get("gpus") or [])[: protocol.MAX_GPUS]
+    doc["busy_reasons"] = [
+        str(r)[: protocol.MAX_STRING]
+        for r in list(doc.get("busy_reasons") or [])[: protocol.MAX_REASONS]
+    ]
+    doc["external_processes"] = [
+        {**p, "cmdline": str(p.get("cmdline") or "")[: protocol.MAX_STRING]}
+        for p in list(doc.get("external_processes") or [])[: protocol.MAX_PROCESSES]
+    ]
+    return doc
+
+
+def signature(status: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What in a status makes a report urgent when it changes."""
+    executing = sorted(
+        str(k.get("id")) for k in status.get("kernels") or () if k.get("execution_state") == "busy"
+    )
+    outside = sorted(int(p.get("pid") or 0) for p in status.get("external_processes") or ())
+    return (tuple(executing), tuple(outside), bool(status.get("busy")))
+
+
+class Reporter:
+    """Reports every `hold` seconds at the latest, carries out commands, reports their results."""
+
+    def __init__(
+        self,
+        *,
+        service_url: str,
+        token: str,
+        server_name: str,
+        status: StatusFn,
+        snapshots: Any,
+        contents_manager: Any,
+        hold: float = 30.0,
+        request_timeout: float = 20.0,
+        retry_max: float = 60.0,
+    ) -> None:
+        self.service_url = service_url
+        self.token = token
+        self.server_name = server_name
+        self.status = status
+        self.snapshots = snapshots
+        self.contents = contents_manager
+        self.hold = hold
+        self.request_timeout = request_timeout
+        self.retry_max = retry_max
+        self.changed = asyncio.Event()
+        self.last_signature: tuple[Any, ...] | None = None
+        self.last_report_ok: float | None = None
+        self.last_error: str | None = None
+        self._client = AsyncHTTPClient(force_instance=True, max_clients=4)
+
+    def note_status(self, status: Mapping[str, Any]) -> None:
+        """Called by the sampler with the current status: report at once if it matters."""
+        if self.last_signature is not None and signature(status) != self.last_signature:
+            self.changed.set()
+
+    async def run_forever(self) -> None:
+        results: list[CommandResult] = []
+        backoff = 1.0
+        while True:
+            try:
+                commands = await self.report(results)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.warning("gpuhub: report to the gpuhub service failed: %s", self.last_error)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.changed.wait(), backoff)
+                backoff = min(backoff * 2, self.retry_max)
+                continue
+            backoff = 1.0
+            results = [await self.execute(c) for c in commands]
+
+    async def report(self, results: list[CommandResult]) -> list[Command]:
+        status = bounded_status(await self.status())
+        self.last_signature = signature(status)
+        self.changed.clear()
+        body = json.dumps(
+            {
+                "version": protocol.VERSION,
+                "status": status,
+                "results": [r.to_json() for r in results],
+            }
+        )
+        wait = 0.0 if results else self.hold
+        request = HTTPRequest(
+            protocol.report_url(self.service_url, self.server_name, wait),
+            method="POST",
+            body=body,
+            headers={
+                "Authorization": f"token {self.token}",
+                "Content-Type": "application/json",
+            },
+            request_timeout=wait + self.request_timeout,
+            connect_timeout=self.request_timeout,
+            follow_redirects=False,
+        )
+        fetch = asyncio.ensure_future(self._client.fetch(request, raise_error=False))
+        changed = asyncio.ensure_future(self.changed.wait())
+        done, _ = await asyncio.wait({fetch, changed}, return_when=asyncio.FIRST_COMPLETED)
+        if fetch not in done:
+            # something changed while the answer was held: report again now (the service ends the
+            # held answer when the new report comes; its commands come with the new answer)
+            fetch.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+            return []
+        changed.cancel()
+        response = fetch.result()
+        if response.code != 200:
+            text = (response.body or b"")[:300].decode("utf-8", "replace")
+            raise RuntimeError(f"{response.code} {text or response.reason}")
+        self.last_report_ok = time.time()
+        self.last_error = None
+        commands, _hold = protocol.parse_commands(json.loads(response.body))
+        return commands
+
+    # -- commands --------------------------------------------------------------------------------
+
+    async def execute(self, command: Command) -> CommandResult:
+        handler = {
+            protocol.SNAPSHOT: self._snapshot,
+            protocol.NOTICE: self._notice,
+            protocol.SNAPSHOTS_LIST: self._list,
+            protocol.SNAPSHOTS_DELETE: self._delete,
+            protocol.SNAPSHOTS_RESTORE_NEXT: self._restore_next,
+        }[command.kind]
+        try:
+            data = await handler(command.args)
+        except CommandError as e:
+            return CommandResult(command.id, False, str(e), {"status": e.status})
+        except Exception as e:
+            log.exception("gpuhub: command %s failed", command.kind)
+            return CommandResult(command.id, False, f"{type(e).__name__}: {e}", {"status": 500})
+        return CommandResult(command.id, True, None, data)
+
+    async def _snapshot(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        wait = args.get("wait") is True
+        deadline = args.get("deadline_s")
+        deadline = float(deadline) if isinstance(deadline, (int, float)) and deadline > 0 else 0.0
+        if wait and deadline:
+            await self._wait_idle(deadline)
+        results = await self.snapshots.snapshot_all(None, False)
+        keep = (
+            "kernel_id",
+            "key",
+            "notebook",
+            "status",
+            "error",
+            "snapshot",
+            "saved",
+            "skipped",
+            "bytes",
+        )
+        entries = [{k: r.get(k) for k in keep if r.get(k) is not None} for r in results]
+        ok = all(r["status"] in ("saved", "unsupported") for r in results)
+        return {"ok": ok, "snapshots": entries}
+
+    async def _wait_idle(self, deadline: float) -> None:
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            status = await self.status()
+            if not any(k.get("execution_state") == "busy" for k in status.get("kernels") or ()):
+                return
+            await asyncio.sleep(min(1.0, max(0.0, end - time.monotonic())))
+
+    async def _notice(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        path = args.get("path")
+        text = args.get("text")
+        if not isinstance(path, str) or not isinstance(text, str):
+            raise CommandError(400, "notice: path and text must be strings")
+        path = posixpath.normpath(path.lstrip("/"))
+        if path.startswith("..") or path in ("", "."):
+            raise CommandError(400, f"notice: not a path in the home folder: {path!r}")
+        if len(text.encode()) > protocol.MAX_NOTICE_BYTES:
+            raise CommandError(400, "notice: text too long")
+        from jupyter_core.utils import ensure_async
+
+        model = {"type": "file", "format": "text", "content": text}
+        await ensure_async(self.contents.save(model, path))
+        return {"path": path}
+
+    async def _list(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        listing = await asyncio.to_thread(self.snapshots.list)
+        return {"snapshots": listing[: protocol.MAX_SNAPSHOT_ENTRIES]}
+
+    async def _delete(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        key, name = args.get("key"), args.get("name")
+        if not isinstance(key, str) or not isinstance(name, str):
+            raise CommandError(400, "key and name must be strings")
+        await self._files(self.snapshots.delete, key, name)
+        return {"key": key, "snapshot": name}
+
+    async def _restore_next(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        key, name = args.get("key"), args.get("name")
+        if not isinstance(key, str) or (name is not None and not isinstance(name, str)):
+            raise CommandError(400, "key must be a string, name a string or null")
+        await self._files(self.snapshots.restore_next, key, name)
+        return {"key": key, "snapshot": name, "restore_next": name is not None}
+
+    @staticmethod
+    async def _files(operation: Any, *args: Any) -> None:
+        try:
+            await asyncio.to_thread(operation, *args)
+        except ValueError as e:
+            raise CommandError(400, str(e)) from None
+        except FileNotFoundError as e:
+            raise CommandError(404, str(e)) from None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class CommandError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
