@@ -114,11 +114,15 @@ c.Spawner.env_keep.append("GPUHUB_TEST_RUN")
 #   GPUHUB_DEMO_SERVICE           managed (default: the hub runs it), external (someone else runs
 #                                 it with the token in GPUHUB_DEMO_SERVICE_TOKEN), off
 #   GPUHUB_DEMO_SERVICE_PORT      its port (default: the public port + 82)
+#   GPUHUB_DEMO_MAX_GPU_LEASE     seconds a server may hold a GPU at most (default 86400); a server
+#                                 that claims work in progress forever, or does not report, keeps
+#                                 its GPU this long at most
 service_mode = env.get("GPUHUB_DEMO_SERVICE", "managed")
 if service_mode != "off":
-    from gpuhub.service.scopes import service_role
+    from gpuhub.service.scopes import server_token_scopes, service_role
 
     gpu_idle = float(env.get("GPUHUB_DEMO_GPU_IDLE_TIMEOUT", "120"))
+    max_lease = float(env.get("GPUHUB_DEMO_MAX_GPU_LEASE", str(24 * 3600)))
     service_port = int(env.get("GPUHUB_DEMO_SERVICE_PORT", str(port + 82)))
     gpuhub_service = {"name": "gpuhub", "url": f"http://127.0.0.1:{service_port}"}
     if service_mode == "external":
@@ -130,10 +134,11 @@ if service_mode != "off":
             "gpuhub.service",
             f"--store-url={c.GPUSpawnerMixin.store_url}",
             f"--catalog-file={catalog_file}",
-            f"--proxy-url=http://127.0.0.1:{port}",
+            f"--hub-public-url=http://127.0.0.1:{port}",
             f"--gpu-idle-timeout={gpu_idle:g}",
             f"--gpu-idle-timeout-under-demand={min(300.0, gpu_idle / 2):g}",
             f"--interval={max(5.0, min(60.0, gpu_idle / 4)):g}",
+            f"--GpuhubService.max_gpu_lease_default={max_lease:g}",
             "--log-level=INFO",
         ]
         gpuhub_service["cwd"] = str(state)
@@ -147,6 +152,10 @@ if service_mode != "off":
         )
     c.JupyterHub.services.append(gpuhub_service)
     c.JupyterHub.load_roles.append(service_role("gpuhub"))
+    # Servers report to the service with their own token (docs/security.md): the service never
+    # sends a credential to a server.
+    c.Spawner.server_token_scopes = server_token_scopes("gpuhub")
+    c.GPUSpawnerMixin.service_url = f"http://127.0.0.1:{port}/services/gpuhub/"
 
     # gpuhub's pages (docs/pages.md) at /services/gpuhub/, linked in the hub's navigation bar:
     # every user's GPUs, snapshots, quota, queue place and history; the admin pages for hub

@@ -395,7 +395,7 @@ def parse_status(data: Any, where: str = "status") -> ServerStatus:
     )
 
 
-def _iso(t: float | None) -> str | None:
+def iso(t: float | None) -> str | None:
     if t is None:
         return None
     from datetime import timezone
@@ -407,8 +407,8 @@ def status_document(status: ServerStatus) -> dict[str, Any]:
     """The checked status as plain JSON again (what the pages show): only checked values."""
     return {
         "version": status.version,
-        "now": _iso(status.now),
-        "started": _iso(status.started),
+        "now": iso(status.now),
+        "started": iso(status.started),
         "interface": status.interface,
         "environment": status.environment,
         "gpu_type": status.gpu_type,
@@ -424,7 +424,7 @@ def status_document(status: ServerStatus) -> dict[str, Any]:
                 "simulated": g.simulated,
                 "state": g.state,
                 "reason": g.reason,
-                "idle_since": _iso(g.idle_since),
+                "idle_since": iso(g.idle_since),
                 "idle_for_s": g.idle_for_s,
                 "utilization": {
                     "gpu": g.utilization,
@@ -444,7 +444,7 @@ def status_document(status: ServerStatus) -> dict[str, Any]:
                 "id": k.id,
                 "name": k.name,
                 "execution_state": k.execution_state,
-                "last_activity": _iso(k.last_activity),
+                "last_activity": iso(k.last_activity),
                 "connections": k.connections,
                 "notebook": k.notebook,
                 "python": k.python,
@@ -460,7 +460,7 @@ def status_document(status: ServerStatus) -> dict[str, Any]:
         ],
         "busy": status.busy,
         "busy_reasons": list(status.busy_reasons),
-        "last_gpu_activity": _iso(status.last_gpu_activity),
+        "last_gpu_activity": iso(status.last_gpu_activity),
     }
 
 

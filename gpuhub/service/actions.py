@@ -25,18 +25,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..policy import Action, ReleaseGpu, StopServer, Warn
+from .. import protocol
+from ..policy import RULE_MAX_LEASE, Action, ReleaseGpu, StopServer, Warn
 from ..store import ACTION_OPEN, ActionRecord, Store
 from . import notices
 from .hubapi import HubAPIError, HubClient
 from .metrics import Metrics
+from .reports import CommandTimeout, ReportBoard
 from .servers import RunningServer
 
 log = logging.getLogger("gpuhub.service")
 
 RELEASE, STOP, WARN, GIVE_BACK = "release", "stop", "warn", "give-back"
 RULE_USER_REQUEST = "user-request"
-SNAPSHOT_PATH = "api/gpuhub/snapshot"
 
 RunKey = tuple[str, str, str | None]  # user, server, the run's `started`
 
@@ -58,6 +59,12 @@ class ActionSettings:
     hub_url: str = ""
     dry_run: bool = False
     actor: str = "gpuhub-service"
+    command_timeout: float = 60.0
+    #: kernels running code are waited for this long before a forced snapshot (maximum lease,
+    #: an admin's release or stop)
+    forced_snapshot_deadline: float = 120.0
+    #: a server without a report this recent cannot carry out a snapshot now
+    report_max_age: float = 120.0
 
 
 class Ledger:
@@ -140,32 +147,22 @@ class SnapshotAborted(Exception):
     """A kernel started running code between the decision and the snapshot."""
 
 
-def snapshot_summary(result: Any) -> list[dict[str, Any]]:
-    """What the action history keeps of a snapshot response (not the manifests)."""
-    keep = ("kernel_id", "key", "notebook", "status", "snapshot", "saved", "skipped", "bytes")
-    entries = result.get("snapshots") if isinstance(result, Mapping) else None
-    return [
-        {k: e.get(k) for k in keep if k in e} | ({"error": e["error"]} if e.get("error") else {})
-        for e in entries or ()
-        if isinstance(e, Mapping)
-    ]
-
-
-def check_snapshot(result: Any) -> list[dict[str, Any]]:
-    """The summary of a good snapshot; `SnapshotFailed` / `SnapshotAborted` otherwise."""
-    if not isinstance(result, Mapping) or not isinstance(result.get("snapshots"), list):
-        raise SnapshotFailed(f"unexpected snapshot response: {str(result)[:200]}")
-    summary = snapshot_summary(result)
-    failed = [s for s in summary if s.get("status") not in ("saved", "unsupported", "busy")]
+def check_snapshot(
+    outcome: protocol.SnapshotOutcome, *, busy_ok: bool = False
+) -> list[dict[str, Any]]:
+    """The summary of a good snapshot; `SnapshotFailed` / `SnapshotAborted` otherwise. With
+    `busy_ok` (a forced action) kernels still running code are left out instead of calling the
+    action off."""
+    summary = [e.summary() for e in outcome.entries]
+    failed = [e for e in outcome.entries if e.status not in ("saved", "unsupported", "busy")]
     if failed:
         raise SnapshotFailed(
-            "; ".join(
-                f"kernel {s.get('kernel_id')}: {s.get('error') or s.get('status')}" for s in failed
-            )
+            "; ".join(f"kernel {e.kernel_id}: {e.error or e.status}" for e in failed)
         )
-    if any(s.get("status") == "busy" for s in summary):
+    busy = [e for e in outcome.entries if e.status == "busy"]
+    if busy and not busy_ok:
         raise SnapshotAborted("a kernel is running code")
-    if not result.get("ok", False):
+    if not outcome.ok and not busy:
         raise SnapshotFailed("the server reported the snapshot as not ok")
     return summary
 
@@ -176,12 +173,14 @@ class Executor:
     def __init__(
         self,
         client: HubClient,
+        board: ReportBoard,
         store: Store,
         metrics: Metrics,
         settings: ActionSettings,
         concurrency: int = 4,
     ) -> None:
         self.client = client
+        self.board = board
         self.store = store
         self.metrics = metrics
         self.settings = settings
@@ -330,7 +329,8 @@ class Executor:
         await self.notify(server.model, row, WARN)
 
     async def notify(self, model: Mapping[str, Any], row: ActionRecord, kind: str) -> None:
-        """Write the notice file into the server's home (best effort: the store has it anyway)."""
+        """Have the server write the notice file into its user's home (a command the server
+        carries out; best effort: the store has the notice anyway)."""
         if not self.settings.notice_file:
             return
         text = notices.render(
@@ -341,11 +341,18 @@ class Executor:
             snapshots=row.snapshots,
             hub_url=self.settings.hub_url,
         )
-        path = "api/contents/" + self.settings.notice_file.lstrip("/")
         try:
-            await self.client.server_put(model, path, notices.contents_body(text))
-        except HubAPIError as e:
-            log.warning("gpuhub: could not write the notice into %s's server: %s", row.user, e)
+            result = await self.board.request(
+                (row.user, row.server),
+                protocol.NOTICE,
+                {"path": self.settings.notice_file, "text": text},
+                self.settings.command_timeout,
+            )
+        except CommandTimeout as e:
+            log.warning("gpuhub: no notice in %s's home: %s", _label(row), e)
+            return
+        if not result.ok:
+            log.warning("gpuhub: no notice in %s's home: %s", _label(row), result.error)
             return
         self.ledger.update(row, notified_at=_utcnow())
 
@@ -375,20 +382,44 @@ class Executor:
             log.info("gpuhub: taking up the interrupted %s of %s again", kind, server.label)
         log.info("gpuhub: %s %s (%s): %s", kind, server.label, action.rule, action.reason)
 
+        # The maximum lease and a person's decision go ahead after a snapshot attempt with a
+        # deadline; the idle rules are called off by a running kernel or a failed snapshot.
+        forced = action.rule == RULE_MAX_LEASE or (
+            actor is not None and actor != self.settings.actor
+        )
         if action.snapshot:
             row = self.ledger.update(row, status="snapshotting")
             try:
-                summary = await self.snapshot(server)
+                summary = await self.snapshot(server, forced=forced)
             except SnapshotAborted as e:
                 self.ledger.update(row, status="aborted", error=str(e))
                 log.info("gpuhub: %s of %s called off: %s", kind, server.label, e)
                 return
             except SnapshotFailed as e:
-                self.ledger.update(row, status="snapshot-failed", error=str(e))
                 self.metrics.snapshot_failures.inc()
-                log.warning("gpuhub: snapshot of %s failed, nothing done: %s", server.label, e)
-                return
-            row = self.ledger.update(row, status="snapshotted", snapshots=summary)
+                if not forced:
+                    self.ledger.update(row, status="snapshot-failed", error=str(e))
+                    log.warning("gpuhub: snapshot of %s failed, nothing done: %s", server.label, e)
+                    return
+                row = self.ledger.update(
+                    row, status="snapshotted", snapshots=[], error=f"no snapshot: {e}"
+                )
+                log.warning(
+                    "gpuhub: %s of %s goes ahead without a snapshot: %s", kind, server.label, e
+                )
+            else:
+                busy = [s for s in summary if s.get("status") == "busy"]
+                row = self.ledger.update(
+                    row,
+                    status="snapshotted",
+                    snapshots=summary,
+                    error=(
+                        f"{len(busy)} kernel(s) still running code after "
+                        f"{self.settings.forced_snapshot_deadline:g} s were not saved"
+                        if busy
+                        else None
+                    ),
+                )
         else:
             row = self.ledger.update(row, status="snapshotted", snapshots=[])
 
@@ -406,17 +437,35 @@ class Executor:
             return
         await self.start(row, _without_gpus(row.user_options or {}))
 
-    async def snapshot(self, server: RunningServer) -> list[dict[str, Any]]:
+    async def snapshot(
+        self, server: RunningServer, *, forced: bool = False
+    ) -> list[dict[str, Any]]:
+        """Have the server snapshot its kernels (a command it carries out for its own user)."""
+        if self.board.latest(server.key, self.settings.report_max_age) is None:
+            raise SnapshotFailed(
+                f"the server has not reported for {self.settings.report_max_age:g} s "
+                "(gpuhub's extension is off or the server does not answer)"
+            )
+        deadline = self.settings.forced_snapshot_deadline if forced else 0.0
         started = time.monotonic()
         try:
-            result = await self.client.server_post(
-                server.model, SNAPSHOT_PATH, {}, timeout=self.settings.snapshot_timeout
+            result = await self.board.request(
+                server.key,
+                protocol.SNAPSHOT,
+                {"wait": forced, "deadline_s": deadline},
+                self.settings.snapshot_timeout + deadline,
             )
-        except HubAPIError as e:
-            raise SnapshotFailed(f"{e.status} {e.message}") from e
+        except CommandTimeout as e:
+            raise SnapshotFailed(str(e)) from e
         finally:
             self.metrics.snapshot_duration.observe(time.monotonic() - started)
-        return check_snapshot(result)
+        if not result.ok:
+            raise SnapshotFailed(result.error or "the server could not snapshot its kernels")
+        try:
+            outcome = protocol.parse_snapshot_result(result.data)
+        except protocol.ProtocolError as e:
+            raise SnapshotFailed(f"unexpected snapshot result: {e}") from e
+        return check_snapshot(outcome, busy_ok=forced)
 
     async def stop(self, user: str, server: str) -> None:
         await self.client.stop_server(user, server)

@@ -1,13 +1,15 @@
 """`python -m gpuhub.service`: the hub service that gives idle GPUs back to the pool.
 
-Every `interval` seconds one cycle: list the ready servers through the hub API, read each one's
-`/api/gpuhub/status` through the proxy, read the wait queue, hand plain views to
-`policy.decide`, and carry out the actions it returns (`actions.Executor`) in the background, at
-most one at a time per server. A web server under the service prefix serves `metrics`
-(Prometheus) and `health` (JSON), plus the pages of `gpuhub.service.web` when that package is
-installed: its `routes(service)` returns tornado handler tuples (a pattern not starting with `/`
-is taken relative to the service prefix) and an optional `settings(service)` adds tornado
-application settings.
+Every `interval` seconds one cycle: list the ready servers through the hub API, take each one's
+latest report (servers report to the service, `gpuhub.protocol`; the service never sends a
+credential to a server), the trusted GPU readings (`gpuhub.activity`: NVML on the hub host, or
+dcgm-exporter through Prometheus) and the wait queue, hand plain views to `policy.decide`, and
+carry out the actions it returns (`actions.Executor`) in the background, at most one at a time
+per server. A web server under the service prefix takes the servers' reports
+(`api/v1/servers/report`) and serves `metrics` (Prometheus) and `health` (JSON), plus the pages
+of `gpuhub.service.web` when that package is installed: its `routes(service)` returns tornado
+handler tuples (a pattern not starting with `/` is taken relative to the service prefix) and an
+optional `settings(service)` adds tornado application settings.
 
 Run by JupyterHub as a managed service (it sets JUPYTERHUB_API_URL, JUPYTERHUB_API_TOKEN,
 JUPYTERHUB_SERVICE_URL and JUPYTERHUB_SERVICE_PREFIX), or by hand with the same variables.
@@ -33,12 +35,15 @@ from urllib.parse import urlparse
 
 from tornado import web
 from tornado.httpserver import HTTPServer
-from traitlets import Bool, Dict, Float, Int, Unicode, default
+from traitlets import Bool, Dict, Float, Int, List, Unicode, default
 from traitlets.config import Application, catch_config_error
 
-from .. import policy
+from .. import idle, policy, protocol
+from ..activity import ServerTarget
+from ..activity.tracker import ActivityTracker
 from ..store import Store
 from .actions import ActionSettings, Executor, run_key
+from .arbiter import ArbiterHandler
 from .demand import (
     Pool,
     allocated_by_type,
@@ -49,7 +54,8 @@ from .demand import (
 )
 from .hubapi import HubAPIError, HubClient
 from .metrics import Metrics
-from .servers import RunningServer, StatusResult, read_status, running_servers, view_from
+from .reports import ReportBoard, ReportHandler, ServerAuthenticator
+from .servers import RunningServer, parse_time, running_servers, view_from
 
 WEB_MODULE = "gpuhub.service.web"
 
@@ -62,6 +68,8 @@ class MetricsHandler(web.RequestHandler):
 
 
 class HealthHandler(web.RequestHandler):
+    """Whether the service's cycle runs (for probes): no user, server or decision in it."""
+
     def get(self) -> None:
         service: GpuhubService = self.settings["gpuhub_service"]
         report = service.health()
@@ -80,7 +88,7 @@ class GpuhubService(Application):
         "config": "GpuhubService.config_file",
         "f": "GpuhubService.config_file",
         "api-url": "GpuhubService.hub_api_url",
-        "proxy-url": "GpuhubService.proxy_url",
+        "hub-public-url": "GpuhubService.hub_public_url",
         "store-url": "GpuhubService.store_url",
         "catalog-file": "GpuhubService.catalog_file",
         "interval": "GpuhubService.interval",
@@ -135,31 +143,17 @@ class GpuhubService(Application):
     def _default_token(self) -> str:
         return os.environ.get("JUPYTERHUB_API_TOKEN", "")
 
-    proxy_url = Unicode(
-        config=True,
-        help="""Where the proxy serves the single-user servers (the hub's public URL, e.g.
-        http://proxy-public on Kubernetes). Each server's status and snapshot endpoints are
-        reached there. Default: $JUPYTERHUB_PUBLIC_URL, else the origin of `hub_api_url`.""",
-    )
-
-    @default("proxy_url")
-    def _default_proxy_url(self) -> str:
-        public = os.environ.get("JUPYTERHUB_PUBLIC_URL")
-        if public:
-            parsed = urlparse(public)
-            return f"{parsed.scheme}://{parsed.netloc}"
-        parsed = urlparse(self.hub_api_url)
-        return f"{parsed.scheme}://{parsed.netloc}"
-
     hub_public_url = Unicode(
         config=True,
-        help="""The hub's address as users see it, for the links in notices (default:
-        `proxy_url`).""",
+        help="""The hub's address as users see it, for the links in notices (default: the origin
+        of $JUPYTERHUB_PUBLIC_URL, else of `hub_api_url`).""",
     )
 
     @default("hub_public_url")
     def _default_public(self) -> str:
-        return self.proxy_url
+        public = os.environ.get("JUPYTERHUB_PUBLIC_URL")
+        parsed = urlparse(public or self.hub_api_url)
+        return f"{parsed.scheme}://{parsed.netloc}"
 
     bind_url = Unicode(
         config=True,
@@ -202,13 +196,109 @@ class GpuhubService(Application):
         machine (local backend), or reported unknown.""",
     )
 
+    # -- reports from the servers and trusted GPU activity (docs/security.md) ---------------------
+
+    report_max_age = Float(
+        120.0,
+        config=True,
+        help="""Seconds a server's report counts. A server without a report this recent is
+        treated like one that claims work in progress: its GPU is never taken for idle, and
+        only the maximum GPU lease ends its lease. Keep it above the servers' report hold
+        (`GpuhubExtension.report_hold`, 30 s) plus a margin.""",
+    )
+    report_hold = Float(
+        30.0,
+        config=True,
+        help="""Seconds the service holds a server's report open, at most, until a command for
+        that server comes (so commands reach servers at once without the service ever calling
+        them).""",
+    )
+    require_service_scope = Bool(
+        True,
+        config=True,
+        help="""Take reports only from tokens that hold `access:services!service=<this
+        service>` as well as access to the reporting server (grant it to servers with
+        `Spawner.server_token_scopes`, docs/security.md).""",
+    )
+    report_auth_cache = Float(
+        300.0,
+        config=True,
+        help="Seconds the hub's answer about a report token is kept (a hash of it, in memory).",
+    )
+    max_reports_per_user = Int(
+        16,
+        config=True,
+        help="""Servers of one user whose reports the service keeps at once (bounds what one user
+        can make the service hold; above the hub's named_server_limit_per_user).""",
+    )
+    command_timeout = Float(
+        60.0,
+        config=True,
+        help="""Seconds a command other than a snapshot (a notice, a snapshot listing for the
+        pages) may take from sending to its result.""",
+    )
+    forced_snapshot_deadline = Float(
+        120.0,
+        config=True,
+        help="""When the maximum GPU lease ends, or an admin releases or stops a server, kernels
+        running code are waited for this many seconds before the snapshot; a kernel still
+        running then is left out of it (the warning said so) and the action goes ahead.""",
+    )
+    activity_source = Unicode(
+        "nvml",
+        config=True,
+        help="""Where the GPU utilisation that decides a release comes from, never from the
+        users' servers: 'nvml' (the hub host's GPUs, local backend), 'prometheus' (NVIDIA
+        dcgm-exporter through Prometheus, Kubernetes; see PrometheusActivitySource) or 'none'
+        (no release for idleness; demand and maximum leases still apply).""",
+    )
+    activity_interval = Float(
+        10.0,
+        config=True,
+        help="Seconds between two readings of the trusted GPU activity source.",
+    )
+    util_threshold = Float(
+        idle.IdleRule.util_threshold,
+        config=True,
+        help="GPU utilisation percent at or below which a trusted reading is idle.",
+    )
+    mem_util_threshold = Float(
+        idle.IdleRule.mem_util_threshold,
+        config=True,
+        help="Memory-controller utilisation percent at or below which a reading is idle.",
+    )
+    min_busy_seconds = Float(
+        idle.IdleRule.min_busy_s,
+        config=True,
+        help="Busy stretches shorter than this (seconds) do not end an idle period.",
+    )
+    max_gap_seconds = Float(
+        idle.IdleRule.max_gap_s,
+        config=True,
+        help="""A trusted reading holds at most this long; past it the GPU's state is unknown
+        (never idle). Keep it above `activity_interval`.""",
+    )
+    arbiter_services = List(
+        Unicode(),
+        ["idle-culler"],
+        config=True,
+        help="""Hub services whose tokens may ask the service's culler arbiter
+        (`api/v1/arbiter`) whether to cull a server (jupyterhub-idle-culler with
+        `gpuhub.service.arbiter.cull_arbiter_hook`).""",
+    )
+    max_body_size = Int(
+        4 * 1024 * 1024,
+        config=True,
+        help="""Bytes of a request body the service's web server takes at most (reports are
+        capped lower, before they are read).""",
+    )
+
     # -- the loop --------------------------------------------------------------------------------
 
     interval = Float(
         60.0,
         config=True,
-        help="""Seconds between the starts of two cycles. Each cycle reads every ready server's
-        status, so at most `server_concurrency` requests are in flight at once.""",
+        help="""Seconds between the starts of two cycles (list the ready servers, decide, act).""",
     )
     dry_run = Bool(
         False,
@@ -217,11 +307,6 @@ class GpuhubService(Application):
     )
     concurrency = Int(
         10, config=True, help="Requests to the hub's REST API in flight at once, at most."
-    )
-    server_concurrency = Int(
-        20,
-        config=True,
-        help="Requests to single-user servers (status reads) in flight at once, at most.",
     )
     action_concurrency = Int(
         4,
@@ -237,12 +322,6 @@ class GpuhubService(Application):
         10.0, config=True, help="Seconds a request to the hub's REST API may take."
     )
     connect_timeout = Float(5.0, config=True, help="Seconds to connect to the hub or a server.")
-    status_timeout = Float(
-        10.0,
-        config=True,
-        help="""Seconds a server's status may take. A server that does not answer in time is
-        never treated as idle.""",
-    )
     retries = Int(
         3,
         config=True,
@@ -300,10 +379,12 @@ class GpuhubService(Application):
         after a warning.""",
     )
     max_gpu_lease_default = Float(
-        None,
+        24 * 3600.0,
         allow_none=True,
         config=True,
-        help="Maximum GPU lease in seconds for users in none of `max_gpu_lease`'s groups.",
+        help="""Maximum GPU lease in seconds for users in none of `max_gpu_lease`'s groups
+        (default 24 h; None: unlimited). It bounds what a server that claims work in progress
+        forever, or does not report at all, can hold.""",
     )
     max_gpu_lease_warning = Float(
         policy.Rules.max_gpu_lease_warning,
@@ -380,20 +461,36 @@ class GpuhubService(Application):
         self.client = HubClient(
             self.hub_api_url,
             self.api_token,
-            self.proxy_url,
             timeout=self.request_timeout,
             connect_timeout=self.connect_timeout,
             retries=self.retries,
             backoff=self.retry_backoff,
             concurrency=self.concurrency,
-            server_concurrency=self.server_concurrency,
             page_size=self.page_size,
         )
+        self.board = ReportBoard(max_per_user=self.max_reports_per_user)
+        self.server_auth = ServerAuthenticator(
+            self.hub_api_url,
+            self.service_name,
+            require_service_scope=self.require_service_scope,
+            ttl=self.report_auth_cache,
+            timeout=self.request_timeout,
+        )
+        self.idle_rule = idle.IdleRule(
+            util_threshold=self.util_threshold,
+            mem_util_threshold=self.mem_util_threshold,
+            min_busy_s=self.min_busy_seconds,
+            max_gap_s=self.max_gap_seconds,
+        )
+        self.tracker = ActivityTracker(self.idle_rule)
+        self.activity = self.make_activity_source()
+        self.targets: list[ServerTarget] = []
         self.store = Store.at(self.store_url)
         self.metrics = Metrics()
         self.metrics.dry_run.set(1 if self.dry_run else 0)
         self.executor = Executor(
             self.client,
+            self.board,
             self.store,
             self.metrics,
             ActionSettings(
@@ -403,17 +500,41 @@ class GpuhubService(Application):
                 notice_file=self.notice_file,
                 hub_url=self.hub_public_url,
                 dry_run=self.dry_run,
+                command_timeout=self.command_timeout,
+                forced_snapshot_deadline=self.forced_snapshot_deadline,
+                report_max_age=self.report_max_age,
             ),
             concurrency=self.action_concurrency,
         )
         self.ledger = self.executor.ledger
         self.cycles = 0
-        #: called with (server, status document) for every status a cycle reads (the pages'
-        #: utilisation sparklines listen)
+        #: called with (server, status document) for every server with a recent report, the
+        #: GPUs' state and utilisation from the trusted source (the pages' sparklines listen)
         self.status_listeners: list[Any] = []
         self.last_cycle_end: float | None = None
         self.last_error: str | None = None
         self._totals: tuple[float, dict[str, int | None]] | None = None
+
+    @property
+    def service_name(self) -> str:
+        return os.environ.get("JUPYTERHUB_SERVICE_NAME", "gpuhub")
+
+    def make_activity_source(self) -> Any:
+        if self.activity_source == "nvml":
+            from ..activity.nvml_source import NvmlActivitySource
+
+            return NvmlActivitySource(interval=self.activity_interval)
+        if self.activity_source == "prometheus":
+            from ..activity.prometheus import PrometheusActivitySource
+
+            return PrometheusActivitySource(parent=self)
+        if self.activity_source == "none":
+            return None
+        self.exit_with(
+            f"gpuhub service: activity_source: must be 'nvml', 'prometheus' or 'none', "
+            f"not {self.activity_source!r}"
+        )
+        return None
 
     def exit_with(self, message: str) -> None:
         self.log.critical(message)
@@ -467,30 +588,34 @@ class GpuhubService(Application):
         now = time.time()
         running = running_servers(users)
         by_key = {s.key: s for s in running}
-        candidates = [s for s in running if not self.executor.busy(s.key)]
-        statuses = await asyncio.gather(
-            *(read_status(self.client, s, self.status_timeout) for s in candidates)
-        )
-        lease_starts: dict[tuple[str, str], float] = {}
+        self.board.prune(by_key)
         leases = self.store.leases()
+        self.targets = self.make_targets(running, leases)
+        devices = {t.key: t.devices for t in self.targets}
+        self.tracker.forget_others(devices)
+        candidates = [s for s in running if not self.executor.busy(s.key)]
+        lease_starts: dict[tuple[str, str], float] = {}
         for lease in leases:
             t = lease.leased_at.timestamp()
             key = (lease.user, lease.server)
             lease_starts[key] = min(t, lease_starts.get(key, t))
         views = []
-        for server, result in zip(candidates, statuses, strict=True):
-            if result.status is None:
+        for server in candidates:
+            report = self.report_of(server)
+            if report is None:
                 self.metrics.status_errors.inc()
-                self.log.info("gpuhub: status of %s unreadable: %s", server.label, result.error)
-            else:
+            activity = self.gpu_activity(server, devices.get(server.key), now)
+            if report is not None:
+                document = self.display_status(server, report, now)
                 for listener in self.status_listeners:
-                    listener(server, result.status)
+                    listener(server, document)
             run = run_key(server)
             failures, last_failure = self.ledger.snapshot_failures(run)
             views.append(
                 view_from(
                     server,
-                    result.status,
+                    report,
+                    activity,
                     lease_start=lease_starts.get(server.key),
                     lease_warned_at=self.ledger.warned_at(run, policy.RULE_MAX_LEASE_WARNING),
                     snapshot_failures=failures,
@@ -505,50 +630,131 @@ class GpuhubService(Application):
             self.executor.close_abandoned(actions, by_key)
         self.executor.submit(actions, by_key)
         self.ledger.prune(run_key(s) for s in running)
-        self.update_metrics(candidates, statuses, pool, queued, now)
+        self.update_metrics(views, pool, queued, now)
         return actions
 
+    # -- what the servers report, what the trusted source reads ------------------------------------
+
+    def report_of(self, server: RunningServer) -> protocol.ServerStatus | None:
+        """The server's report from its current run, if recent enough."""
+        started = parse_time(server.started)
+        found = self.board.latest(server.key, self.report_max_age, not_before=started)
+        return found.status if found is not None else None
+
+    def make_targets(self, running: list[RunningServer], leases: list[Any]) -> list[ServerTarget]:
+        """The servers holding GPUs, with their leased devices (local backend) and pods."""
+        devices: dict[tuple[str, str], list[str]] = {}
+        for lease in leases:
+            if lease.device:
+                devices.setdefault((lease.user, lease.server), []).append(lease.device)
+        pods: dict[tuple[str, str], tuple[str, str]] = {}
+        server_pods = getattr(self.store, "server_pods", None)
+        if callable(server_pods):
+            for p in server_pods():
+                pods[(p.user, p.server)] = (p.namespace, p.pod)
+        out = []
+        for server in running:
+            if not server.gpus:
+                continue
+            namespace, pod = pods.get(server.key, (None, None))
+            out.append(
+                ServerTarget(
+                    server.user,
+                    server.server,
+                    gpus=server.gpus,
+                    devices=tuple(sorted(devices.get(server.key, ()))),
+                    namespace=namespace,
+                    pod=pod,
+                )
+            )
+        return out
+
+    def gpu_activity(
+        self, server: RunningServer, devices: tuple[str, ...] | None, now: float
+    ) -> tuple[idle.Activity, ...]:
+        """One trusted `Activity` per GPU the server holds: its leased devices where the store
+        knows them, else the devices the source reported for it; a device without readings is
+        unknown."""
+        if not server.gpus:
+            return ()
+        readings = {d.device: d.activity for d in self.tracker.device_activity(server.key, now)}
+        unknown = idle.Activity(idle.UNKNOWN, None, None)
+        if devices:
+            return tuple(readings.get(d, unknown) for d in devices)
+        return tuple(readings.values())
+
+    def display_status(
+        self, server: RunningServer, report: protocol.ServerStatus, now: float
+    ) -> dict[str, Any]:
+        """The report as the pages show it: each GPU's state and utilisation from the trusted
+        source where it has readings of that GPU (the server's own view otherwise, marked so)."""
+        document = protocol.status_document(report)
+        trusted = {d.device: d for d in self.tracker.device_activity(server.key, now)}
+        for gpu in document["gpus"]:
+            reading = trusted.get(gpu["uuid"])
+            if reading is None:
+                gpu["source_of_state"] = "server"
+                continue
+            act = reading.activity
+            gpu["state"] = act.state
+            gpu["idle_since"] = protocol.iso(act.idle_since) if act.idle_since else None
+            gpu["idle_for_s"] = act.idle_for(now) if act.state == idle.IDLE else None
+            gpu["utilization"] = {
+                **gpu["utilization"],
+                "gpu": reading.utilization,
+                "busy_fraction": act.busy_fraction,
+            }
+            gpu["source_of_state"] = "trusted"
+        return document
+
+    def page_status(
+        self, user: str, server: str, model: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """What the pages show of a server: its recent report with the trusted GPU states."""
+        running = RunningServer(user, server, frozenset(), model)
+        report = self.report_of(running)
+        if report is None:
+            return None
+        return self.display_status(running, report, time.time())
+
+    async def sample_activity(self) -> None:
+        """One reading of the trusted source for the current targets."""
+        if self.activity is None or not self.targets:
+            return
+        try:
+            readings = await self.activity.sample(list(self.targets))
+        except Exception:
+            self.log.exception("gpuhub: reading the GPU activity source failed")
+            return
+        for key, samples in readings.items():
+            self.tracker.add(key, samples)
+
     def update_metrics(
-        self,
-        servers: list[RunningServer],
-        statuses: list[StatusResult],
-        pool: Pool,
-        queued: list[Any],
-        now: float,
+        self, views: list[policy.ServerView], pool: Pool, queued: list[Any], now: float
     ) -> None:
         m = self.metrics
         since_last = now - self.last_cycle_end if self.last_cycle_end else self.interval
-        idle: dict[str, int] = {}
+        idle_by_type: dict[str, int] = {}
         unknown: dict[str, int] = {}
-        readable = unreadable = 0
-        for server, result in zip(servers, statuses, strict=True):
-            if result.status is None:
-                unreadable += 1
-            else:
-                readable += 1
-            if not server.gpus:
+        readable = sum(1 for v in views if v.status_readable)
+        for view in views:
+            if not view.gpus:
                 continue
-            gpu_type = server.gpu_type or ""
-            if result.status is None:
-                unknown[gpu_type] = unknown.get(gpu_type, 0) + server.gpus
-                continue
-            entries = [g for g in result.status["gpus"] if isinstance(g, Mapping)]
+            gpu_type = view.gpu_type or ""
+            activity = list(view.gpu_activity[: view.gpus])
             n_idle = 0
-            for g in entries[: server.gpus]:
-                if g.get("state") == "idle":
+            for a in activity:
+                if a.state == idle.IDLE:
                     n_idle += 1
-                    idle_for = g.get("idle_for_s")
-                    seconds = since_last
-                    if isinstance(idle_for, (int, float)):
-                        seconds = min(float(idle_for), since_last)
+                    seconds = min(a.idle_for(now), since_last)
                     m.gpu_idle_seconds.labels(gpu_type=gpu_type).inc(max(0.0, seconds))
-            n_known = sum(1 for g in entries[: server.gpus] if g.get("state") in ("idle", "busy"))
-            idle[gpu_type] = idle.get(gpu_type, 0) + n_idle
-            unknown[gpu_type] = unknown.get(gpu_type, 0) + server.gpus - n_known
-        types = set(pool.types) | set(idle) | set(unknown)
+            n_known = sum(1 for a in activity if a.state in (idle.IDLE, idle.BUSY))
+            idle_by_type[gpu_type] = idle_by_type.get(gpu_type, 0) + n_idle
+            unknown[gpu_type] = unknown.get(gpu_type, 0) + view.gpus - n_known
+        types = set(pool.types) | set(idle_by_type) | set(unknown)
         m.set_by_type(m.gpus_total, {t: n for t, n in pool.total.items() if n is not None})
         m.set_by_type(m.gpus_allocated, {t: pool.allocated.get(t, 0) for t in types})
-        m.set_by_type(m.gpus_idle, {t: idle.get(t, 0) for t in types})
+        m.set_by_type(m.gpus_idle, {t: idle_by_type.get(t, 0) for t in types})
         m.set_by_type(m.gpus_unknown, {t: unknown.get(t, 0) for t in types})
         by_type = queue_by_type(queued, now)
         m.set_by_type(
@@ -556,7 +762,7 @@ class GpuhubService(Application):
         )
         m.set_by_type(m.queue_wait, {t: by_type.get(t, (0, 0.0))[1] for t in types | set(by_type)})
         m.servers.labels(status="readable").set(readable)
-        m.servers.labels(status="unreadable").set(unreadable)
+        m.servers.labels(status="unreadable").set(len(views) - readable)
 
     def health(self) -> dict[str, Any]:
         now = time.time()
@@ -567,10 +773,11 @@ class GpuhubService(Application):
             "ok": bool(fresh),
             "cycles": self.cycles,
             "last_cycle": self.last_cycle_end,
-            "last_error": self.last_error,
+            "last_error": "the last cycle failed (see the service's log)"
+            if self.last_error
+            else None,
             "dry_run": self.dry_run,
-            "actions_under_way": sorted(f"{u}/{s}" for u, s in self.executor.tasks),
-            "last_decisions": self.executor.planned,
+            "actions_under_way": len(self.executor.tasks),
         }
 
     # -- web -------------------------------------------------------------------------------------
@@ -580,6 +787,12 @@ class GpuhubService(Application):
         handlers: list[tuple] = [
             (rf"{prefix}metrics", MetricsHandler),
             (rf"{prefix}health", HealthHandler),
+            (
+                rf"{prefix}{protocol.REPORT_PATH}",
+                ReportHandler,
+                {"board": self.board, "auth": self.server_auth, "max_hold": self.report_hold},
+            ),
+            (rf"{prefix}{protocol.ARBITER_PATH}", ArbiterHandler),
         ]
         settings: dict[str, Any] = {}
         try:
@@ -620,7 +833,7 @@ class GpuhubService(Application):
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         bind = urlparse(self.bind_url)
-        server = HTTPServer(self.make_web_app(), xheaders=True)
+        server = HTTPServer(self.make_web_app(), xheaders=True, max_body_size=self.max_body_size)
         server.listen(bind.port or 80, bind.hostname or "127.0.0.1")
         self.log.info(
             "gpuhub service at %s%s: every %g s, GPU idle timeout %g s (%g s when someone "
@@ -633,6 +846,7 @@ class GpuhubService(Application):
             self.server_idle_timeout,
             "; DRY RUN: nothing is changed" if self.dry_run else "",
         )
+        sampler = asyncio.create_task(self.sample_forever(stopping))
         try:
             while not stopping.is_set():
                 started = time.monotonic()
@@ -642,6 +856,9 @@ class GpuhubService(Application):
                     await asyncio.wait_for(stopping.wait(), pause)
         finally:
             server.stop()
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
             if self.executor.tasks:
                 self.log.info(
                     "gpuhub: waiting for %d action(s) under way", len(self.executor.tasks)
@@ -651,6 +868,15 @@ class GpuhubService(Application):
                 except asyncio.TimeoutError:
                     self.log.warning("gpuhub: leaving actions unfinished; the next run ends them")
             self.client.close()
+            self.server_auth.close()
+
+    async def sample_forever(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            started = time.monotonic()
+            await self.sample_activity()
+            pause = max(0.5, self.activity_interval - (time.monotonic() - started))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), pause)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,11 +1,11 @@
-"""The one client of the JupyterHub REST API (and of the single-user servers behind the proxy)
-that the gpuhub service uses.
+"""The one client of the JupyterHub REST API that the gpuhub service uses. It never calls a
+single-user server: servers report to the service (`gpuhub.protocol`), so the service's token
+never travels to one.
 
 - Lists users with ready servers page by page (`GET /users?state=ready`, JupyterHub 2+
   pagination: `Accept: application/jupyterhub-pagination+json`); after the first page, the rest
   are fetched concurrently.
-- Bounds concurrency: at most `concurrency` requests to the hub at once, and at most
-  `server_concurrency` to single-user servers.
+- Bounds concurrency: at most `concurrency` requests to the hub at once.
 - Every request has a connect and a request timeout. Requests that are safe to repeat (GET,
   DELETE of a server) are retried on connection errors, timeouts and 5xx answers, with
   exponential backoff; a start (POST) is never repeated blindly.
@@ -76,38 +76,33 @@ def _parse(body: bytes) -> Any:
 
 
 class HubClient:
-    """Talks to the hub's REST API at `api_url` and to servers through the proxy at `proxy_url`."""
+    """Talks to the hub's REST API at `api_url` with the service's `token`."""
 
     def __init__(
         self,
         api_url: str,
         token: str,
-        proxy_url: str,
         *,
         timeout: float = 10.0,
         connect_timeout: float = 5.0,
         retries: int = 3,
         backoff: float = 0.5,
         concurrency: int = 10,
-        server_concurrency: int = 20,
         page_size: int = 200,
         user_agent: str = "gpuhub-service",
     ) -> None:
         self.api_url = api_url.rstrip("/")
-        self.proxy_url = proxy_url.rstrip("/")
         self.token = token
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.retries = max(0, retries)
         self.backoff = backoff
         self.concurrency = max(1, concurrency)
-        self.server_concurrency = max(1, server_concurrency)
         self.page_size = max(1, page_size)
         self.user_agent = user_agent
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: AsyncHTTPClient | None = None
         self._hub_slots: asyncio.Semaphore | None = None
-        self._server_slots: asyncio.Semaphore | None = None
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -117,11 +112,8 @@ class HubClient:
         if loop is not self._loop:
             self.close()
             self._loop = loop
-            self._client = AsyncHTTPClient(
-                force_instance=True, max_clients=self.concurrency + self.server_concurrency
-            )
+            self._client = AsyncHTTPClient(force_instance=True, max_clients=self.concurrency)
             self._hub_slots = asyncio.Semaphore(self.concurrency)
-            self._server_slots = asyncio.Semaphore(self.server_concurrency)
 
     def close(self) -> None:
         if self._client is not None:
@@ -138,11 +130,10 @@ class HubClient:
         timeout: float | None = None,
         retries: int | None = None,
         headers: Mapping[str, str] | None = None,
-        server: bool = False,
     ) -> Response:
         self._ensure_loop()
-        assert self._client is not None and self._hub_slots and self._server_slots
-        slots = self._server_slots if server else self._hub_slots
+        assert self._client is not None and self._hub_slots
+        slots = self._hub_slots
         attempts = 1 + (self.retries if retries is None else retries)
         payload = None if body is None else json.dumps(body)
         error: HubAPIError | None = None
@@ -304,48 +295,3 @@ class HubClient:
             if loop.time() >= deadline:
                 raise TimeoutError(f"{user}/{server} not {want} after {timeout:.0f} s")
             await asyncio.sleep(interval)
-
-    # -- the single-user servers, through the proxy ----------------------------------------------
-
-    def server_url(self, server_model: Mapping[str, Any], path: str) -> str:
-        base = str(server_model.get("full_url") or "")
-        if not base.startswith("http"):
-            base = self.proxy_url + str(server_model.get("url") or "")
-        return base.rstrip("/") + "/" + path.lstrip("/")
-
-    async def server_get(
-        self, server_model: Mapping[str, Any], path: str, timeout: float | None = None
-    ) -> Any:
-        response = await self._fetch(
-            "GET", self.server_url(server_model, path), timeout=timeout, server=True
-        )
-        return response.body
-
-    async def server_post(
-        self, server_model: Mapping[str, Any], path: str, body: Any, timeout: float
-    ) -> Any:
-        response = await self._fetch(
-            "POST",
-            self.server_url(server_model, path),
-            body=body,
-            timeout=timeout,
-            retries=0,
-            server=True,
-        )
-        return response.body
-
-    async def server_put(
-        self, server_model: Mapping[str, Any], path: str, body: Any, timeout: float | None = None
-    ) -> Any:
-        response = await self._fetch(
-            "PUT", self.server_url(server_model, path), body=body, timeout=timeout, server=True
-        )
-        return response.body
-
-    async def server_delete(
-        self, server_model: Mapping[str, Any], path: str, timeout: float | None = None
-    ) -> Any:
-        response = await self._fetch(
-            "DELETE", self.server_url(server_model, path), timeout=timeout, server=True
-        )
-        return response.body

@@ -97,7 +97,3 @@ def kind_of(action: Any) -> str:
     if isinstance(action, Warn):
         return "warn"
     raise TypeError(f"not an action: {action!r}")
-
-
-def contents_body(text: str) -> dict[str, Any]:
-    return {"type": "file", "format": "text", "content": text}

@@ -47,8 +47,15 @@ class AuthError(Exception):
 
 @dataclass(frozen=True)
 class Identity:
-    user: str
+    """Who a token belongs to, as the hub says: a user or a service, and the token's scopes."""
+
+    kind: str
+    name: str
     scopes: frozenset[str]
+
+    @property
+    def user(self) -> str:
+        return self.name
 
 
 def reaches_server(scopes: Iterable[str], user: str, server: str) -> bool:
@@ -115,16 +122,34 @@ class ServerAuthenticator:
             model = json.loads(response.body or b"{}")
         except ValueError:
             raise AuthError(503, "the hub's answer about the token is not JSON") from None
-        if not isinstance(model, dict) or model.get("kind") != "user":
-            raise AuthError(403, "only a user's server may report")
-        name = model.get("name")
-        scopes = model.get("scopes")
-        if not isinstance(name, str) or not isinstance(scopes, list):
-            raise AuthError(403, "the hub's answer about the token names no user")
-        return Identity(name, frozenset(s for s in scopes if isinstance(s, str)))
+        kind = model.get("kind") if isinstance(model, dict) else None
+        name = model.get("name") if isinstance(model, dict) else None
+        scopes = model.get("scopes") if isinstance(model, dict) else None
+        if (
+            kind not in ("user", "service")
+            or not isinstance(name, str)
+            or not isinstance(scopes, list)
+        ):
+            raise AuthError(403, "the hub's answer about the token names no user or service")
+        return Identity(kind, name, frozenset(s for s in scopes if isinstance(s, str)))
 
     async def identify(self, token: str, server: str) -> Identity:
         """The user whose server `server` sent `token`; `AuthError` (403) otherwise."""
+        found = await self.caller(token)
+        if found.kind != "user":
+            raise AuthError(403, "only a user's server may report")
+        if not reaches_server(found.scopes, found.user, server):
+            raise AuthError(403, f"this token does not reach the server {found.user}/{server}")
+        if self.require_service_scope and not reaches_service(found.scopes, self.service_name):
+            raise AuthError(
+                403,
+                f"this token lacks access:services!service={self.service_name} "
+                "(see Spawner.server_token_scopes in docs/security.md)",
+            )
+        return found
+
+    async def caller(self, token: str) -> Identity:
+        """Who `token` belongs to (cached); `AuthError` when the hub does not know it."""
         digest = hashlib.sha256(token.encode()).hexdigest()
         now = time.monotonic()
         cached = self._cache.get(digest)
@@ -147,14 +172,6 @@ class ServerAuthenticator:
                     self._cache.popitem(last=False)
         if isinstance(found, AuthError):
             raise found
-        if not reaches_server(found.scopes, found.user, server):
-            raise AuthError(403, f"this token does not reach the server {found.user}/{server}")
-        if self.require_service_scope and not reaches_service(found.scopes, self.service_name):
-            raise AuthError(
-                403,
-                f"this token lacks access:services!service={self.service_name} "
-                "(see Spawner.server_token_scopes in docs/security.md)",
-            )
         return found
 
 

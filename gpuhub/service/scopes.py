@@ -1,7 +1,10 @@
-"""The JupyterHub scopes the gpuhub service's token holds, each with why it is needed.
+"""The JupyterHub scopes the gpuhub service's token holds, each with why it is needed, and the
+scopes of the servers' own tokens.
 
-Used by the demo configuration and documented in docs/operations.md. Nothing else: the service
-cannot create or delete users, change groups or roles, read tokens or spawner state.
+Used by the demo configuration and documented in docs/operations.md and docs/security.md. Nothing
+else: the service cannot create or delete users, change groups or roles, read tokens or spawner
+state, and cannot reach any single-user server (`access:servers` is not among its scopes: servers
+report to the service instead, `gpuhub.protocol`).
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ SCOPES: dict[str, str] = {
     "it holds, the interface and environment to restart it with)",
     "start:servers": "restart a server without its GPU (release), or with it (give-back)",
     "delete:servers": "stop a server (before restarting it without GPU, or when idle)",
-    "access:servers": "reach each server's /api/gpuhub/status and /api/gpuhub/snapshot through "
-    "the proxy, and write the notice file through its contents API",
 }
 
 #: Before JupyterHub 6, starting and stopping were one scope.
@@ -47,3 +48,9 @@ def service_role(service: str = "gpuhub", jupyterhub_version: str | None = None)
         "scopes": scopes(jupyterhub_version),
         "services": [service],
     }
+
+
+def server_token_scopes(service: str = "gpuhub") -> list[str]:
+    """`Spawner.server_token_scopes` for gpuhub: JupyterHub's default server scopes, and access to
+    the gpuhub service so that the server can report to it with its own token."""
+    return ["users:activity!user", "access:servers!server", f"access:services!service={service}"]

@@ -1,8 +1,11 @@
-"""From the hub's user models and each server's `/api/gpuhub/status` to `policy.ServerView`s.
+"""From the hub's user models, each server's own report and the trusted GPU readings to
+`policy.ServerView`s (pure).
 
-`running_servers` and `view_from` are pure (plain JSON in, core values out); `read_status` is the
-one I/O step, through `HubClient`. A status that cannot be read, or does not look like the
-extension's, leaves the view unreadable: `policy.decide` never takes such a server for idle.
+The GPUs a server holds come from the hub (its options); whether they are busy or idle from the
+trusted activity source (`gpuhub.activity`); what only the server knows (a kernel executing, a
+program outside the kernels holding a GPU) from its latest report (`gpuhub.protocol`). A server
+without a recent report is "unreadable": `policy.decide` never takes it for idle, and only the
+maximum GPU lease ends its lease.
 """
 
 from __future__ import annotations
@@ -13,13 +16,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..idle import BUSY, IDLE, UNKNOWN, Activity
+from ..idle import Activity
 from ..policy import ServerView
-from .hubapi import HubAPIError, HubClient
+from ..protocol import ServerStatus
 
 log = logging.getLogger("gpuhub.service")
-
-STATUS_PATH = "api/gpuhub/status"
 
 
 def parse_time(value: Any) -> float | None:
@@ -87,75 +88,19 @@ def running_servers(users: Iterable[Mapping[str, Any]]) -> list[RunningServer]:
     return sorted(out, key=lambda s: s.key)
 
 
-@dataclass(frozen=True)
-class StatusResult:
-    status: Mapping[str, Any] | None
-    error: str | None = None
-
-
-def check_status(data: Any) -> str | None:
-    """Why `data` is not a usable status document (None when it is)."""
-    if not isinstance(data, Mapping):
-        return "not a JSON object"
-    if not isinstance(data.get("gpus"), list) or not isinstance(data.get("kernels"), list):
-        return "no `gpus` and `kernels` lists: not gpuhub's server extension"
-    if any(not isinstance(g, Mapping) for g in data["gpus"]):
-        return "a `gpus` entry is not an object"
-    return None
-
-
-async def read_status(client: HubClient, server: RunningServer, timeout: float) -> StatusResult:
-    try:
-        data = await client.server_get(server.model, STATUS_PATH, timeout=timeout)
-    except HubAPIError as e:
-        return StatusResult(None, f"{e.status} {e.message}")
-    problem = check_status(data)
-    if problem:
-        return StatusResult(None, problem)
-    return StatusResult(data)
-
-
-def activity_from(gpu: Mapping[str, Any]) -> Activity:
-    """One GPU's activity from its status entry ("unavailable" and anything odd: unknown)."""
-    state = gpu.get("state")
-    utilization = gpu.get("utilization") if isinstance(gpu.get("utilization"), Mapping) else {}
-    fraction = utilization.get("busy_fraction")
-    fraction = float(fraction) if isinstance(fraction, (int, float)) else None
-    if state == IDLE:
-        since = parse_time(gpu.get("idle_since"))
-        if since is None:
-            return Activity(UNKNOWN, fraction, None)
-        return Activity(IDLE, fraction, since)
-    if state == BUSY:
-        return Activity(BUSY, fraction, None)
-    return Activity(UNKNOWN, fraction, None)
-
-
-def kernels_executing(status: Mapping[str, Any]) -> bool:
-    return any(
-        isinstance(k, Mapping) and k.get("execution_state") == "busy" for k in status["kernels"]
-    )
-
-
 def view_from(
     server: RunningServer,
-    status: Mapping[str, Any] | None,
+    report: ServerStatus | None,
+    activity: tuple[Activity, ...] = (),
     *,
     lease_start: float | None = None,
     lease_warned_at: float | None = None,
     snapshot_failures: int = 0,
     last_snapshot_failure: float | None = None,
 ) -> ServerView:
-    """The policy's view of one server. GPUs held come from the hub (the server's options);
-    their activity from the server's own status."""
+    """The policy's view of one server: `report` is its latest report (None: none recent),
+    `activity` one trusted reading per GPU it holds."""
     started = parse_time(server.started)
-    readable = status is not None
-    activity: tuple[Activity, ...] = ()
-    executing = outside = False
-    if status is not None:
-        activity = tuple(activity_from(g) for g in status["gpus"])
-        executing = kernels_executing(status)
-        outside = bool(status.get("external_processes"))
     return ServerView(
         user=server.user,
         server=server.server,
@@ -163,20 +108,13 @@ def view_from(
         gpus=server.gpus,
         gpu_type=server.gpu_type,
         gpu_activity=activity,
-        kernels_executing=executing,
-        outside_gpu_processes=outside,
+        kernels_executing=report.kernels_executing if report is not None else False,
+        outside_gpu_processes=report.outside_gpu_processes if report is not None else False,
         last_activity=parse_time(server.model.get("last_activity")),
         started=started,
-        status_readable=readable,
+        status_readable=report is not None,
         lease_start=lease_start if lease_start is not None else (started if server.gpus else None),
         lease_warned_at=lease_warned_at,
         snapshot_failures=snapshot_failures,
         last_snapshot_failure=last_snapshot_failure,
     )
-
-
-def idle_gpus(status: Mapping[str, Any] | None) -> int:
-    """How many of the GPUs in a status document are idle."""
-    if status is None:
-        return 0
-    return sum(1 for g in status["gpus"] if g.get("state") == IDLE)

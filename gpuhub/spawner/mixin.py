@@ -104,6 +104,23 @@ class GPUSpawnerMixin(Configurable):
         """,
     )
 
+    service_url = Unicode(
+        "",
+        config=True,
+        help="""The gpuhub service's URL prefix as servers reach it (e.g.
+        http://127.0.0.1:8000/services/gpuhub/ through the proxy, or
+        http://proxy-public/services/gpuhub/ on Kubernetes), given to every server as
+        $GPUHUB_SERVICE_URL. Servers report their status there with their own token and pick up
+        the service's commands (docs/security.md). Empty: servers do not report, and keep their
+        GPUs only up to the maximum GPU lease.""",
+    )
+
+    def get_env(self) -> dict[str, str]:
+        env = super().get_env()
+        if self.service_url:
+            env["GPUHUB_SERVICE_URL"] = self.service_url
+        return env
+
     store_url = Unicode(
         "sqlite:///gpuhub.sqlite",
         config=True,

@@ -63,9 +63,9 @@ def test_defaults_from_the_hub_environment(monkeypatch):
     service = GpuhubService()
     assert service.hub_api_url == "http://hub:8081/hub/api" and service.api_token == "secret"
     assert service.service_prefix == "/services/gpuhub/"
-    assert service.proxy_url == "http://hub:8081"
+    assert service.hub_public_url == "http://hub:8081"
     monkeypatch.setenv("JUPYTERHUB_PUBLIC_URL", "https://hub.example.org/")
-    assert GpuhubService().proxy_url == "https://hub.example.org"
+    assert GpuhubService().hub_public_url == "https://hub.example.org"
 
 
 class Hello(web.RequestHandler):
@@ -113,5 +113,7 @@ def test_web_endpoints_and_the_pages_hook(tmp_path, monkeypatch):
     assert metrics.headers["Content-Type"].startswith("text/plain")
     assert health.code == 503 and json.loads(health.body)["cycles"] == 0
     report = json.loads(health_after.body)
-    assert health_after.code == 503 and "599" in report["last_error"]
+    # the health probe says that the cycle failed, and nothing about users or servers
+    assert health_after.code == 503 and "failed" in report["last_error"]
+    assert set(report) == {"ok", "cycles", "last_cycle", "last_error", "dry_run", "actions_under_way"}
     assert service.metrics.registry.get_sample_value("gpuhub_cycle_errors_total") == 1

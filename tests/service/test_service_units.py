@@ -1,11 +1,12 @@
-"""The service's pure parts: hub and status JSON to policy views, snapshot answers, notices,
+"""The service's pure parts: hub models, reports and trusted readings to policy views, snapshot
+results, notices,
 the action history's counts, demand and pool, scopes."""
 
 from __future__ import annotations
 
 import pytest
 
-from gpuhub.idle import BUSY, IDLE, UNKNOWN
+from gpuhub.idle import BUSY, IDLE, UNKNOWN, Activity
 from gpuhub.policy import RULE_MAX_LEASE_WARNING, Demand, Rules, Waiting, decide
 from gpuhub.service import notices, scopes
 from gpuhub.service.actions import (
@@ -15,7 +16,8 @@ from gpuhub.service.actions import (
     check_snapshot,
 )
 from gpuhub.service.demand import Pool, Queued, demand_from, queue_by_type
-from gpuhub.service.servers import check_status, parse_time, running_servers, view_from
+from gpuhub.protocol import parse_snapshot_result, parse_status
+from gpuhub.service.servers import parse_time, running_servers, view_from
 from gpuhub.store import Store
 
 T0 = "2026-01-01T10:00:00.000000Z"
@@ -40,22 +42,19 @@ def server_model(**kw):
     }
 
 
-def gpu(state, idle_since=None):
-    return {
-        "uuid": "GPU-1",
-        "state": state,
-        "idle_since": idle_since,
-        "utilization": {"busy_fraction": 0.0},
-    }
+def status(kernels=(), external=()):
+    return parse_status(
+        {
+            "version": 1,
+            "gpus": [{"uuid": "GPU-1", "state": "idle", "idle_since": T0}],
+            "kernels": list(kernels),
+            "external_processes": list(external),
+        }
+    )
 
 
-def status(*gpus, kernels=(), external=()):
-    return {
-        "version": 1,
-        "gpus": list(gpus),
-        "kernels": list(kernels),
-        "external_processes": list(external),
-    }
+def idle_since(t):
+    return Activity(IDLE, 0.0, t)
 
 
 def one(model=None, groups=("staff",)):
@@ -81,46 +80,43 @@ def test_running_servers_skips_pending_and_not_ready():
     assert [s.key for s in running_servers(users)] == [("ada", "")]
 
 
-def test_view_from_idle_status():
-    view = view_from(one(), status(gpu("idle", "2026-01-01T10:01:00Z")))
+def test_view_from_takes_gpu_activity_from_the_trusted_source():
+    # the server's own document says idle since T0; the trusted reading decides
+    view = view_from(one(), status(), (idle_since(T0_S + 60),))
     assert view.status_readable and view.gpus == 1 and view.gpu_type == "gpu"
     assert view.groups == frozenset({"staff"})
-    assert view.gpu_activity[0].state == IDLE
     assert view.gpu_idle_for(T0_S + 600) == pytest.approx(540)
     assert view.started == T0_S and view.lease_start == T0_S
     assert view.last_activity == T0_S + 300
     assert not view.work_in_progress
+    busy = view_from(one(), status(), (Activity(BUSY, 1.0, None),))
+    assert busy.gpu_busy() and busy.gpu_idle_for(T0_S + 600) is None
+    # no trusted reading: unknown, never idle, whatever the server says
+    unknown = view_from(one(), status(), ())
+    assert unknown.gpu_unknown() and unknown.gpu_idle_for(T0_S + 10**6) is None
+    assert view_from(one(), status(), (Activity(UNKNOWN, None, None),)).gpu_unknown()
 
 
-def test_view_from_busy_unknown_unavailable_and_work_in_progress():
-    assert view_from(one(), status(gpu("busy"))).gpu_activity[0].state == BUSY
-    for state in ("unknown", "unavailable", "weird"):
-        assert view_from(one(), status(gpu(state))).gpu_activity[0].state == UNKNOWN
-    # idle without a readable idle_since is not idle
-    assert view_from(one(), status(gpu("idle", None))).gpu_activity[0].state == UNKNOWN
+def test_view_from_work_in_progress_is_the_servers_word():
     executing = view_from(
-        one(), status(gpu("idle", T0), kernels=[{"id": "k", "execution_state": "busy"}])
+        one(), status(kernels=[{"id": "k", "execution_state": "busy"}]), (idle_since(T0_S),)
     )
     assert executing.kernels_executing and executing.work_in_progress
-    outside = view_from(one(), status(gpu("idle", T0), external=[{"pid": 5}]))
+    outside = view_from(one(), status(external=[{"pid": 5}]), (idle_since(T0_S),))
     assert outside.outside_gpu_processes
-    # fewer GPUs in the status than held: unknown
+    # fewer trusted readings than GPUs held: unknown
     two = one(server_model(user_options={"gpus": 2, "gpu_type": "gpu"}))
-    assert view_from(two, status(gpu("idle", T0))).gpu_unknown()
+    assert view_from(two, status(), (idle_since(T0_S),)).gpu_unknown()
 
 
-def test_unreadable_status_is_never_idle():
-    view = view_from(one(), None, lease_start=T0_S)
+def test_a_server_without_a_report_is_never_idle_and_only_the_lease_ends():
+    view = view_from(one(), None, (idle_since(T0_S),), lease_start=T0_S)
     assert not view.status_readable and view.gpu_idle_for(T0_S + 10**6) is None
     rules = Rules(gpu_idle_timeout=1, server_idle_timeout=1)
     assert decide([view], Demand(), T0_S + 10**6, rules) == []
-
-
-def test_check_status():
-    assert check_status(status(gpu("idle", T0))) is None
-    assert check_status("<html>") == "not a JSON object"
-    assert "not gpuhub" in check_status({"version": 1})
-    assert check_status({"gpus": ["x"], "kernels": []}) == "a `gpus` entry is not an object"
+    leased = Rules(gpu_idle_timeout=1, max_gpu_lease_default=3600, max_gpu_lease_warning=60)
+    [warn] = decide([view], Demand(), T0_S + 3600, leased)
+    assert warn.rule == RULE_MAX_LEASE_WARNING
 
 
 def test_cpu_only_server_has_no_gpu():
@@ -130,27 +126,29 @@ def test_cpu_only_server_has_no_gpu():
     assert bogus.gpus == 0
 
 
+def snap(ok, *entries):
+    return parse_snapshot_result({"ok": ok, "snapshots": list(entries)})
+
+
 def test_check_snapshot():
-    saved = {"kernel_id": "k", "status": "saved", "snapshot": "s", "saved": 2, "manifest": {}}
-    assert check_snapshot({"ok": True, "snapshots": [saved]}) == [
+    saved = {"kernel_id": "k", "status": "saved", "snapshot": "s", "saved": 2}
+    assert check_snapshot(snap(True, saved)) == [
         {"kernel_id": "k", "status": "saved", "snapshot": "s", "saved": 2}
     ]
-    assert check_snapshot({"ok": True, "snapshots": []}) == []
+    assert check_snapshot(snap(True)) == []
     unsupported = {"kernel_id": "r", "status": "unsupported", "error": "not a Python kernel"}
-    assert check_snapshot({"ok": True, "snapshots": [saved, unsupported]})[1]["error"]
+    assert check_snapshot(snap(True, saved, unsupported))[1]["error"]
     with pytest.raises(SnapshotFailed, match="disk full"):
         check_snapshot(
-            {
-                "ok": False,
-                "snapshots": [saved, {"kernel_id": "x", "status": "failed", "error": "disk full"}],
-            }
+            snap(False, saved, {"kernel_id": "x", "status": "failed", "error": "disk full"})
         )
+    busy = {"kernel_id": "x", "status": "busy"}
     with pytest.raises(SnapshotAborted):
-        check_snapshot({"ok": False, "snapshots": [{"kernel_id": "x", "status": "busy"}]})
+        check_snapshot(snap(False, busy))
+    # a forced action (maximum lease, an admin) leaves a running kernel out and goes ahead
+    assert check_snapshot(snap(False, saved, busy), busy_ok=True)[1]["status"] == "busy"
     with pytest.raises(SnapshotFailed):
-        check_snapshot({"ok": False, "snapshots": [saved]})
-    with pytest.raises(SnapshotFailed, match="unexpected"):
-        check_snapshot("<html>oops</html>")
+        check_snapshot(snap(False, saved))
 
 
 def test_notices_say_what_why_and_how_back():
@@ -231,6 +229,9 @@ def test_scopes_by_jupyterhub_version():
     five = scopes.scopes("5.3.0")
     assert "servers" in five and "start:servers" not in five
     assert "admin:server_state" not in six and "admin:users" not in six
+    # the service never reaches a user's server: servers report to it
+    assert not any(s.startswith("access:servers") for s in six + five)
+    assert "access:services!service=gpuhub" in scopes.server_token_scopes("gpuhub")
     role = scopes.service_role("gpuhub", "6.1.0")
     assert role["services"] == ["gpuhub"] and role["scopes"] == six
 
@@ -240,10 +241,11 @@ def test_interrupted_actions_are_taken_up_or_closed(tmp_path):
     from gpuhub.service.actions import ActionSettings, Executor
     from gpuhub.service.hubapi import HubClient
     from gpuhub.service.metrics import Metrics
+    from gpuhub.service.reports import ReportBoard
 
     store = Store(f"sqlite:///{tmp_path / 's.sqlite'}")
-    client = HubClient("http://127.0.0.1:9/hub/api", "t", "http://127.0.0.1:9")
-    executor = Executor(client, store, Metrics(), ActionSettings())
+    client = HubClient("http://127.0.0.1:9/hub/api", "t")
+    executor = Executor(client, ReportBoard(), store, Metrics(), ActionSettings())
 
     def interrupted(user):
         return store.record_action(

@@ -98,8 +98,23 @@ def make_pages(service: Any) -> Pages:
         except Exception:
             return []
 
+    from ..hubapi import HubClient
+
+    # the pages' own client: their requests never take the cycle's slots, and are not retried
+    hub = HubClient(
+        service.hub_api_url,
+        service.api_token,
+        timeout=config.status_timeout,
+        connect_timeout=service.connect_timeout,
+        retries=1,
+        backoff=service.retry_backoff,
+        concurrency=config.hub_concurrency,
+        page_size=service.page_size,
+    )
     return Pages(
-        hub=service.client,
+        hub=hub,
+        board=service.board,
+        status=service.page_status,
         store=service.store,
         settings=config,
         base_catalog=lambda: cached_catalog(catalog_file),
@@ -115,7 +130,7 @@ def routes(service: Any) -> list[tuple[str, type, dict[str, Any]]]:
     pages = make_pages(service)
     service.gpuhub_pages = pages
     listeners = getattr(service, "status_listeners", None)
-    if listeners is not None:  # every status the service's cycle reads feeds the sparklines
+    if listeners is not None:  # every server's status at each cycle feeds the sparklines
         listeners.append(
             lambda server, status: pages.activity.remember(server.user, server.server, status)
         )

@@ -66,17 +66,16 @@ class GpuhubPages(Configurable):
     )
 
     status_timeout = Float(
-        5.0,
+        10.0,
         config=True,
-        help="Seconds the pages wait for one server's status or snapshot list.",
+        help="""Seconds the pages wait for the hub's API, or for a user's server to carry out a
+        snapshot listing, deletion or choice.""",
     )
-
-    status_max_age = Float(
-        120.0,
+    hub_concurrency = Int(
+        5,
         config=True,
-        help="""The admin page shows a server's status as the service's last cycle read it when
-        it is at most this many seconds old (no request to every server at each page view);
-        older or missing ones are read. The user's page always reads their servers' now.""",
+        help="""Requests of the pages to the hub's REST API in flight at once, at most (apart from
+        the service's cycle, which has its own).""",
     )
 
     history_limit = Int(

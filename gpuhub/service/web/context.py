@@ -38,8 +38,6 @@ from .snapshots import SnapshotAccess
 
 log = logging.getLogger("gpuhub.service")
 
-STATUS_PATH = "api/gpuhub/status"
-
 
 class ActionRefused(Exception):
     """An action the pages cannot take now; the message says why (HTTP 409)."""
@@ -53,15 +51,20 @@ class Pages:
     base_catalog: Callable[[], Catalog]
     base_quotas: Callable[[], QuotaConfig]
     executor: Any = None  # gpuhub.service.actions.Executor
+    board: Any = None  # gpuhub.service.reports.ReportBoard: the servers' reports and commands
     devices: Callable[[], list[Any]] = field(default=lambda: [])
     activity: ActivityLog = field(default_factory=ActivityLog)
     host: str = field(default_factory=socket.gethostname)
+    #: (user, server, hub model) -> the status document to show, or None (the service's reports)
+    status: Callable[[str, str, Mapping[str, Any]], Mapping[str, Any] | None] = field(
+        default=lambda user, server, model: None
+    )
     prefix: str = field(
         default_factory=lambda: os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/gpuhub/")
     )
 
     def __post_init__(self) -> None:
-        self.snapshots = SnapshotAccess(self.hub, self.settings)
+        self.snapshots = SnapshotAccess(self.board, self.settings)
 
     # -- catalogue and quotas -------------------------------------------------------------------
 
@@ -85,27 +88,21 @@ class Pages:
     # -- statuses -------------------------------------------------------------------------------
 
     async def status_of(
-        self, model: Mapping[str, Any], user: str = "", server: str = "", max_age: float = 0.0
+        self, model: Mapping[str, Any], user: str = "", server: str = ""
     ) -> tuple[Mapping[str, Any] | None, str | None]:
-        """A ready server's status document, or why not: the one the service's cycle read at
-        most `max_age` seconds ago, else read now (and recorded for the sparklines)."""
+        """A ready server's status as the service last saw it (its report, with each GPU's state
+        from the trusted source), or why there is none."""
         if not model.get("ready"):
             return None, None
-        if max_age > 0:
-            cached = self.activity.latest(user, server, max_age)
-            if cached is not None:
-                return cached, None
-        try:
-            data = await self.hub.server_get(
-                model, STATUS_PATH, timeout=self.settings.status_timeout
+        document = self.status(user, server, model)
+        if document is None:
+            return None, (
+                "the server has not reported its GPUs recently (gpuhub's extension is off, or "
+                "the server does not answer)"
             )
-        except HubAPIError as e:
-            return None, f"the server's GPU status cannot be read ({e.status} {e.message})"
-        if not isinstance(data, dict) or not isinstance(data.get("gpus"), list):
-            return None, "the server does not report its GPUs (gpuhub's extension is missing)"
-        self.activity.remember(user, server, data)
-        return data, None
+        return document, None
 
+    # -- the user's page ------------------------------------------------------------------------
     # -- the user's page ------------------------------------------------------------------------
 
     async def user_servers(self, name: str) -> dict[str, Any]:
@@ -219,8 +216,7 @@ class Pages:
         now = utcnow()
         catalog = self.catalog()
         running = await self.ready_servers()
-        max_age = self.settings.status_max_age
-        results = await asyncio.gather(*(self.status_of(m, u, s, max_age) for u, s, m in running))
+        results = await asyncio.gather(*(self.status_of(m, u, s) for u, s, m in running))
         self.activity.forget_others({(u, s) for u, s, _m in running})
         statuses = {
             (u, s): status for (u, s, _m), (status, _e) in zip(running, results, strict=True)
@@ -463,7 +459,7 @@ class Pages:
         from .registration import register
 
         registration = parse_csv(data)
-        hub = HubClient(self.hub.api_url, token, self.hub.proxy_url, retries=0)
+        hub = HubClient(self.hub.api_url, token, retries=0)
         try:
             report = await register(hub, registration, dry_run=dry_run)
         except HubAPIError as e:

@@ -144,7 +144,7 @@ def main(argv: list[str]) -> int:
         return 1
 
     async def run() -> dict[str, Any]:
-        hub = HubClient(args.hub_api, token, args.hub_api)
+        hub = HubClient(args.hub_api, token)
         try:
             return await register(hub, registration, dry_run=args.dry_run)
         finally:

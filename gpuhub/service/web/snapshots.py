@@ -1,10 +1,11 @@
 """A user's kernel snapshots, as the pages list, delete and choose them for the next start.
 
 Snapshots live in the user's home (`~/.gpuhub/snapshots/<key>/<name>/`, see `gpuhub.snapshot`).
-The server extension serves them (`/api/gpuhub/snapshots...`); while one of the user's servers
-runs, the pages go through it (the proxy, with the service's `access:servers`). While none runs,
-and only where the service sees the homes (`GpuhubPages.snapshot_home_template`, the local
-backend), the pages read the folder themselves with the same on-disk rules.
+While one of the user's servers runs, the pages send it a command (`gpuhub.protocol`: the server
+lists, deletes or chooses snapshots for its own user and reports the result; no credential goes
+to the server). While none runs, and only where the service sees the homes
+(`GpuhubPages.snapshot_home_template`, the local backend), the pages read the folder themselves
+with the same on-disk rules.
 """
 
 from __future__ import annotations
@@ -13,14 +14,12 @@ import asyncio
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
+from ... import protocol
 from ... import snapshot_files as files
-from ..hubapi import HubAPIError, HubClient
+from ..reports import CommandTimeout, ReportBoard
 from . import views
 from .config import GpuhubPages
-
-LIST_PATH = "api/gpuhub/snapshots"
 
 
 class SnapshotError(Exception):
@@ -75,8 +74,8 @@ def _in_folder(operation: Any, *args: Any) -> None:
 
 
 class SnapshotAccess:
-    def __init__(self, hub: HubClient, settings: GpuhubPages) -> None:
-        self.hub = hub
+    def __init__(self, board: ReportBoard, settings: GpuhubPages) -> None:
+        self.board = board
         self.settings = settings
 
     def home_root(self, user: str) -> Path | None:
@@ -96,24 +95,22 @@ class SnapshotAccess:
     async def listing(self, user: str, servers: Mapping[str, Any]) -> dict[str, Any]:
         running = self.running(servers)
         if running is not None:
-            name, model = running
+            name, _model = running
             try:
-                data = await self.hub.server_get(
-                    model, LIST_PATH, timeout=self.settings.status_timeout
-                )
-            except HubAPIError as e:
+                data = await self._command(user, name, protocol.SNAPSHOTS_LIST, {})
+                items = protocol.parse_snapshot_listing(data)
+            except (SnapshotError, protocol.ProtocolError) as e:
                 return {
                     "available": False,
                     "source": "server",
                     "items": [],
-                    "note": f"Your snapshots cannot be listed right now ({e.status} {e.message}).",
+                    "note": f"Your snapshots cannot be listed right now ({e}).",
                 }
-            items = data.get("snapshots") if isinstance(data, Mapping) else None
             return {
                 "available": True,
                 "source": "server",
                 "server": name,
-                "items": [_entry(i, name) for i in items or () if isinstance(i, Mapping)],
+                "items": [_entry(i, name) for i in items],
                 "note": "",
             }
         root = self.home_root(user)
@@ -132,14 +129,11 @@ class SnapshotAccess:
             "note": "Start one of your servers to see your snapshots: they live in its home.",
         }
 
-    def _path(self, key: str, name: str, action: str = "") -> str:
-        path = f"{LIST_PATH}/{quote(check_key(key), safe='')}/{quote(check_name(name), safe='')}"
-        return f"{path}/{action}" if action else path
-
     async def delete(self, user: str, servers: Mapping[str, Any], key: str, name: str) -> None:
         running = self.running(servers)
         if running is not None:
-            await self._server_call("DELETE", running[1], self._path(key, name))
+            args = {"key": check_key(key), "name": check_name(name)}
+            await self._command(user, running[0], protocol.SNAPSHOTS_DELETE, args)
             return
         root = self._root_or_refuse(user)
         await asyncio.to_thread(_in_folder, files.delete, root, key, name)
@@ -149,11 +143,8 @@ class SnapshotAccess:
     ) -> None:
         running = self.running(servers)
         if running is not None:
-            if name is None:
-                path = f"{LIST_PATH}/{quote(check_key(key), safe='')}/restore-next"
-                await self._server_call("DELETE", running[1], path)
-            else:
-                await self._server_call("PUT", running[1], self._path(key, name, "restore-next"))
+            args = {"key": check_key(key), "name": None if name is None else check_name(name)}
+            await self._command(user, running[0], protocol.SNAPSHOTS_RESTORE_NEXT, args)
             return
         root = self._root_or_refuse(user)
         await asyncio.to_thread(_in_folder, files.pin, root, key, name)
@@ -164,13 +155,17 @@ class SnapshotAccess:
             raise SnapshotError(409, "start one of your servers first: your snapshots live there")
         return root
 
-    async def _server_call(self, method: str, model: Mapping[str, Any], path: str) -> None:
-        timeout = self.settings.status_timeout
+    async def _command(self, user: str, server: str, kind: str, args: dict[str, Any]) -> Any:
+        """Have the user's running server carry out `kind`; its result's data, or
+        `SnapshotError` with the status to answer."""
         try:
-            if method == "PUT":
-                await self.hub.server_put(model, path, {}, timeout=timeout)
-            else:
-                await self.hub.server_delete(model, path, timeout=timeout)
-        except HubAPIError as e:
-            status = e.status if e.status in (400, 404, 409) else 502
-            raise SnapshotError(status, e.message) from e
+            result = await self.board.request(
+                (user, server), kind, args, self.settings.status_timeout
+            )
+        except CommandTimeout as e:
+            raise SnapshotError(504, f"the server did not answer: {e}") from e
+        if not result.ok:
+            data = result.data if isinstance(result.data, Mapping) else {}
+            status = data.get("status") if data.get("status") in (400, 404, 409) else 502
+            raise SnapshotError(status, result.error or "the server could not do it")
+        return result.data
