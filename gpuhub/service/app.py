@@ -584,13 +584,10 @@ class GpuhubService(Application):
         self.ledger.refresh()
         if not self.dry_run:
             self.executor.resume_interrupted()
-        users = await self.client.ready_users()
+        running, leases = await self.refresh_targets()
         now = time.time()
-        running = running_servers(users)
         by_key = {s.key: s for s in running}
         self.board.prune(by_key)
-        leases = self.store.leases()
-        self.targets = self.make_targets(running, leases)
         devices = {t.key: t.devices for t in self.targets}
         self.tracker.forget_others(devices)
         candidates = [s for s in running if not self.executor.busy(s.key)]
@@ -640,6 +637,13 @@ class GpuhubService(Application):
         started = parse_time(server.started)
         found = self.board.latest(server.key, self.report_max_age, not_before=started)
         return found.status if found is not None else None
+
+    async def refresh_targets(self) -> tuple[list[RunningServer], list[Any]]:
+        """The ready servers and the leases; the trusted source reads the GPUs of these."""
+        running = running_servers(await self.client.ready_users())
+        leases = self.store.leases()
+        self.targets = self.make_targets(running, leases)
+        return running, leases
 
     def make_targets(self, running: list[RunningServer], leases: list[Any]) -> list[ServerTarget]:
         """The servers holding GPUs, with their leased devices (local backend) and pods."""
@@ -816,6 +820,13 @@ class GpuhubService(Application):
 
     # -- running ---------------------------------------------------------------------------------
 
+    def listen(self) -> HTTPServer:
+        """Start the web server at `bind_url` on the running event loop."""
+        bind = urlparse(self.bind_url)
+        server = HTTPServer(self.make_web_app(), xheaders=True, max_body_size=self.max_body_size)
+        server.listen(bind.port or 80, bind.hostname or "127.0.0.1")
+        return server
+
     def start(self) -> None:
         if self.generate_config:
             print(self.generate_config_file())
@@ -856,6 +867,7 @@ class GpuhubService(Application):
                     await asyncio.wait_for(stopping.wait(), pause)
         finally:
             server.stop()
+            self.board.close()
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler

@@ -196,6 +196,7 @@ class ReportBoard:
         self._futures: dict[str, tuple[Key, asyncio.Future]] = {}
         self._wake: dict[Key, asyncio.Event] = {}
         self._per_user: dict[str, set[str]] = {}
+        self._generation: dict[Key, int] = {}
         self.refused = 0
 
     # -- reports ---------------------------------------------------------------------------------
@@ -212,6 +213,7 @@ class ReportBoard:
             return False
         names.add(report.server)
         self.reports[key] = ServerReport(report.status, time.time() if now is None else now)
+        self._generation[key] = self._generation.get(key, 0) + 1
         for result in report.results:
             self._resolve(key, result)
         return True
@@ -235,6 +237,7 @@ class ReportBoard:
         keep = set(keep)
         for key in [k for k in self.reports if k not in keep]:
             del self.reports[key]
+            self._generation.pop(key, None)
             names = self._per_user.get(key[0])
             if names is not None:
                 names.discard(key[1])
@@ -279,17 +282,31 @@ class ReportBoard:
             event = self._wake[key] = asyncio.Event()
         return event
 
-    async def commands_for(self, key: Key, hold: float) -> list[Command]:
-        """The commands waiting for `key` (delivered once), waiting up to `hold` seconds for one."""
+    def generation(self, key: Key) -> int:
+        """How many reports of `key` were accepted: identifies the latest one."""
+        return self._generation.get(key, 0)
+
+    async def commands_for(
+        self, key: Key, hold: float, generation: int | None = None
+    ) -> list[Command]:
+        """The commands waiting for `key` (delivered once), waiting up to `hold` seconds for one.
+        A held report that a newer one (`generation`) overtook gets none: they go to the newer."""
         if not self._pending.get(key) and hold > 0:
             event = self._event(key)
             event.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(event.wait(), hold)
+        if generation is not None and generation != self._generation.get(key):
+            return []
         commands = self._pending.pop(key, [])
         if not self._pending.get(key):
             self._wake.pop(key, None)
         return commands
+
+    def close(self) -> None:
+        """End every held report (the service stops)."""
+        for event in self._wake.values():
+            event.set()
 
     def wake(self, key: Key) -> None:
         """End a held report of `key` (a newer one came)."""
@@ -376,7 +393,8 @@ class ReportHandler(web.RequestHandler):
         self.board.wake(key)  # an older report still held ends now
         if not self.board.accept(self.identity.user, report):
             raise web.HTTPError(429, "too many servers of this user report")
-        commands = await self.board.commands_for(key, min(wait, self.max_hold))
+        generation = self.board.generation(key)
+        commands = await self.board.commands_for(key, min(wait, self.max_hold), generation)
         self.set_header("Content-Type", "application/json")
         self.finish(
             json.dumps(

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from gpuhub import protocol
+
 pytestmark = pytest.mark.slow
 
 
@@ -47,6 +49,9 @@ def test_busy_idle_unknown_and_unavailable(jupyter_server, scenario, gpu):
         }
     )
     status = server.wait_for(lambda: (s := server.status())["nvml"]["sampled_at"] and s)
+    # what the extension produces is what the service's one parser accepts, unchanged
+    parsed = protocol.parse_status(status)
+    assert protocol.parse_status(protocol.status_document(parsed)) == parsed
     assert status["interface"] == "lab" and status["environment"] == "pytorch"
     assert status["nvml"]["available"] and status["nvml"]["simulated"]
     gpus = {g["uuid"]: g for g in status["gpus"]}

@@ -37,8 +37,8 @@ def service_hub(tmp_path_factory, run_marker):
             "GPUHUB_DEMO_SERVICE_PORT": str(port),
         },
     )
-    # The hub waits up to 30 s for an external service's address to answer HTTP; the tests run
-    # the service without its web server, so something answers there while the hub starts.
+    # The hub waits up to 30 s for an external service's address to answer HTTP; the tests start
+    # the service later, so something answers there while the hub starts.
     placeholder = http.server.HTTPServer(("127.0.0.1", port), Answer)
     thread = threading.Thread(target=placeholder.serve_forever, daemon=True)
     thread.start()
@@ -50,7 +50,9 @@ def service_hub(tmp_path_factory, run_marker):
     # The service counts the pool with NVML, like the hub: the same simulated GPUs.
     previous = os.environ.get(nvml.FAKE_ENV)
     os.environ[nvml.FAKE_ENV] = str(hub.state_dir / "simulated-gpus.json")
-    yield ServiceHub(hub, token)
+    sh = ServiceHub(hub, token, service_port=port)
+    yield sh
+    sh.stop_service()
     if previous is None:
         os.environ.pop(nvml.FAKE_ENV, None)
     else:

@@ -26,7 +26,6 @@ from gpuhub.testing import Hub, execute, wait_for
 FAST = {
     "request_timeout": 5.0,
     "connect_timeout": 3.0,
-    "status_timeout": 5.0,
     "retries": 1,
     "retry_backoff": 0.1,
     "snapshot_timeout": 60.0,
@@ -34,7 +33,46 @@ FAST = {
     "spawn_timeout": 120.0,
     "interval": 2.0,
     "snapshot_retry": 3600.0,
+    "activity_interval": 0.5,
+    "max_gap_seconds": 10.0,
+    "command_timeout": 30.0,
 }
+
+
+class LiveService:
+    """A gpuhub service whose web server (the servers' reports, the pages) and trusted-activity
+    sampler run in a thread of their own, at the address the hub routes /services/gpuhub/ to;
+    the tests drive its cycles (`cycle`)."""
+
+    def __init__(self, service: GpuhubService) -> None:
+        self.service = service
+        ready = threading.Event()
+
+        def run() -> None:
+            async def main() -> None:
+                self.loop = asyncio.get_running_loop()
+                self.stopping = asyncio.Event()
+                server = service.listen()
+                sampler = asyncio.create_task(service.sample_forever(self.stopping))
+                ready.set()
+                await self.stopping.wait()
+                server.stop()
+                service.board.close()
+                sampler.cancel()
+                await service.executor.wait()
+
+            asyncio.run(main())
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def call(self, make: Any, timeout: float = 600) -> Any:
+        return asyncio.run_coroutine_threadsafe(make(), self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.stopping.set)
+        self.thread.join(30)
 
 
 @dataclass
@@ -43,6 +81,8 @@ class ServiceHub:
 
     hub: Hub
     token: str
+    service_port: int = 0
+    live: LiveService | None = None
 
     @property
     def store(self) -> Store:
@@ -56,13 +96,17 @@ class ServiceHub:
     def scenario(self) -> Path:
         return self.hub.state_dir / "simulated-gpus.json"
 
-    def service(self, **settings: Any) -> GpuhubService:
+    def service(self, *, live: bool = True, **settings: Any) -> GpuhubService:
+        """A service with the test's settings. `live`: serving at the hub's service address
+        (servers report to it) until the next one, or `stop_service`."""
         c = Config()
         values = {
             "hub_api_url": self.hub.api,
             "api_token": self.token,
-            "proxy_url": self.hub.url,
+            "hub_public_url": self.hub.url,
             "store_url": self.store_url,
+            "bind_url": f"http://127.0.0.1:{self.service_port}",
+            "service_prefix": "/services/gpuhub/",
             **FAST,
             **settings,
         }
@@ -70,7 +114,39 @@ class ServiceHub:
             setattr(c.GpuhubService, name, value)
         service = GpuhubService(config=c)
         service.setup()
+        if live:
+            self.stop_service()
+            self.live = LiveService(service)
+            service.live = self.live  # type: ignore[attr-defined]
+            self.prime(service)
         return service
+
+    def prime(self, service: GpuhubService) -> None:
+        """Let a new service hear from every running server, and read the GPUs long enough for
+        its shortest GPU idle timeout (at most 5 s) to be reachable."""
+        live = service.live  # type: ignore[attr-defined]
+        running, _leases = live.call(service.refresh_targets)
+        for server in running:
+            self.wait_reported(service, server.user, server.server)
+        time.sleep(min(5.0, service.gpu_idle_timeout, service.gpu_idle_timeout_under_demand) + 1.5)
+
+    def stop_service(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+    def wait_reported(self, service: GpuhubService, name: str, server: str = "") -> None:
+        """Wait until the server's current run has reported to `service`."""
+
+        def reported() -> bool:
+            model = self.model(name, server)
+            if model is None:
+                return False
+            from gpuhub.service.servers import RunningServer
+
+            return service.report_of(RunningServer(name, server, frozenset(), model)) is not None
+
+        wait_for(reported, timeout=60, interval=0.2, what=f"{name}/{server} to report")
 
     # -- servers ---------------------------------------------------------------------------------
 
@@ -166,13 +242,18 @@ def last_line(output: str) -> str:
 
 
 def cycle(service: GpuhubService) -> list[Any]:
-    """One service cycle, and every action it started, to the end."""
+    """One service cycle, and every action it started, to the end (in the service's own event
+    loop when it is live, where the servers' reports arrive)."""
 
     async def go() -> list[Any]:
+        await service.sample_activity()
         actions = await service.run_cycle()
         await service.executor.wait()
         return actions
 
+    live = getattr(service, "live", None)
+    if live is not None:
+        return live.call(go)
     return asyncio.run(go())
 
 

@@ -115,5 +115,12 @@ def test_web_endpoints_and_the_pages_hook(tmp_path, monkeypatch):
     report = json.loads(health_after.body)
     # the health probe says that the cycle failed, and nothing about users or servers
     assert health_after.code == 503 and "failed" in report["last_error"]
-    assert set(report) == {"ok", "cycles", "last_cycle", "last_error", "dry_run", "actions_under_way"}
+    assert set(report) == {
+        "ok",
+        "cycles",
+        "last_cycle",
+        "last_error",
+        "dry_run",
+        "actions_under_way",
+    }
     assert service.metrics.registry.get_sample_value("gpuhub_cycle_errors_total") == 1

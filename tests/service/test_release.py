@@ -128,7 +128,7 @@ def test_dry_run_changes_nothing(service_hub):
     assert sh.model("dry-dan")["user_options"]["gpus"] == 1
     assert len(sh.devices("dry-dan")) == 1
     assert len(sh.store.actions()) == before
-    assert service.health()["last_decisions"][0]["user"] == "dry-dan"
+    assert service.executor.planned[0]["user"] == "dry-dan"
     assert metric(service, "gpuhub_dry_run") == 1
     sh.stop_everything()
 

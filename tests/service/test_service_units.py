@@ -8,6 +8,7 @@ import pytest
 
 from gpuhub.idle import BUSY, IDLE, UNKNOWN, Activity
 from gpuhub.policy import RULE_MAX_LEASE_WARNING, Demand, Rules, Waiting, decide
+from gpuhub.protocol import parse_snapshot_result, parse_status
 from gpuhub.service import notices, scopes
 from gpuhub.service.actions import (
     Ledger,
@@ -16,7 +17,6 @@ from gpuhub.service.actions import (
     check_snapshot,
 )
 from gpuhub.service.demand import Pool, Queued, demand_from, queue_by_type
-from gpuhub.protocol import parse_snapshot_result, parse_status
 from gpuhub.service.servers import parse_time, running_servers, view_from
 from gpuhub.store import Store
 
