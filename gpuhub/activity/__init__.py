@@ -23,6 +23,8 @@ class GpuSample:
     utilization: float | None  # percent, 0..100; None: the source has no reading
     memory_used: int | None  # bytes; None: unknown
     at: float  # Unix seconds of the reading
+    #: memory-controller (copy engine) utilisation, percent 0..100; None: unknown
+    memory_util: float | None = None
 
 
 @dataclass(frozen=True)
