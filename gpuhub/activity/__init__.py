@@ -37,6 +37,9 @@ class ServerTarget:
     devices: tuple[str, ...] = ()  # local backend: the leased GPU/MIG UUIDs
     namespace: str | None = None  # Kubernetes: where the server's pod runs
     pod: str | None = None
+    #: Unix seconds the server (its current pod) started: readings taken earlier belong to an
+    #: earlier run (a pod of the same name) and are not the server's. None: no such filter.
+    since: float | None = None
 
     @property
     def key(self) -> ServerKey:

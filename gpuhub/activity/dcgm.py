@@ -9,8 +9,9 @@ What a series means:
 - its `UUID` label is the GPU. On a MIG slice dcgm-exporter puts the *parent* GPU's UUID there and
   adds `GPU_I_ID` (the GPU instance) and `GPU_I_PROFILE`: a slice is `UUID/GPU_I_ID` (the
   profile is not part of its identity, an instance id is unique on its GPU);
-- its newest sample is the reading; one older than the staleness window, or that is not a finite
-  number, is no reading.
+- its newest sample is the reading; one older than the staleness window or than the target's
+  `since` (the series of an earlier pod of the same name), or that is not a finite number >= 0,
+  is no reading (a percentage above 100 counts as 100).
 
 A device's utilisation is the highest of its fresh utilisation series (`DCGM_FI_DEV_GPU_UTIL` in
 percent, `DCGM_FI_PROF_GR_ENGINE_ACTIVE` as a 0..1 ratio, the only one a MIG slice has), so a GPU
@@ -204,7 +205,7 @@ def readings(
             out.stale += 1
             continue
         t, raw = max(s.samples, key=lambda sample: sample[0])
-        if t < now - staleness_s:
+        if t < now - staleness_s or (target.since is not None and t < target.since):
             out.stale += 1
             continue
         value = _number(raw)

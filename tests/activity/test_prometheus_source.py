@@ -566,3 +566,23 @@ async def test_an_unexpected_error_is_logged_not_raised(prom, source, caplog, mo
     monkeypatch.setattr(module, "readings", broken)
     assert await source.sample([target("ada")]) == {}
     assert any("RuntimeError: a bug" in m for m in warnings(caplog))
+
+
+async def test_readings_of_an_earlier_pod_of_the_same_name_are_not_the_servers(
+    prom, source
+) -> None:  # type: ignore[no-untyped-def]
+    """A server restarted (a GPU given back) runs in a new pod of the same name: the old pod's
+    series, still inside the staleness window, are not its readings."""
+    now = time.time()
+    prom.scrape(
+        f'DCGM_FI_DEV_GPU_UTIL{{{A100},container="notebook",namespace="jhub",pod="jupyter-ada"}} 0',
+        now - 60,
+    )
+    prom.scrape(
+        f'DCGM_FI_DEV_GPU_UTIL{{{A100_1},container="notebook",namespace="jhub",pod="jupyter-ada"}} 55',
+        now - 10,
+    )
+    got = await source.sample([target("ada")])
+    assert [s.device for s in got[("ada", "")]] == [A100_UUID, A100_1_UUID]  # without `since`
+    got = await source.sample([target("ada", since=now - 30)])
+    assert [(s.device, s.utilization) for s in got[("ada", "")]] == [(A100_1_UUID, 55.0)]
