@@ -282,10 +282,11 @@ class PrometheusActivitySource(LoggingConfigurable):
             raise AnswerTooLarge(f"answer larger than max_answer_bytes ({self.max_answer_bytes})")
         if error is not None:
             raise QueryFailed(f"cannot reach {self.url}: {type(error).__name__}: {error}")
+        if response.code == 599:  # timeout, or no answer at all
+            raise QueryFailed(f"cannot reach {self.url}: {response.error}")
         body = b"".join(chunks)
         if response.code != 200:
-            detail = str(response.error) if response.code == 599 else _error_text(body)
-            raise QueryFailed(f"{self.url} answered {response.code}: {detail}")
+            raise QueryFailed(f"{self.url} answered {response.code}: {_error_text(body)}")
         return body
 
     def _token(self) -> str:
