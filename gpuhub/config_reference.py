@@ -22,6 +22,7 @@ CLASSES = [
     "gpuhub.server.app:GpuhubExtension",
     "gpuhub.service.app:GpuhubService",
     "gpuhub.service.web.config:GpuhubPages",
+    "gpuhub.activity.prometheus:PrometheusActivitySource",
     "gpuhub.demo:DemoAuthenticator",
 ]
 

@@ -244,6 +244,40 @@ def _aware(value: datetime) -> datetime:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
 
 
+class ServerPodRow(Base):
+    """Where a server's pod runs on Kubernetes (set by GPUKubeSpawner when the server has
+    started, removed when it stops): how the gpuhub service finds the server's series in the
+    cluster's GPU metrics. A pod belongs to one server at a time."""
+
+    __tablename__ = "server_pods"
+    __table_args__ = (UniqueConstraint("namespace", "pod", name="uq_server_pods_pod"),)
+
+    user: Mapped[str] = mapped_column(String(255), primary_key=True)
+    server: Mapped[str] = mapped_column(String(255), primary_key=True, default="")
+    namespace: Mapped[str] = mapped_column(String(63))
+    pod: Mapped[str] = mapped_column(String(253))
+    node: Mapped[str | None] = mapped_column(String(253), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+@dataclass(frozen=True)
+class ServerPod:
+    user: str
+    server: str
+    namespace: str
+    pod: str
+    node: str | None
+    updated_at: datetime
+
+    @property
+    def holder(self) -> tuple[str, str]:
+        return (self.user, self.server)
+
+
+def _to_server_pod(row: ServerPodRow) -> ServerPod:
+    return ServerPod(row.user, row.server, row.namespace, row.pod, row.node, _aware(row.updated_at))
+
+
 def _to_entry(row: QueueRow) -> QueueEntry:
     return QueueEntry(
         user=row.user,
@@ -506,6 +540,52 @@ class Store:
                 s.delete(row)
             s.commit()
             return [_to_entry(r) for r in rows]
+
+    # -- where servers run (Kubernetes) ------------------------------------------------------------
+
+    def set_server_pod(
+        self, user: str, server: str, namespace: str, pod: str, node: str | None = None
+    ) -> ServerPod:
+        """Record that `user`'s `server` runs in `namespace`/`pod` (on `node`). Another server's
+        claim on the same pod (left over from a stop that was not recorded) is dropped."""
+        with self.session() as s:
+            s.execute(
+                delete(ServerPodRow).where(
+                    ServerPodRow.namespace == namespace,
+                    ServerPodRow.pod == pod,
+                    (ServerPodRow.user != user) | (ServerPodRow.server != server),
+                )
+            )
+            row = s.get(ServerPodRow, (user, server))
+            if row is None:
+                row = ServerPodRow(user=user, server=server)
+                s.add(row)
+            row.namespace = namespace
+            row.pod = pod
+            row.node = node
+            row.updated_at = utcnow()
+            s.commit()
+            return _to_server_pod(row)
+
+    def remove_server_pod(self, user: str, server: str) -> bool:
+        """Forget where `user`'s `server` ran (it stopped)."""
+        with self.session() as s:
+            deleted = s.execute(
+                delete(ServerPodRow).where(ServerPodRow.user == user, ServerPodRow.server == server)
+            )
+            s.commit()
+            return bool(deleted.rowcount)
+
+    def server_pod(self, user: str, server: str) -> ServerPod | None:
+        with self.session() as s:
+            row = s.get(ServerPodRow, (user, server))
+            return _to_server_pod(row) if row is not None else None
+
+    def server_pods(self) -> dict[tuple[str, str], ServerPod]:
+        """(user, server) -> where it runs, for every server with a recorded pod."""
+        with self.session() as s:
+            rows = s.scalars(select(ServerPodRow).order_by(ServerPodRow.user, ServerPodRow.server))
+            return {(r.user, r.server): _to_server_pod(r) for r in rows}
 
     # -- actions (history of releases, stops and warnings) -------------------------------------
 

@@ -23,8 +23,8 @@ class GpuSample:
     utilization: float | None  # percent, 0..100; None: the source has no reading
     memory_used: int | None  # bytes; None: unknown
     at: float  # Unix seconds of the reading
-    #: memory-controller utilisation, percent; None where the source has no such reading (the
-    #: GPU utilisation alone then decides idle or busy)
+    #: memory-controller utilisation, percent 0..100; None where the source has no such reading
+    #: (the GPU utilisation alone then decides idle or busy)
     memory_utilization: float | None = None
 
 
@@ -38,6 +38,9 @@ class ServerTarget:
     devices: tuple[str, ...] = ()  # local backend: the leased GPU/MIG UUIDs
     namespace: str | None = None  # Kubernetes: where the server's pod runs
     pod: str | None = None
+    #: Unix seconds the server (its current pod) started: readings taken earlier belong to an
+    #: earlier run (a pod of the same name) and are not the server's. None: no such filter.
+    since: float | None = None
 
     @property
     def key(self) -> ServerKey:

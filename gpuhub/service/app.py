@@ -524,7 +524,7 @@ class GpuhubService(Application):
             from ..activity.nvml_source import NvmlActivitySource
 
             return NvmlActivitySource(interval=self.activity_interval)
-        if self.activity_source == "prometheus":
+        if self.activity_source == "prometheus":  # Kubernetes
             from ..activity.prometheus import PrometheusActivitySource
 
             return PrometheusActivitySource(parent=self)
@@ -669,6 +669,7 @@ class GpuhubService(Application):
                     devices=tuple(sorted(devices.get(server.key, ()))),
                     namespace=namespace,
                     pod=pod,
+                    since=parse_time(server.started),
                 )
             )
         return out
@@ -881,6 +882,8 @@ class GpuhubService(Application):
                     self.log.warning("gpuhub: leaving actions unfinished; the next run ends them")
             self.client.close()
             self.server_auth.close()
+            if self.activity is not None:
+                self.activity.close()
 
     async def sample_forever(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():

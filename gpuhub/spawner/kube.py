@@ -184,3 +184,27 @@ class GPUKubeSpawner(GPUQueueMixin, GPUSpawnerMixin, KubeSpawner):
 
             # Nothing free: wait in gpuhub's queue, not as a Pending pod in the scheduler's.
             await self.wait_for_gpus(selection, catalog, take)
+
+    # -- where the server runs: the pod whose GPU series the gpuhub service reads ----------------
+
+    async def start(self) -> Any:
+        url = await super().start()
+        pod = self.pod_reflector.pods.get(f"{self.namespace}/{self.pod_name}") or {}
+        self._record_pod((pod.get("spec") or {}).get("nodeName") or None)
+        return url
+
+    async def stop(self, now: bool = False) -> None:
+        try:
+            await super().stop(now=now)
+        finally:
+            self._record_pod(None, stopped=True)
+
+    def _record_pod(self, node: str | None, stopped: bool = False) -> None:
+        user, server = self.user.name, self.name
+        try:
+            if stopped:
+                self.store.remove_server_pod(user, server)
+            else:
+                self.store.set_server_pod(user, server, self.namespace, self.pod_name, node)
+        except Exception as e:  # the server runs or stops all the same; its GPU activity is unknown
+            self.log.error("gpuhub: cannot record the pod of %s: %s", self._log_name, e)
