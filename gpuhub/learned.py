@@ -203,6 +203,8 @@ class GapModel:
     def __post_init__(self) -> None:
         self.histories: dict[tuple[str, str], History] = {}
         self.open: dict[tuple[str, str], OpenGap] = {}
+        #: servers whose pause under way began, went away or ended since `take_changed`
+        self.open_changed: set[tuple[str, str]] = set()
         #: (scope, key) of histories changed since `take_changed` last ran
         self.changed: set[tuple[str, str]] = set()
         self._cache: dict[tuple[str, str], tuple[tuple[Any, ...], IdleTimeout]] = {}
@@ -236,10 +238,28 @@ class GapModel:
         h = self.histories.get((scope, key))
         return h.to_json() if h is not None else []
 
-    def take_changed(self) -> set[tuple[str, str]]:
-        """The (scope, key) pairs changed since the last call (to save them)."""
+    def take_changed(self) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+        """The histories ((scope, key)) and open pauses (server keys) changed since the last
+        call, to save them."""
         out, self.changed = self.changed, set()
-        return out
+        opened, self.open_changed = self.open_changed, set()
+        return out, opened
+
+    def open_to_json(self, view_key: tuple[str, str]) -> list[float] | None:
+        gap = self.open.get(view_key)
+        if gap is None:
+            return None
+        return [round(gap.start, 1), round(gap.seen, 1), 1 if gap.away else 0]
+
+    def load_open(self, view_key: tuple[str, str], data: Any, now: float) -> None:
+        """Restore a pause under way saved with `open_to_json`; it counts as present `now`."""
+        if (
+            isinstance(data, list)
+            and len(data) == 3
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in data)
+        ):
+            start, seen, away = data
+            self.open[view_key] = OpenGap(float(start), float(seen), now, bool(away))
 
     def _bump(self, scope: str, key: str) -> None:
         self._versions[(scope, key)] = self._versions.get((scope, key), 0) + 1
@@ -279,19 +299,22 @@ class GapModel:
             if gap is not None:
                 gap.present = now
             if view.gpus <= 0 or not view.status_readable:
-                if gap is not None:
+                if gap is not None and not gap.away and view.gpus <= 0:
                     gap.away = True
+                    self.open_changed.add(view.key)
                 continue
             idle_for = view.gpu_idle_for(now)
             if idle_for is not None:
                 start = now - idle_for
                 if gap is None:
                     self.open[view.key] = OpenGap(start, now, now)
+                    self.open_changed.add(view.key)
                 elif start > gap.start + 1.0:
                     # A new idle period: the pause ended when the GPUs were used again (or when
                     # the server came back with its GPUs).
                     self.record(view.key, Gap(max(0.0, start - gap.start)))
                     self.open[view.key] = OpenGap(start, now, now)
+                    self.open_changed.add(view.key)
                 else:
                     gap.seen = now
             elif view.gpu_busy() and gap is not None:
@@ -300,16 +323,19 @@ class GapModel:
                     end = view.started
                 self.record(view.key, Gap(max(0.0, end - gap.start)))
                 del self.open[view.key]
+                self.open_changed.add(view.key)
         for key, gap in list(self.open.items()):
             if key not in present and now - gap.present > self.absent_grace:
                 # The server went away: the pause ended without the user coming back.
                 self.record(key, Gap(max(0.0, gap.present - gap.start), returned=False))
                 del self.open[key]
+                self.open_changed.add(key)
         if len(self.open) > self.settings.max_keys:
             for key in sorted(self.open, key=lambda k: self.open[k].present)[
                 : len(self.open) - self.settings.max_keys
             ]:
                 del self.open[key]
+                self.open_changed.add(key)
 
     # -- deciding ----------------------------------------------------------------------------
 

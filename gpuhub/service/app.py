@@ -48,6 +48,7 @@ from .demand import (
     waiting_entries,
 )
 from .hubapi import HubAPIError, HubClient
+from .learning import LearnedRelease
 from .metrics import Metrics
 from .servers import RunningServer, StatusResult, read_status, running_servers, view_from
 
@@ -74,6 +75,7 @@ class GpuhubService(Application):
     """The gpuhub hub service: GPU release, state-preserving culling, reclaim under demand."""
 
     name = "gpuhub-service"
+    classes = [LearnedRelease]
     description = __doc__.split("\n\n")[0] if __doc__ else ""
 
     aliases = {
@@ -293,6 +295,13 @@ class GpuhubService(Application):
         help="""Stop a server (after a snapshot of its kernels) without user activity for this
         many seconds; 0 disables.""",
     )
+    release_policy = Unicode(
+        "flat",
+        config=True,
+        help="""When idle GPUs go back: "flat" (after `gpu_idle_timeout`) or "learned" (after
+        each server's own limit, learned from its, its user's and the site's pauses; settings
+        in `LearnedRelease`, see docs/gpu-release.md).""",
+    )
     max_gpu_lease = Dict(
         config=True,
         help="""Maximum GPU lease per group in seconds ({"students": 14400}; null: unlimited). A
@@ -390,6 +399,12 @@ class GpuhubService(Application):
             page_size=self.page_size,
         )
         self.store = Store.at(self.store_url)
+        if self.release_policy not in ("flat", "learned"):
+            self.exit_with(f"gpuhub service: bad setting: release_policy: {self.release_policy!r}")
+        try:
+            self.learning = LearnedRelease(self.store, parent=self)
+        except ValueError as e:
+            self.exit_with(f"gpuhub service: bad setting: LearnedRelease.{e}")
         self.metrics = Metrics()
         self.metrics.dry_run.set(1 if self.dry_run else 0)
         self.executor = Executor(
@@ -500,7 +515,10 @@ class GpuhubService(Application):
         entries = self.store.queue() if hasattr(self.store, "queue") else []
         queued = waiting_entries(entries, datetime.now(timezone.utc), self.queue_stale_after)
         pool = Pool(total=self.pool_totals(), allocated=allocated_by_type(leases))
-        actions = policy.decide(views, demand_from(queued, pool), now, self.policy_rules)
+        limits = None
+        if self.release_policy == "learned":
+            limits = self.learning.update(views, now, self.policy_rules.gpu_idle_timeout)
+        actions = policy.decide(views, demand_from(queued, pool), now, self.policy_rules, limits)
         if not self.dry_run:
             self.executor.close_abandoned(actions, by_key)
         self.executor.submit(actions, by_key)
