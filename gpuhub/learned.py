@@ -7,22 +7,21 @@ server's own limit instead of the flat `gpu_idle_timeout`.
 
 The model. A *pause* (an idle gap) starts when all of a server's GPUs turn idle and ends when the
 server uses a GPU again: its GPUs read busy, or the server comes back with GPUs after a release
-(the new run's idle period starts after the pause's start). A pause whose server goes away for
+(the new run's idle period starts after the pause's start); its length counts from the user's
+latest activity during it (`from_activity`). A pause whose server goes away for
 good (stopped, ended) ends *without a return*: releasing its GPUs early would have cost no
 restart. Completed pauses are kept per server (`user/server`), per user and for the whole site,
 the latest `gaps_per_key` of each (`gaps_site` for the site), so the state stays bounded.
 
-The decision. At idle age `a` the model estimates, from the pauses longer than `a`, how much
-longer the pause will last (mean residual idle time `m(a)`) and how likely it is to end with the
-user coming back (`p(a)`, the chance that a release costs a restart). The server's estimate is
-shrunk toward the user's, and the user's toward the site's, each with the weight of
-`prior_weight` pauses. Holding the GPUs costs `gpus * m(a)` GPU-hours, each worth
-`gpu_hour_value` seconds of a user's wait; releasing costs `p(a) * restart_cost` seconds of wait.
-The server's limit is the first age from `min_idle` on (in steps of `step`) where holding costs
-more, and never more than the flat `gpu_idle_timeout`. Gaps in idle time are heavy-tailed (after
-a few idle minutes a pause is ever more likely to be a long one), so this is usually a single
-crossing. With fewer than `min_history` site pauses longer than an age, the model says nothing
-from that age on: without history the flat timeout applies.
+The decision. A server's pauses are taken to follow a mixture of its own history, its user's and
+the site's, each history weighing its number of pauses against `prior_weight` pauses of the
+next. From idle age `a`, holding the GPUs until a later age `T` and then releasing costs
+`gpus * E[min(G, T) - a | G > a]` GPU-hours, each worth `gpu_hour_value` seconds of a user's
+wait, plus `restart_cost` times the chance that the pause outlasts `T` and the user comes back.
+The server's limit is the first age from `min_idle` on (in steps of `step`) at which releasing now
+is no dearer than any later `T`, holding to the end included, and at most `max_idle`. With fewer
+than `min_history` site pauses longer than an age the model says nothing from that age on:
+without history the flat `gpu_idle_timeout` applies.
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ class LearnedSettings:
       server with its GPUs and the restore of the kernels' state (60 s: a restart of about 30 s
       measured by the simulator's default and the restore of a few GB, see docs/performance.md).
     - `gpu_hour_value`: how many seconds of one user's wait one GPU-hour is worth. The higher, the
-      sooner idle GPUs go back. The default, 10 s, weighs a restart of 60 s like 6 idle
+      sooner idle GPUs go back. The default, 12 s, weighs a restart of 60 s like 5 idle
       GPU-hours: on the Adobe notebook trace it makes as many restarts as the flat 30-minute
       timeout (docs/performance.md), so it trades no restarts for the GPU-hours it gains.
     - `min_idle`: never release GPUs idle less than this, whatever the model says (3 minutes).
@@ -64,10 +63,13 @@ class LearnedSettings:
     - `max_keys`: servers and users with a history, at most (the least recently updated are
       forgotten first).
     - `step`: ages at which the model is asked, from `min_idle` on.
+    - `from_activity`: a pause's age counts from the user's latest activity during it (a CPU
+      cell run while the GPUs sit idle), not from the GPUs' idle start: a user at work in the
+      notebook is more likely to need the GPU again soon than one who left.
     """
 
     restart_cost: float = 60.0
-    gpu_hour_value: float = 10.0
+    gpu_hour_value: float = 12.0
     min_idle: float = 180.0
     max_idle: float = 7200.0
     prior_weight: float = 10.0
@@ -76,10 +78,15 @@ class LearnedSettings:
     gaps_site: int = 2000
     max_keys: int = 20000
     step: float = 60.0
+    from_activity: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "from_activity":
+                if not isinstance(value, bool):
+                    raise ValueError(f"{f.name}: must be true or false, not {value!r}")
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
                 raise ValueError(f"{f.name}: must be a number, not {value!r}")
             if f.name in ("min_history", "gaps_per_key", "gaps_site", "max_keys"):
@@ -170,6 +177,11 @@ class OpenGap:
     seen: float
     present: float
     away: bool = False  # seen without its GPUs since (released, or the server is gone)
+    active: float = 0.0  # the user's latest activity seen during the pause (0: none)
+
+    def since(self, from_activity: bool) -> float:
+        """Where the pause's age counts from: its start, or the user's latest activity."""
+        return max(self.start, self.active) if from_activity else self.start
 
 
 @dataclass(frozen=True)
@@ -312,22 +324,29 @@ class GapModel:
                 elif start > gap.start + 1.0:
                     # A new idle period: the pause ended when the GPUs were used again (or when
                     # the server came back with its GPUs).
-                    self.record(view.key, Gap(max(0.0, start - gap.start)))
+                    since = gap.since(self.settings.from_activity)
+                    self.record(view.key, Gap(max(0.0, start - since)))
                     self.open[view.key] = OpenGap(start, now, now)
                     self.open_changed.add(view.key)
                 else:
                     gap.seen = now
+                    if view.kernels_executing:
+                        gap.active = now
+                    elif view.last_activity is not None and view.last_activity <= now:
+                        gap.active = max(gap.active, view.last_activity)
             elif view.gpu_busy() and gap is not None:
                 end = now
                 if gap.away and view.started is not None and view.started > gap.seen:
                     end = view.started
-                self.record(view.key, Gap(max(0.0, end - gap.start)))
+                since = gap.since(self.settings.from_activity)
+                self.record(view.key, Gap(max(0.0, end - since)))
                 del self.open[view.key]
                 self.open_changed.add(view.key)
         for key, gap in list(self.open.items()):
             if key not in present and now - gap.present > self.absent_grace:
                 # The server went away: the pause ended without the user coming back.
-                self.record(key, Gap(max(0.0, gap.present - gap.start), returned=False))
+                since = gap.since(self.settings.from_activity)
+                self.record(key, Gap(max(0.0, gap.present - since), returned=False))
                 del self.open[key]
                 self.open_changed.add(key)
         if len(self.open) > self.settings.max_keys:
@@ -472,8 +491,24 @@ class GapModel:
     def timeouts(
         self, views: Sequence[ServerView], flat: float
     ) -> dict[tuple[str, str], IdleTimeout]:
-        """The learned limits of the views that hold GPUs (for `policy.decide`)."""
-        return {v.key: self.release_after(v, flat) for v in views if v.gpus > 0}
+        """The learned limits of the views that hold GPUs (for `policy.decide`).
+
+        With `from_activity`, a pause's age counts from the user's latest activity during it, so
+        the limit is moved by the time from the GPUs' idle start to that activity.
+        """
+        out = {}
+        for v in views:
+            if v.gpus <= 0:
+                continue
+            limit = self.release_after(v, flat)
+            gap = self.open.get(v.key)
+            if limit.learned and gap is not None and self.settings.from_activity:
+                shift = gap.since(True) - gap.start
+                if shift > 0:
+                    why = f"{limit.why} (counted from the last activity, {_minutes(shift)} later)"
+                    limit = IdleTimeout(limit.seconds + shift, why, True)
+            out[v.key] = limit
+        return out
 
     def summary(self) -> Mapping[str, int]:
         counts = {scope: 0 for scope in SCOPES}

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from traitlets import Float, Int
+from traitlets import Bool, Float, Int
 from traitlets.config import Configurable
 
 from ..learned import SCOPES, GapModel, IdleTimeout, LearnedSettings
@@ -83,6 +83,12 @@ class LearnedRelease(Configurable):
         help="""Servers and users with a history, at most; the store keeps at most twice this
         many rows (histories and pauses under way), dropping the least recently updated.""",
     )
+    from_activity = Bool(
+        _DEFAULTS.from_activity,
+        config=True,
+        help="""Count a pause from the user's latest activity during it (a cell run while the
+        GPUs sit idle) instead of from the GPUs' idle start.""",
+    )
     absent_grace = Float(
         900.0,
         config=True,
@@ -110,6 +116,7 @@ class LearnedRelease(Configurable):
             gaps_per_key=self.gaps_per_key,
             gaps_site=self.gaps_site,
             max_keys=self.max_keys,
+            from_activity=self.from_activity,
         )
 
     def load(self, now: float) -> None:

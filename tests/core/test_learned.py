@@ -222,3 +222,25 @@ def test_decide_never_releases_work_in_progress_under_a_learned_limit():
     )
     (action,) = decide([v], Demand(), NOW, Rules(), {v.key: IdleTimeout(3 * MIN, "x")})
     assert isinstance(action, Warn) and "a kernel is executing" in action.reason
+
+
+def test_a_pause_counts_from_the_users_last_activity():
+    m = GapModel()
+    m.observe([view("ada", 100.0, idle_since=0.0, last_activity=0.0)], 100.0)
+    # a CPU cell at 600 s while the GPU stays idle
+    m.observe([view("ada", 700.0, idle_since=0.0, last_activity=600.0)], 700.0)
+    m.observe([view("ada", 1000.0)], 1000.0)
+    assert [g.length for g in m.histories[(SERVER, "ada/")].gaps] == [400.0]
+
+    learned = model_with({"ada": [40 * MIN] * 20}, gpu_hour_value=300.0)
+    learned.observe([view("ada", 100.0, idle_since=0.0, last_activity=0.0)], 100.0)
+    learned.observe([view("ada", 700.0, idle_since=0.0, last_activity=600.0)], 700.0)
+    (limit,) = learned.timeouts([view("ada", 700.0, idle_since=0.0)], FLAT).values()
+    assert limit.seconds == 600.0 + 3 * MIN
+    assert limit.why.endswith("(counted from the last activity, 10 min later)")
+
+    flat_age = GapModel(LearnedSettings(from_activity=False))
+    flat_age.observe([view("ada", 100.0, idle_since=0.0, last_activity=0.0)], 100.0)
+    flat_age.observe([view("ada", 700.0, idle_since=0.0, last_activity=600.0)], 700.0)
+    flat_age.observe([view("ada", 1000.0)], 1000.0)
+    assert [g.length for g in flat_age.histories[(SERVER, "ada/")].gaps] == [1000.0]
