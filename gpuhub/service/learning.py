@@ -172,3 +172,16 @@ class LearnedRelease(Configurable):
             log.exception("gpuhub: could not save the learned release policy's state")
         self.current = dict(self.model.timeouts(views, flat))
         return self.current
+
+    def thresholds(self) -> list[dict[str, Any]]:
+        """The latest limit of every server with GPUs, JSON-ready (for the admin page)."""
+        return [
+            {
+                "user": user,
+                "server": server,
+                "limit_s": round(limit.seconds, 1),
+                "learned": limit.learned,
+                "why": limit.why,
+            }
+            for (user, server), limit in sorted(self.current.items())
+        ]

@@ -80,6 +80,15 @@ def test_without_history_the_flat_timeout_applies(tmp_path):
     lr = learner(Store(f"sqlite:///{tmp_path / 's.sqlite'}"))
     limit = lr.update([view("ada", 0.0)], 60.0, FLAT)[("ada", "")]
     assert limit.seconds == FLAT and not limit.learned
+    assert lr.thresholds() == [
+        {
+            "user": "ada",
+            "server": "",
+            "limit_s": FLAT,
+            "learned": False,
+            "why": "limit 30 min; no pauses learned yet",
+        }
+    ]
 
 
 @pytest.mark.parametrize(
