@@ -5,6 +5,8 @@ learned limit with the reason in the history and the notice."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from traitlets.config import Config
@@ -106,6 +108,19 @@ def test_bad_settings_are_refused_by_name(tmp_path, settings, message):
     service = GpuhubService(config=c)
     with pytest.raises(SystemExit, match=message):
         service.setup()
+
+
+def test_generated_config_lists_the_learned_settings():
+    out = subprocess.run(
+        [sys.executable, "-m", "gpuhub.service", "--generate-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "c.GpuhubService.release_policy = 'flat'" in out
+    for name in LearnedRelease.class_own_traits(config=True):
+        assert f"c.LearnedRelease.{name} =" in out, name
 
 
 @pytest.mark.slow
