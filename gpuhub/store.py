@@ -631,8 +631,10 @@ class Store:
         items: Mapping[tuple[str, str], Any],
         delete_keys: Iterable[tuple[str, str]] = (),
         keep: int | None = None,
+        never_drop: Iterable[str] = (),
     ) -> None:
-        """Write (scope, key) -> data, delete `delete_keys`, keep the `keep` latest rows."""
+        """Write (scope, key) -> data, delete `delete_keys`, keep the `keep` latest rows (rows
+        of a scope in `never_drop` are never dropped for that, nor counted)."""
         with self.session() as s:
             now = utcnow()
             for (scope, key), data in items.items():
@@ -649,11 +651,20 @@ class Store:
                     s.delete(row)
             s.flush()
             if keep is not None:
-                total = s.scalar(select(func.count()).select_from(IdleGapRow)) or 0
+                kept = list(never_drop)
+                total = (
+                    s.scalar(
+                        select(func.count())
+                        .select_from(IdleGapRow)
+                        .where(IdleGapRow.scope.not_in(kept))
+                    )
+                    or 0
+                )
                 if total > keep:
                     old = list(
                         s.execute(
                             select(IdleGapRow.scope, IdleGapRow.key)
+                            .where(IdleGapRow.scope.not_in(kept))
                             .order_by(IdleGapRow.updated_at)
                             .limit(total - keep)
                         )

@@ -18,7 +18,7 @@ from typing import Any
 from traitlets import Bool, Float, Int
 from traitlets.config import Configurable
 
-from ..learned import SCOPES, GapModel, IdleTimeout, LearnedSettings
+from ..learned import SCOPES, SITE, GapModel, IdleTimeout, LearnedSettings
 from ..policy import ServerView
 from ..store import Store
 
@@ -156,14 +156,21 @@ class LearnedRelease(Configurable):
                 gone.append(row_key)
             else:
                 items[row_key] = data
-        self.store.save_idle_gaps(items, gone, keep=2 * self.max_keys + 1)
+        self.store.save_idle_gaps(items, gone, keep=2 * self.max_keys, never_drop=[SITE])
 
     def update(
         self, views: Sequence[ServerView], now: float, flat: float
     ) -> Mapping[tuple[str, str], IdleTimeout]:
         """Learn from this cycle's views; the GPU idle limit of each server that holds GPUs."""
         if not self.loaded:
-            self.load(now)
+            try:
+                self.load(now)
+            except Exception:
+                # Learning from nothing would overwrite the stored histories: the flat timeout
+                # applies until the store can be read.
+                log.exception("gpuhub: cannot read the learned release policy's state")
+                self.current = {}
+                return self.current
         self.model.observe(views, now)
         try:
             self.save()

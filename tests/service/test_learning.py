@@ -78,6 +78,22 @@ def test_the_store_stays_bounded(tmp_path):
     assert len(site[0]) == 10  # the site keeps every pause (up to gaps_site)
 
 
+def test_an_unreadable_store_means_the_flat_timeout_until_it_reads(tmp_path, monkeypatch):
+    store = Store(f"sqlite:///{tmp_path / 's.sqlite'}")
+    pauses(learner(store, gpu_hour_value=300.0), "ada", [40 * MIN] * 12)
+    lr = learner(store, gpu_hour_value=300.0)
+
+    def broken():
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(store, "idle_gaps", broken)
+    assert lr.update([view("ada", 0.0)], 60.0, FLAT) == {}
+    assert len(Store.idle_gaps(store)) == 3  # server, user, site: nothing overwritten
+    monkeypatch.undo()
+    limit = lr.update([view("ada", 0.0)], 120.0, FLAT)[("ada", "")]
+    assert limit.seconds == 3 * MIN
+
+
 def test_without_history_the_flat_timeout_applies(tmp_path):
     lr = learner(Store(f"sqlite:///{tmp_path / 's.sqlite'}"))
     limit = lr.update([view("ada", 0.0)], 60.0, FLAT)[("ada", "")]
