@@ -2,7 +2,9 @@
 
 Runs `none`, `activity-timeout`, `gpuhub` and `oracle` side by side on the real trace and on
 synthetic workloads at 1x, 2x and 4x the load, prints one table per workload and a summary with
-ratios, and draws the plots of docs/performance.md into docs/img/.
+ratios, the GPU-hours-against-restarts frontier of flat timeouts against the learned release
+policy and perfect prediction (trace at 64 and 48 GPUs, synthetic loads at seeds 0-2), and draws
+the plots of docs/performance.md into docs/img/.
 
     .venv/bin/python benchmarks/simulate_policies.py             # tables and plots
     .venv/bin/python benchmarks/simulate_policies.py --markdown  # tables as Markdown
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuhub.policy import Rules
+from gpuhub.sim import frontier as pareto
 from gpuhub.sim.engine import POLICIES, PolicyResult, PolicySpec, SimConfig, simulate
 from gpuhub.sim.report import as_json, compare, table
 from gpuhub.sim.synthetic import SyntheticParams, generate
@@ -332,6 +335,62 @@ def plot_sweep(points: list[dict[str, Any]], out_dir: Path) -> Path:
     return path
 
 
+def frontiers(args: argparse.Namespace, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flat timeouts against the learned policy and perfect prediction, per workload."""
+    out = []
+    cases: list[tuple[str, Workload, int]] = []
+    if runs and runs[0]["label"] == "Adobe trace":
+        for gpus in args.frontier_gpus:
+            cases.append((f"Adobe trace, {gpus} GPUs", runs[0]["workload"], gpus))
+    for load in args.loads:
+        for seed in args.frontier_seeds:
+            data = generate(SyntheticParams(hours=args.hours, load=load), seed)
+            label = f"synthetic {load:g}x seed {seed}, {args.gpus} GPUs"
+            cases.append((label, workload_from_dict(data, label), args.gpus))
+    for label, workload, gpus in cases:
+        config = SimConfig(gpus=gpus, restart_delay=args.restart_delay)
+        started = time.perf_counter()
+        f = pareto.frontier(workload, config)
+        out.append({"label": label, "frontier": f, "seconds": time.perf_counter() - started})
+    return out
+
+
+def frontier_summary(items: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    header = [
+        "workload",
+        "learned busy/reserved",
+        "restarts/sess",
+        "wait p95",
+        "flat at same restarts",
+        "gain",
+        "perfect at same restarts",
+        "share of possible gain",
+    ]
+    rows = []
+    for item in items:
+        f = item["frontier"]
+        for p in f.learned:
+            c = f.compare(p)
+            flat, perfect, share = (
+                c["flat_at_same_restarts"],
+                c["perfect_at_same_restarts"],
+                c["share_of_possible_gain"],
+            )
+            rows.append(
+                [
+                    item["label"],
+                    f"{p.busy_fraction:.3f}",
+                    f"{p.restarts:.2f}",
+                    _duration(p.wait_p95),
+                    "-" if flat is None else f"{flat:.3f}",
+                    "-" if c["gain_over_flat"] is None else f"{c['gain_over_flat']:+.3f}",
+                    "-" if perfect is None else f"{perfect:.3f}",
+                    "-" if share is None else f"{100 * share:.0f} %",
+                ]
+            )
+    return header, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -358,7 +417,22 @@ def main(argv: list[str] | None = None) -> int:
         default="32,48,64,96,128,160",
         help="pool sizes to run the trace on (32,48,64,96,128,160); empty: none",
     )
+    p.add_argument(
+        "--frontier-gpus",
+        default="64,48",
+        help="pool sizes for the trace's GPU-hours-against-restarts frontier (64,48); empty: none",
+    )
+    p.add_argument(
+        "--frontier-seeds",
+        default="0,1,2",
+        help="synthetic seeds for the frontier, at every --loads (0,1,2); empty: none",
+    )
     args = p.parse_args(argv)
+    try:
+        args.frontier_gpus = [int(x) for x in args.frontier_gpus.split(",") if x.strip()]
+        args.frontier_seeds = [int(x) for x in args.frontier_seeds.split(",") if x.strip()]
+    except ValueError:
+        p.error("--frontier-gpus / --frontier-seeds: not a list of integers")
     try:
         args.loads = [float(x) for x in args.loads.split(",") if x.strip()]
     except ValueError:
@@ -375,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         args.hours = 6.0
         args.sweep = []
         args.idle_timeouts = []
+        args.frontier_gpus = []
+        args.frontier_seeds = args.frontier_seeds[:1]
         args.no_trace = args.no_trace or (args.trace is None and default_trace_path() is None)
 
     started = time.perf_counter()
@@ -395,14 +471,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.idle_timeouts and runs and runs[0]["label"] == "Adobe trace":
         print(f"\n## Adobe trace, gpuhub with other GPU idle timeouts ({args.gpus} GPUs)\n")
         print_rows(TIMEOUT_HEADER, timeout_sweep(args, runs[0]["workload"]), args.markdown)
+    fronts = frontiers(args, runs)
+    for item in fronts:
+        print(f"\n## GPU-hours against restarts: {item['label']} ({item['seconds']:.0f} s)\n")
+        print(pareto.table(item["frontier"], markdown=args.markdown))
+    if fronts:
+        print("\n## The learned release policy against the flat timeouts at the same restarts\n")
+        print_rows(*frontier_summary(fronts), args.markdown)
     if args.json:
-        everything = {"runs": [r["report"] for r in runs], "pool_sizes": points}
+        everything = {
+            "runs": [r["report"] for r in runs],
+            "pool_sizes": points,
+            "frontiers": [{"label": f["label"], **f["frontier"].as_dict()} for f in fronts],
+        }
         Path(args.json).write_text(json.dumps(everything, indent=2))
     if not args.no_plots:
         for path in plots(runs, Path(args.out_dir)):
             print(f"wrote {path}")
         if points:
             print(f"wrote {plot_sweep(points, Path(args.out_dir))}")
+        if fronts:
+            path = Path(args.out_dir) / "sim-frontier.png"
+            shown = [(f["label"], f["frontier"]) for f in fronts]
+            print(f"wrote {pareto.plot(shown, path)}")
     print(f"\ntotal {time.perf_counter() - started:.1f} s")
     return 0
 

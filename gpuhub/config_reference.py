@@ -21,6 +21,7 @@ CLASSES = [
     "gpuhub.spawner.kube:GPUKubeSpawner",
     "gpuhub.server.app:GpuhubExtension",
     "gpuhub.service.app:GpuhubService",
+    "gpuhub.service.learning:LearnedRelease",
     "gpuhub.service.web.config:GpuhubPages",
     "gpuhub.activity.prometheus:PrometheusActivitySource",
     "gpuhub.demo:DemoAuthenticator",

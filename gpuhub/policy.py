@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from .idle import Activity
 from .options import Selection
@@ -387,8 +387,19 @@ class Warn(Action):
     """
 
 
+class IdleLimit(Protocol):
+    """A server's own GPU idle limit (e.g. `gpuhub.learned.IdleTimeout`) and why."""
+
+    @property
+    def seconds(self) -> float: ...
+
+    @property
+    def why(self) -> str: ...
+
+
 # rule labels
 RULE_GPU_IDLE = "gpu-idle"
+RULE_GPU_IDLE_LEARNED = "gpu-idle-learned"
 RULE_GPU_DEMAND = "gpu-demand"
 RULE_SERVER_IDLE = "server-idle"
 RULE_MAX_LEASE = "max-lease"
@@ -486,7 +497,9 @@ def _lease_actions(view: ServerView, now: float, rules: Rules) -> Action | None:
     return None
 
 
-def _server_decision(view: ServerView, now: float, rules: Rules) -> Action | None:
+def _server_decision(
+    view: ServerView, now: float, rules: Rules, timeout: IdleLimit | None = None
+) -> Action | None:
     """The one action for `view` from its own state (demand is handled afterwards)."""
     if not view.status_readable:
         # Never idle when unreadable; only the lease limit, which does not depend on status.
@@ -501,7 +514,8 @@ def _server_decision(view: ServerView, now: float, rules: Rules) -> Action | Non
         and not view.gpu_busy()
         and not view.gpu_unknown()
     )
-    gpu_idle_long = view.gpus > 0 and gpu_idle is not None and gpu_idle >= rules.gpu_idle_timeout
+    limit = rules.gpu_idle_timeout if timeout is None else timeout.seconds
+    gpu_idle_long = view.gpus > 0 and gpu_idle is not None and gpu_idle >= limit
 
     if view.work_in_progress:
         lease = _lease_actions(view, now, rules)
@@ -536,12 +550,14 @@ def _server_decision(view: ServerView, now: float, rules: Rules) -> Action | Non
     if lease is not None and not isinstance(lease, Warn):
         return lease
     if gpu_idle_long:
+        why = f"limit {_minutes(limit)}" if timeout is None or not timeout.why else timeout.why
+        learned = timeout is not None and getattr(timeout, "learned", False)
         return _act(
             RELEASE,
             view,
-            RULE_GPU_IDLE,
-            f"{_gpus(view.gpus, view.gpu_type)} idle for {_minutes(gpu_idle or 0)} "
-            f"(limit {_minutes(rules.gpu_idle_timeout)})",
+            RULE_GPU_IDLE_LEARNED if learned else RULE_GPU_IDLE,
+            f"{_gpus(view.gpus, view.gpu_type)} idle for {_minutes(gpu_idle or 0)}"
+            + (f"; {why}" if learned else f" ({why})"),
             now,
             rules,
         )
@@ -621,11 +637,19 @@ def _reclaim(
                     supply[view.gpu_type] = supply.get(view.gpu_type, 0) + got - used
 
 
-def decide(servers: Sequence[ServerView], demand: Demand, now: float, rules: Rules) -> list[Action]:
+def decide(
+    servers: Sequence[ServerView],
+    demand: Demand,
+    now: float,
+    rules: Rules,
+    timeouts: Mapping[tuple[str, str], IdleLimit] | None = None,
+) -> list[Action]:
     """The actions to take now, at most one per server, in the order of `servers`.
 
     - A server without user activity for `server_idle_timeout` is stopped.
-    - GPUs all idle for `gpu_idle_timeout` are released.
+    - GPUs all idle for `gpu_idle_timeout` are released, or for the server's own limit in
+      `timeouts` (keyed by `ServerView.key`; the learned release policy, `gpuhub.learned`),
+      whose `why` the reason gives.
     - While users wait, the longest-idle holders of the wanted type are released after
       `gpu_idle_timeout_under_demand`, only as many GPUs as are wanted beyond those free or
       freed anyway.
@@ -640,6 +664,7 @@ def decide(servers: Sequence[ServerView], demand: Demand, now: float, rules: Rul
     for view in servers:
         if view.key in decided:
             raise ValueError(f"servers: {view.label} listed twice")
-        decided[view.key] = _server_decision(view, now, rules)
+        timeout = timeouts.get(view.key) if timeouts else None
+        decided[view.key] = _server_decision(view, now, rules, timeout)
     _reclaim(servers, decided, demand, now, rules)
     return [a for view in servers if (a := decided[view.key]) is not None]

@@ -143,6 +143,25 @@ class ActionRow(Base):
     notified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class IdleGapRow(Base):
+    """What the learned release policy knows about one server's, user's or the site's pauses.
+
+    `scope` is "server" (`key` "user/server"), "user" (`key` the user's name), "site" (`key`
+    empty), or "open" (a pause under way; `key` is the JSON list [user, server]). `data` is JSON:
+    the latest pauses as [seconds, returned] pairs, or the open pause's state. Bounded: the
+    service keeps at most a configured number of rows, dropping the least recently updated.
+    """
+
+    __tablename__ = "gpuhub_idle_gaps"
+
+    scope: Mapped[str] = mapped_column(String(16), primary_key=True)
+    key: Mapped[str] = mapped_column(String(520), primary_key=True)
+    data: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+
+
 #: statuses of an action still under way: planned, then the snapshot, the stop and (for a
 #: release) the start without GPU
 ACTION_OPEN = ("planned", "snapshotting", "snapshotted", "stopping", "starting")
@@ -670,6 +689,73 @@ class Store:
     def open_actions(self) -> list[ActionRecord]:
         """Actions still under way (oldest first): interrupted ones when no service runs them."""
         return sorted(self.actions(statuses=ACTION_OPEN, limit=None), key=lambda a: a.id)
+
+    # -- the learned release policy's pauses ---------------------------------------------------
+
+    def idle_gaps(self) -> list[tuple[str, str, Any]]:
+        """Every stored (scope, key, data) of the learned release policy, oldest update first."""
+        with self.session() as s:
+            rows = s.scalars(select(IdleGapRow).order_by(IdleGapRow.updated_at))
+            out = []
+            for row in rows:
+                try:
+                    data = json.loads(row.data)
+                except ValueError:
+                    log.warning("gpuhub_idle_gaps: unreadable %s %r skipped", row.scope, row.key)
+                    continue
+                out.append((row.scope, row.key, data))
+            return out
+
+    def save_idle_gaps(
+        self,
+        items: Mapping[tuple[str, str], Any],
+        delete_keys: Iterable[tuple[str, str]] = (),
+        keep: int | None = None,
+        never_drop: Iterable[str] = (),
+    ) -> None:
+        """Write (scope, key) -> data, delete `delete_keys`, keep the `keep` latest rows (rows
+        of a scope in `never_drop` are never dropped for that, nor counted)."""
+        with self.session() as s:
+            now = utcnow()
+            for (scope, key), data in items.items():
+                row = s.get(IdleGapRow, (scope, key))
+                text = json.dumps(data, separators=(",", ":"))
+                if row is None:
+                    s.add(IdleGapRow(scope=scope, key=key, data=text, updated_at=now))
+                else:
+                    row.data = text
+                    row.updated_at = now
+            for scope, key in delete_keys:
+                row = s.get(IdleGapRow, (scope, key))
+                if row is not None:
+                    s.delete(row)
+            s.flush()
+            if keep is not None:
+                kept = list(never_drop)
+                total = (
+                    s.scalar(
+                        select(func.count())
+                        .select_from(IdleGapRow)
+                        .where(IdleGapRow.scope.not_in(kept))
+                    )
+                    or 0
+                )
+                if total > keep:
+                    old = list(
+                        s.execute(
+                            select(IdleGapRow.scope, IdleGapRow.key)
+                            .where(IdleGapRow.scope.not_in(kept))
+                            .order_by(IdleGapRow.updated_at)
+                            .limit(total - keep)
+                        )
+                    )
+                    for scope, key in old:
+                        s.execute(
+                            delete(IdleGapRow).where(
+                                IdleGapRow.scope == scope, IdleGapRow.key == key
+                            )
+                        )
+            s.commit()
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

@@ -40,6 +40,7 @@ from traitlets.config import Application, catch_config_error
 
 from .. import idle, policy, protocol
 from ..activity import ServerTarget
+from ..activity.prometheus import PrometheusActivitySource
 from ..activity.tracker import ActivityTracker
 from ..store import Store
 from .actions import ActionSettings, Executor, run_key
@@ -53,6 +54,7 @@ from .demand import (
     waiting_entries,
 )
 from .hubapi import HubAPIError, HubClient
+from .learning import LearnedRelease
 from .metrics import Metrics
 from .reports import ReportBoard, ReportHandler, ServerAuthenticator
 from .servers import RunningServer, parse_time, running_servers, view_from
@@ -82,6 +84,7 @@ class GpuhubService(Application):
     """The gpuhub hub service: GPU release, state-preserving culling, reclaim under demand."""
 
     name = "gpuhub-service"
+    classes = [LearnedRelease, PrometheusActivitySource]
     description = __doc__.split("\n\n")[0] if __doc__ else ""
 
     aliases = {
@@ -372,6 +375,13 @@ class GpuhubService(Application):
         help="""Stop a server (after a snapshot of its kernels) without user activity for this
         many seconds; 0 disables.""",
     )
+    release_policy = Unicode(
+        "flat",
+        config=True,
+        help="""When idle GPUs go back: "flat" (after `gpu_idle_timeout`) or "learned" (after
+        each server's own limit, learned from its, its user's and the site's pauses; settings
+        in `LearnedRelease`, see docs/gpu-release.md).""",
+    )
     max_gpu_lease = Dict(
         config=True,
         help="""Maximum GPU lease per group in seconds ({"students": 14400}; null: unlimited). A
@@ -486,6 +496,12 @@ class GpuhubService(Application):
         self.activity = self.make_activity_source()
         self.targets: list[ServerTarget] = []
         self.store = Store.at(self.store_url)
+        if self.release_policy not in ("flat", "learned"):
+            self.exit_with(f"gpuhub service: bad setting: release_policy: {self.release_policy!r}")
+        try:
+            self.learning = LearnedRelease(self.store, parent=self)
+        except ValueError as e:
+            self.exit_with(f"gpuhub service: bad setting: LearnedRelease.{e}")
         self.metrics = Metrics()
         self.metrics.dry_run.set(1 if self.dry_run else 0)
         self.executor = Executor(
@@ -525,8 +541,6 @@ class GpuhubService(Application):
 
             return NvmlActivitySource(interval=self.activity_interval)
         if self.activity_source == "prometheus":  # Kubernetes
-            from ..activity.prometheus import PrometheusActivitySource
-
             return PrometheusActivitySource(parent=self)
         if self.activity_source == "none":
             return None
@@ -622,7 +636,10 @@ class GpuhubService(Application):
         entries = self.store.queue() if hasattr(self.store, "queue") else []
         queued = waiting_entries(entries, datetime.now(timezone.utc), self.queue_stale_after)
         pool = Pool(total=self.pool_totals(), allocated=allocated_by_type(leases))
-        actions = policy.decide(views, demand_from(queued, pool), now, self.policy_rules)
+        limits = None
+        if self.release_policy == "learned":
+            limits = self.learning.update(views, now, self.policy_rules.gpu_idle_timeout)
+        actions = policy.decide(views, demand_from(queued, pool), now, self.policy_rules, limits)
         if not self.dry_run:
             self.executor.close_abandoned(actions, by_key)
         self.executor.submit(actions, by_key)

@@ -8,8 +8,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from ..learned import LearnedSettings
 from ..policy import Rules
-from .engine import POLICIES, PolicySpec, SimConfig, SimulationError
+from .engine import POLICIES, RELEASE_POLICIES, PolicySpec, SimConfig, SimulationError
+from .frontier import frontier as run_frontier
+from .frontier import plot as plot_frontier
+from .frontier import table as frontier_table
 from .report import as_json, compare, table
 from .synthetic import SyntheticParams, generate
 from .workload import WorkloadError, default_trace_path, load_trace, workload_from_dict
@@ -30,6 +34,14 @@ where each M has reserved_gpu_hours, busy_gpu_hours, idle_reserved_gpu_hours, bu
 (busy / reserved), wait_s {mean, p50, p95, max} (seconds a GPU burst waited for its GPUs,
 restarts included), releases_per_session, restarts_per_session (per session that reserves GPUs),
 sessions_state_lost (sessions whose kernel state was lost at least once), and more.
+
+--release-policy chooses when gpuhub gives idle GPUs back: flat (after --gpu-idle-timeout),
+learned (each session's own limit, learned online from the pauses seen so far; without history
+the flat timeout), or perfect (a reference that knows each pause's length and releases at its
+start when it is longer than --perfect-threshold). --frontier adds the GPU-hours-against-restarts
+table: flat timeouts of 5, 10, 15, 30 and 60 minutes, the learned policy, and perfect prediction
+at several thresholds, with the flat and perfect curves' busy / reserved at the learned policy's
+restart count ("frontier" in --json); --plot PATH draws it.
 """
 
 
@@ -112,6 +124,44 @@ def parser() -> argparse.ArgumentParser:
         help=f"gpuhub: stop servers without activity this long, 0: never "
         f"({rules.server_idle_timeout:g})",
     )
+    t.add_argument(
+        "--release-policy",
+        choices=RELEASE_POLICIES,
+        default="flat",
+        help="gpuhub: when idle GPUs go back: flat, learned or perfect (flat)",
+    )
+    learned = LearnedSettings()
+    t.add_argument(
+        "--restart-cost",
+        type=_positive(float, 0),
+        default=learned.restart_cost,
+        help=f"learned: seconds a restart costs the user ({learned.restart_cost:g})",
+    )
+    t.add_argument(
+        "--gpu-hour-value",
+        type=_positive(float, 0, False),
+        default=learned.gpu_hour_value,
+        help=f"learned: seconds of wait one GPU-hour is worth ({learned.gpu_hour_value:g})",
+    )
+    t.add_argument(
+        "--min-idle",
+        type=_positive(float, 0),
+        default=learned.min_idle,
+        help=f"learned: never release GPUs idle less than this ({learned.min_idle:g})",
+    )
+    t.add_argument(
+        "--perfect-threshold",
+        type=_positive(float, 0),
+        default=600.0,
+        help="perfect: release at the start of pauses longer than this (600)",
+    )
+    f = p.add_argument_group("frontier")
+    f.add_argument(
+        "--frontier",
+        action="store_true",
+        help="also run flat 5/10/15/30/60 min, learned and perfect prediction (11 runs)",
+    )
+    f.add_argument("--plot", metavar="PNG", help="with --frontier: draw it into this file")
     return p
 
 
@@ -125,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--policies: {unknown[0] if unknown else '(empty)'!r} is not one of "
             f"{', '.join(POLICIES)}"
         )
+    if args.plot and not args.frontier:
+        p.error("--plot: only with --frontier")
     extra: dict[str, object] = {"time_scale": args.time_scale}
     try:
         if args.synthetic:
@@ -154,9 +206,32 @@ def main(argv: list[str] | None = None) -> int:
             gpu_idle_timeout_under_demand=args.gpu_idle_timeout_under_demand,
             server_idle_timeout=args.server_idle_timeout,
         )
-        specs = [PolicySpec(n, activity_timeout=args.activity_timeout, rules=rules) for n in names]
+        learned = LearnedSettings(
+            restart_cost=args.restart_cost,
+            gpu_hour_value=args.gpu_hour_value,
+            min_idle=args.min_idle,
+        )
+        specs = [
+            PolicySpec(
+                n,
+                activity_timeout=args.activity_timeout,
+                rules=rules,
+                release_policy=args.release_policy,
+                learned=learned,
+                perfect_threshold=args.perfect_threshold,
+                label=f"gpuhub ({args.release_policy})"
+                if n == "gpuhub" and args.release_policy != "flat"
+                else "",
+            )
+            for n in names
+        ]
         config = SimConfig(gpus=args.gpus, restart_delay=args.restart_delay)
         results = compare(workload, config, specs)
+        pareto = (
+            run_frontier(workload, config, rules, [("settings given", learned)])
+            if args.frontier
+            else None
+        )
     except (WorkloadError, SimulationError, ValueError) as e:
         print(f"gpuhub simulate: error: {e}", file=sys.stderr)
         return 2
@@ -165,12 +240,25 @@ def main(argv: list[str] | None = None) -> int:
         "gpu_idle_timeout_s": rules.gpu_idle_timeout,
         "gpu_idle_timeout_under_demand_s": rules.gpu_idle_timeout_under_demand,
         "server_idle_timeout_s": rules.server_idle_timeout,
+        "release_policy": args.release_policy,
+        "restart_cost_s": learned.restart_cost,
+        "gpu_hour_value_s": learned.gpu_hour_value,
+        "min_idle_s": learned.min_idle,
+        "perfect_threshold_s": args.perfect_threshold,
     }
+    if pareto is not None:
+        extra["frontier"] = pareto.as_dict()
     report = as_json(name, workload, config, results, extra)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(table(report))
+        if pareto is not None:
+            print(f"\nGPU-hours against restarts ({name}, {config.gpus} GPUs)\n")
+            print(frontier_table(pareto))
+    if pareto is not None and args.plot:
+        path = plot_frontier([(f"{name}, {config.gpus} GPUs", pareto)], Path(args.plot))
+        print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -16,6 +16,11 @@ Policies:
   views built with the real `gpuhub.idle.activity` from each GPU's utilisation; its releases and
   stops are applied (kernels are snapshotted, so no state is lost). The next GPU burst brings the
   GPUs back through the queue and a restart.
+  `release_policy` chooses when an idle GPU goes back: `flat` (the rules' `gpu_idle_timeout`),
+  `learned` (each session's own limit from `gpuhub.learned.GapModel`, fed the same views every
+  tick, learning online from nothing), or `perfect` (a reference no real policy can run: it knows
+  each pause's length, and releases at the pause's start when the pause is longer than
+  `perfect_threshold`, else holds; the other rules, demand included, still apply).
 - `oracle`: a burst gets exactly the GPUs it uses when it starts and gives them back when it ends,
   with no restart: the physical limit.
 
@@ -31,11 +36,12 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import idle, policy
 from ..idle import IdleRule, Sample
+from ..learned import GapModel, LearnedSettings
 from ..policy import Demand, ReleaseGpu, Rules, ServerView, StopServer, Waiting, Warn
 from .workload import SessionSpec, Workload
 
@@ -44,6 +50,10 @@ ACTIVITY_TIMEOUT = "activity-timeout"
 GPUHUB = "gpuhub"
 ORACLE = "oracle"
 POLICIES = (NONE, ACTIVITY_TIMEOUT, GPUHUB, ORACLE)
+FLAT = "flat"
+LEARNED = "learned"
+PERFECT = "perfect"
+RELEASE_POLICIES = (FLAT, LEARNED, PERFECT)
 
 
 class SimulationError(ValueError):
@@ -69,10 +79,22 @@ class PolicySpec:
     idle_rule: IdleRule = field(default_factory=lambda: IdleRule(max_gap_s=math.inf))
     service_every: float = 60.0  # gpuhub service loop interval
     mem_util_ratio: float = 0.5
+    release_policy: str = FLAT  # gpuhub only: flat, learned or perfect
+    learned: LearnedSettings = field(default_factory=LearnedSettings)
+    perfect_threshold: float = 600.0  # perfect: release at the start of pauses longer than this
+    label: str = ""  # the name in reports (default: `name`)
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
             raise SimulationError(f"policy: {self.name!r} is not one of {', '.join(POLICIES)}")
+        if self.release_policy not in RELEASE_POLICIES:
+            raise SimulationError(
+                f"release_policy: {self.release_policy!r} is not one of "
+                f"{', '.join(RELEASE_POLICIES)}"
+            )
+        t = self.perfect_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0:
+            raise SimulationError(f"perfect_threshold: must be a number >= 0, not {t!r}")
         for name in ("activity_timeout", "cull_every", "service_every"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
@@ -196,6 +218,14 @@ class _Simulation:
         self.actions: dict[str, int] = {}
         self.timeline: list[tuple[float, int, int, int]] = []
         self.pending_starts = 0
+        self.model: GapModel | None = None
+        self.rules = spec.rules
+        if spec.name == GPUHUB and spec.release_policy == LEARNED:
+            self.model = GapModel(spec.learned)
+        self.perfect = spec.name == GPUHUB and spec.release_policy == PERFECT
+        if self.perfect:
+            # Pauses are released at their start or held to their end: no idle timeout.
+            self.rules = replace(spec.rules, gpu_idle_timeout=math.inf)
 
     # --- events -----------------------------------------------------------------------------
     def at(self, t: float, fn: Callable[[], None], priority: int = 0) -> None:
@@ -280,6 +310,7 @@ class _Simulation:
             s.carried_wait += self.now - s.due
             self.server_up(s)
             self.next_step(s)
+            self.perfect_release(s)
             return
         if self.spec.name == ORACLE:
             self.run_burst(s)
@@ -354,6 +385,24 @@ class _Simulation:
                 self.give_back(s)
         s.index += 1
         self.next_step(s)
+        if burst.gpus > 0:
+            self.perfect_release(s)
+
+    def perfect_release(self, s: _Session) -> None:
+        """`perfect`: give the GPUs back now if the pause starting now is long enough."""
+        if not self.perfect or not s.held:
+            return
+        pause = 0.0
+        for burst in s.spec.bursts[s.index :]:
+            pause += burst.gap_before
+            if burst.gpus > 0:
+                break
+            pause += burst.duration
+        else:
+            pause = math.inf  # no GPU burst left: the session ends without using them again
+        if pause > self.spec.perfect_threshold:
+            self.count("ReleaseGpu:perfect")
+            self.take_gpus(s)
 
     def end_session(self, s: _Session) -> None:
         s.phase = "ended"
@@ -412,7 +461,11 @@ class _Simulation:
             ),
             {self.config.gpu_type: self.free},
         )
-        for action in policy.decide(views, demand, self.now, self.spec.rules):
+        timeouts = None
+        if self.model is not None:
+            self.model.observe(views, self.now)
+            timeouts = self.model.timeouts(views, self.rules.gpu_idle_timeout)
+        for action in policy.decide(views, demand, self.now, self.rules, timeouts):
             s = by_id[action.user]
             self.count(f"{type(action).__name__}:{action.rule}")
             if isinstance(action, Warn):
@@ -467,7 +520,7 @@ class _Simulation:
             raise SimulationError("gpus: requests left waiting at the end of the simulation")
         end = max((s.ended_at for s in self.sessions), default=first)
         return PolicyResult(
-            policy=self.spec.name,
+            policy=self.spec.label or self.spec.name,
             reserved_gpu_hours=self.reserved_s / 3600,
             busy_gpu_hours=self.busy_s / 3600,
             util_weighted_gpu_hours=self.util_s / 3600,

@@ -16,7 +16,7 @@ def compare(
 ) -> dict[str, PolicyResult]:
     """Each policy on the same workload and pool, in the order given."""
     specs = list(specs) if specs is not None else [PolicySpec(name) for name in POLICIES]
-    return {spec.name: simulate(workload, spec, config) for spec in specs}
+    return {spec.label or spec.name: simulate(workload, spec, config) for spec in specs}
 
 
 def as_json(

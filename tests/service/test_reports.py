@@ -185,7 +185,7 @@ def test_reports_that_are_refused(env):
 
 def test_one_user_cannot_fill_the_board(env):
     async def go():
-        board, _asked, base, servers = await env()
+        _board, _asked, base, servers = await env()
         wide = {
             "kind": "user",
             "name": "eve",

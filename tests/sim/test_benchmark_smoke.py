@@ -33,7 +33,8 @@ def test_simulate_policies_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "## synthetic 1x" in proc.stdout and "## synthetic 4x" in proc.stdout
     assert "x none" in proc.stdout and "x oracle" in proc.stdout
-    for name in ("sim-utilisation.png", "sim-wait.png", "sim-timeline.png"):
+    assert "learned release policy against the flat timeouts" in proc.stdout
+    for name in ("sim-utilisation.png", "sim-wait.png", "sim-timeline.png", "sim-frontier.png"):
         png = tmp_path / "img" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = json.loads(out.read_text())["runs"]

@@ -354,3 +354,70 @@ def test_gpuhub_cli_lists_simulate():
     from gpuhub.cli import COMMANDS
 
     assert COMMANDS["simulate"][0] == "gpuhub.sim.cli:main"
+
+
+# --- release policies: flat, learned, perfect prediction ------------------------------------
+
+
+def gpuhub_run(sessions, gpus=1, **spec):
+    workload = workload_from_dict({"sessions": sessions}, "test")
+    return simulate(workload, PolicySpec("gpuhub", **spec), SimConfig(gpus=gpus)).metrics()
+
+
+# bursts at 10-15 min and 20-25 min (a 5-minute pause), then 115-120 (a 90-minute pause)
+PAUSES = [session("a", 0, 200, 1, (10, 5, 1), (20, 5, 1), (115, 5, 1))]
+
+
+def test_perfect_prediction_releases_long_pauses_at_their_start_only():
+    m = gpuhub_run(PAUSES, release_policy="perfect", perfect_threshold=300)
+    # released at the spawn (10 minutes before the first burst), held through the 5-minute
+    # pause, released at its 90-minute pause and at the session's 80-minute tail; held: two
+    # 30 s restarts and the three 5-minute bursts and the 5-minute pause
+    assert m["actions"]["ReleaseGpu:perfect"] == 3
+    assert m["restarts_per_session"] == 2
+    assert m["reserved_gpu_hours"] == pytest.approx((2 * 30 + 4 * 300) / H, abs=1e-3)
+    # a longer threshold holds through the first 10 minutes too
+    m = gpuhub_run(PAUSES, release_policy="perfect", perfect_threshold=600)
+    assert m["actions"]["ReleaseGpu:perfect"] == 2 and m["restarts_per_session"] == 1
+
+
+def test_learned_without_history_is_the_flat_timeout():
+    flat = gpuhub_run(PAUSES)
+    learned = gpuhub_run(PAUSES, release_policy="learned")
+    assert learned == flat
+
+
+def test_learned_is_off_the_flat_frontier_on_small_synthetic_workloads():
+    from gpuhub.sim.frontier import frontier
+
+    for seed, load in ((0, 1.0), (1, 2.0)):
+        data = generate(SyntheticParams(hours=12, load=load), seed)
+        w = workload_from_dict(data, "synthetic")
+        f = frontier(w, SimConfig(gpus=64), perfect_thresholds=(600.0, 2400.0))
+        (learned,) = f.learned
+        c = f.compare(learned)
+        assert c["flat_at_same_restarts"] is not None, (seed, load, f.as_dict())
+        assert c["gain_over_flat"] > 0.0, (seed, load, f.as_dict())
+        assert learned.state_lost == 0
+
+
+def test_cli_release_policy_and_frontier(tmp_path, capsys):
+    png = tmp_path / "frontier.png"
+    argv = ["--synthetic", "--hours", "6", "--policies", "gpuhub", "--release-policy", "learned"]
+    assert simulate_main([*argv, "--frontier", "--plot", str(png), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["policies"]) == ["gpuhub (learned)"]
+    assert report["settings"]["release_policy"] == "learned"
+    front = report["frontier"]
+    assert [p["setting"] for p in front["flat"]] == [
+        "5 min",
+        "10 min",
+        "15 min",
+        "30 min",
+        "60 min",
+    ]
+    assert {"gain_over_flat", "perfect_at_same_restarts"} <= set(front["learned"][0])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        simulate_main(["--synthetic", "--hours", "6", "--plot", str(png)])
+    assert "--plot: only with --frontier" in capsys.readouterr().err
