@@ -125,7 +125,10 @@ class ServiceHub:
         """Let a new service hear from every running server, and read the GPUs long enough for
         its shortest GPU idle timeout (at most 5 s) to be reachable."""
         live = service.live  # type: ignore[attr-defined]
-        running, _leases = live.call(service.refresh_targets)
+        try:
+            running, _leases = live.call(service.refresh_targets)
+        except Exception:  # a test that makes the hub's API fail
+            return
         for server in running:
             self.wait_reported(service, server.user, server.server)
         time.sleep(min(5.0, service.gpu_idle_timeout, service.gpu_idle_timeout_under_demand) + 1.5)
@@ -273,10 +276,13 @@ class Fault:
     delay: float = 0.0  # seconds before answering
     forward_first: bool = False  # forward the request, then delay the answer
     times: int | None = None  # how many requests it applies to (None: all)
+    body: str | None = None  # regular expression the request body must contain
     hits: int = 0
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, body: bytes = b"") -> bool:
         if self.times is not None and self.hits >= self.times:
+            return False
+        if self.body is not None and re.search(self.body, body.decode("utf-8", "replace")) is None:
             return False
         return self.method in ("*", method) and re.search(self.path, path) is not None
 
@@ -288,7 +294,8 @@ class _Forward(web.RequestHandler):
         proxy: FaultProxy = self.settings["proxy"]
         method, path = self.request.method, self.request.path
         proxy.seen.append((method, self.request.uri))
-        fault = next((f for f in proxy.faults if f.matches(method, path)), None)
+        body = self.request.body or b""
+        fault = next((f for f in proxy.faults if f.matches(method, path, body)), None)
         if fault is not None:
             fault.hits += 1
             if not fault.forward_first:
@@ -324,7 +331,8 @@ class _Forward(web.RequestHandler):
 
 @dataclass
 class FaultProxy:
-    """Forwards every request to `target` except those a `Fault` catches."""
+    """Forwards every request to `target` except those a `Fault` catches (at `port`, else at a
+    free one)."""
 
     target: str
     faults: list[Fault] = field(default_factory=list)
@@ -340,7 +348,7 @@ class FaultProxy:
                 self._stop = asyncio.Event()
                 app = web.Application([(r".*", _Forward)], proxy=self)
                 server = HTTPServer(app)
-                sockets = __import__("tornado.netutil").netutil.bind_sockets(0, "127.0.0.1")
+                sockets = __import__("tornado.netutil").netutil.bind_sockets(self.port, "127.0.0.1")
                 self.port = sockets[0].getsockname()[1]
                 server.add_sockets(sockets)
                 ready.set()

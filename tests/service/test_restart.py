@@ -17,11 +17,11 @@ from .helpers import Fault, FaultProxy, wait_until
 pytestmark = pytest.mark.slow
 
 
-def run_service(sh, log_path, *, api_url: str, proxy_url: str) -> subprocess.Popen:
+def run_service(sh, log_path, *, api_url: str, port: int) -> subprocess.Popen:
     env = {
         **os.environ,
         "JUPYTERHUB_API_TOKEN": sh.token,
-        "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{free_port_block(1)}",
+        "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",
         "JUPYTERHUB_SERVICE_PREFIX": "/services/gpuhub/",
     }
     command = [
@@ -29,7 +29,7 @@ def run_service(sh, log_path, *, api_url: str, proxy_url: str) -> subprocess.Pop
         "-m",
         "gpuhub.service",
         f"--api-url={api_url}",
-        f"--proxy-url={proxy_url}",
+        f"--hub-public-url={sh.hub.url}",
         f"--store-url={sh.store_url}",
         "--gpu-idle-timeout=1",
         "--interval=1",
@@ -57,17 +57,22 @@ def test_service_killed_mid_action_acts_once(service_hub, tmp_path):
     for name in ("restart-rita", "restart-rolf"):
         sh.wait_gpu_state(name, "idle", idle_for=1)
 
+    sh.stop_service()  # the service runs as a process of its own here
     hub_api = FaultProxy(sh.hub.url).start()
-    servers = FaultProxy(sh.hub.url).start()
-    stop_rita = Fault("DELETE", r"/users/restart-rita/servers/", delay=60, forward_first=True)
+    # the servers report through the hub's proxy to the service's address: a proxy there holds
+    # back the report that carries rolf's snapshot result (it names his GPU, then the results)
+    port = free_port_block(1)
+    servers = FaultProxy(f"http://127.0.0.1:{port}", port=sh.service_port).start()
+    rolf_gpu = sh.devices("restart-rolf")[0]
     snapshot_rolf = Fault(
-        "POST", r"/user/restart-rolf/api/gpuhub/snapshot", delay=60, forward_first=True
+        "POST", r"/servers/report", delay=60, body=rf'{rolf_gpu}[\s\S]*"results": \[\{{'
     )
+    stop_rita = Fault("DELETE", r"/users/restart-rita/servers/", delay=60, forward_first=True)
     # (and should rolf's snapshot answer come early after all, his stop fails: never two steps)
     hub_api.faults = [stop_rita, Fault("DELETE", r"/users/restart-rolf/", status=500)]
     servers.faults = [snapshot_rolf]
     log = tmp_path / "service.log"
-    first = run_service(sh, log, api_url=hub_api.url + "/hub/api", proxy_url=servers.url)
+    first = run_service(sh, log, api_url=hub_api.url + "/hub/api", port=port)
     try:
 
         def rows(name):
@@ -97,7 +102,7 @@ def test_service_killed_mid_action_acts_once(service_hub, tmp_path):
         hub_api.stop()
         servers.stop()
 
-    second = run_service(sh, log, api_url=sh.hub.api, proxy_url=sh.hub.url)
+    second = run_service(sh, log, api_url=sh.hub.api, port=sh.service_port)
     try:
         for name in ("restart-rita", "restart-rolf"):
             wait_until(
