@@ -139,6 +139,7 @@ if service_mode != "off":
             f"--gpu-idle-timeout-under-demand={min(300.0, gpu_idle / 2):g}",
             f"--interval={max(5.0, min(60.0, gpu_idle / 4)):g}",
             f"--GpuhubService.max_gpu_lease_default={max_lease:g}",
+            f"--GpuhubService.activity_interval={max(1.0, min(10.0, gpu_idle / 4)):g}",
             "--log-level=INFO",
         ]
         gpuhub_service["cwd"] = str(state)
