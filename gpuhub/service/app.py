@@ -37,6 +37,7 @@ from traitlets import Bool, Dict, Float, Int, Unicode, default
 from traitlets.config import Application, catch_config_error
 
 from .. import policy
+from ..schema import SchemaError
 from ..store import Store
 from .actions import ActionSettings, Executor, run_key
 from .demand import (
@@ -389,7 +390,10 @@ class GpuhubService(Application):
             server_concurrency=self.server_concurrency,
             page_size=self.page_size,
         )
-        self.store = Store.at(self.store_url)
+        try:
+            self.store = Store.at(self.store_url)
+        except SchemaError as e:
+            self.exit_with(f"gpuhub service: the store cannot be used: {e}")
         self.metrics = Metrics()
         self.metrics.dry_run.set(1 if self.dry_run else 0)
         self.executor = Executor(
