@@ -137,10 +137,14 @@ class PostgresServer:
         fail-over does to its clients); returns how many were ended."""
         import psycopg
 
+        others = "FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
         with psycopg.connect(self.admin_url(), autocommit=True) as conn:
-            rows = conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> pg_backend_pid()",
-                (database,),
-            ).fetchall()
-        return sum(1 for (ended,) in rows if ended)
+            rows = conn.execute(f"SELECT pg_terminate_backend(pid) {others}", (database,))
+            ended = sum(1 for (done,) in rows.fetchall() if done)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # gone, not only signalled
+                (left,) = conn.execute(f"SELECT count(*) {others}", (database,)).fetchone()
+                if not left:
+                    break
+                time.sleep(0.05)
+        return ended
