@@ -33,11 +33,12 @@ from urllib.parse import urlparse
 
 from tornado import web
 from tornado.httpserver import HTTPServer
-from traitlets import Bool, Dict, Float, Int, Unicode, default
+from traitlets import Bool, Dict, Float, Int, TraitError, Unicode, default
 from traitlets.config import Application, catch_config_error
 
 from .. import policy
 from ..schema import SchemaError
+from ..settings import GpuhubConfig
 from ..store import Store
 from .actions import ActionSettings, Executor, run_key
 from .demand import (
@@ -82,8 +83,8 @@ class GpuhubService(Application):
         "f": "GpuhubService.config_file",
         "api-url": "GpuhubService.hub_api_url",
         "proxy-url": "GpuhubService.proxy_url",
-        "store-url": "GpuhubService.store_url",
-        "catalog-file": "GpuhubService.catalog_file",
+        "store-url": "GpuhubConfig.store_url",
+        "catalog-file": "GpuhubConfig.catalog_file",
         "interval": "GpuhubService.interval",
         "gpu-idle-timeout": "GpuhubService.gpu_idle_timeout",
         "gpu-idle-timeout-under-demand": "GpuhubService.gpu_idle_timeout_under_demand",
@@ -97,6 +98,8 @@ class GpuhubService(Application):
             "Print a config file with every setting and its help, and exit.",
         ),
     }
+
+    classes = [GpuhubConfig]
 
     @default("log_level")
     def _default_log_level(self) -> int:
@@ -183,18 +186,28 @@ class GpuhubService(Application):
         prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/gpuhub/")
         return prefix if prefix.endswith("/") else prefix + "/"
 
-    store_url = Unicode(
-        "sqlite:///gpuhub.sqlite",
-        config=True,
-        help="""SQLAlchemy URL of gpuhub's store: the same as the spawner's `store_url` (leases,
-        queue, action history).""",
-    )
-    catalog_file = Unicode(
-        "",
-        config=True,
-        help="""The environment catalogue (for the GPU types of the local pool). Empty: gpuhub's
-        default catalogue.""",
-    )
+    # store_url, catalog_file, queue_stale_after: c.GpuhubConfig (gpuhub.settings), shared with
+    # the hub and the pages; the hub hands its values to a managed service in its environment.
+
+    @property
+    def gpuhub_config(self) -> GpuhubConfig:
+        shared = self.__dict__.get("_gpuhub_config")
+        if shared is None:
+            shared = self.__dict__["_gpuhub_config"] = GpuhubConfig(parent=self)
+        return shared
+
+    @property
+    def store_url(self) -> str:
+        return self.gpuhub_config.store_url
+
+    @property
+    def catalog_file(self) -> str:
+        return self.gpuhub_config.catalog_file
+
+    @property
+    def queue_stale_after(self) -> float:
+        return self.gpuhub_config.queue_stale_after
+
     gpu_totals = Dict(
         value_trait=Int(),
         config=True,
@@ -266,13 +279,6 @@ class GpuhubService(Application):
         300.0,
         config=True,
         help="Seconds to wait for a server restarted without GPU (or with it) to be ready.",
-    )
-    queue_stale_after = Float(
-        60.0,
-        config=True,
-        help="""A queue entry whose spawn has not been seen waiting for this many seconds does
-        not count as demand (its hub restarted, its user left). Keep it equal to the
-        spawner's `queue_stale_after`.""",
     )
 
     # -- rules (gpuhub.policy.Rules; docs/gpu-release.md explains the defaults) ----------------
@@ -374,7 +380,8 @@ class GpuhubService(Application):
         """Build the client, store, metrics and executor (no I/O yet)."""
         try:
             self.policy_rules = self.rules()
-        except ValueError as e:
+            self.gpuhub_config.check()
+        except (ValueError, TraitError) as e:
             self.exit_with(f"gpuhub service: bad setting: {e}")
         if not self.api_token:
             self.exit_with("gpuhub service: no API token (set $JUPYTERHUB_API_TOKEN)")
