@@ -3,10 +3,11 @@
 `prepare(engine)` is what the hub and the service do on start (through `Store`): a new database
 gets every revision; an older one is backed up (a SQLite file) and upgraded; one already at the
 newest revision is left alone; one newer than this gpuhub is refused (`SchemaTooNew`) rather than
-used. A lock (the SQLite file's, a PostgreSQL advisory lock) keeps two processes starting at once
-from upgrading together. The revisions live in gpuhub/migrations/versions (docs/upgrades.md); the
-version is kept in the table `gpuhub_alembic_version`, so a database shared with JupyterHub's
-own (which has `alembic_version`) is fine.
+used. A lock (a file next to the SQLite file, `<file>.lock`; a PostgreSQL advisory lock) keeps
+two processes starting at once from upgrading together. The revisions live in
+gpuhub/migrations/versions (docs/upgrades.md); the version is kept in the table
+`gpuhub_alembic_version`, so a database shared with JupyterHub's own (which has
+`alembic_version`) is fine.
 """
 
 from __future__ import annotations
@@ -165,8 +166,11 @@ def _upgrade_lock(engine: Engine, connection: Connection) -> Iterator[None]:
     """One process at a time checks and upgrades the store."""
     path = _sqlite_file(engine)
     if path is not None:
+        # A file of its own: opening and closing the database file itself outside SQLite would
+        # drop the POSIX locks SQLite holds on it in this process (and let another process
+        # reset the WAL under this one's connections).
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+b") as lock_file:  # creates the (empty) database file if missing
+        with open(path.with_name(path.name + ".lock"), "a+b") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
             try:
                 yield
