@@ -56,6 +56,8 @@ def upgrade(url: str, backup: bool) -> int:
     where = engine.url.render_as_string(hide_password=True)
     if not result.changed:
         print(f"{where}: already at the newest revision, {result.after}")
+    elif result.created:
+        print(f"{where}: created, at revision {result.after}")
     else:
         print(f"{where}: upgraded from {result.before or 'none'} to {result.after}")
     if result.backup:

@@ -59,6 +59,8 @@ class Upgrade:
     before: str | None
     after: str
     backup: Path | None = None
+    #: the database held no gpuhub tables: they were created
+    created: bool = False
 
     @property
     def changed(self) -> bool:
@@ -247,7 +249,7 @@ def prepare(engine: Engine, *, upgrade: bool = True, backup: bool = True) -> Upg
             )
         with connection.begin():
             command.upgrade(alembic_config(connection), newest)
-        return Upgrade(before, newest, saved)
+        return Upgrade(before, newest, saved, created=not holds_data)
 
 
 def upgrade_to(engine: Engine, revision: str) -> None:

@@ -83,6 +83,7 @@ class GpuhubConfig(Configurable):
     """Settings of gpuhub that the hub, the gpuhub service and the pages share."""
 
     store_url = Unicode(
+        DEFAULT_STORE_URL,  # shown in the reference; the default below reads the environment
         config=True,
         help="""SQLAlchemy URL of gpuhub's store (GPU leases, queue, action history, settings
         admins change at runtime), shared by the hub, the service and the pages. Default:
@@ -133,6 +134,7 @@ class GpuhubConfig(Configurable):
         return path
 
     queue_stale_after = Float(
+        DEFAULT_QUEUE_STALE_AFTER,
         config=True,
         help="""Seconds after which a queue entry whose spawn is no longer seen waiting (its hub
         restarted, its user left) stops holding up the others and stops counting as demand, for

@@ -243,3 +243,18 @@ def test_processes_starting_together_upgrade_once(db_url: str) -> None:
         p.join(30)
     assert [r[0] for r in results] == ["ok"] * 3, results
     assert sorted(str(r[1]) for r in results) == sorted(["None", schema.head(), schema.head()])
+
+
+def test_db_upgrade_of_a_new_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'new.sqlite'}"
+    assert cli.main(["db", "current", f"--store-url={url}"]) == 0
+    assert "empty; newest is" in capsys.readouterr().out
+    assert cli.main(["db", "upgrade", f"--store-url={url}"]) == 0
+    out = capsys.readouterr().out
+    assert f"created, at revision {schema.head()}" in out and "backup" not in out
+
+
+def test_db_revision_numbers_the_next_revision() -> None:
+    from gpuhub.db_cli import next_revision_id
+
+    assert next_revision_id() == f"{int(schema.head()) + 1:04d}"
