@@ -265,7 +265,7 @@ async def measure(bench: Bench, repeat: int, store_url: str) -> dict:
     c.GpuhubService.hub_api_url = bench.api
     c.GpuhubService.api_token = bench.gpuhub_token
     c.GpuhubService.proxy_url = bench.url
-    c.GpuhubService.store_url = store_url
+    c.GpuhubConfig.store_url = store_url
     c.GpuhubService.dry_run = True
     c.GpuhubService.request_timeout = 120.0
     c.GpuhubService.status_timeout = 60.0

@@ -98,16 +98,19 @@ async def timed(fn: Callable[[], Awaitable[Any]], rounds: int) -> float:
 
 async def measure(rounds: int) -> list[tuple[str, float, float]]:
     from kubespawner import KubeSpawner
+    from traitlets.config import Config
 
     from gpuhub.spawner.kube import GPUKubeSpawner
 
     store = Path(tempfile.mkdtemp()) / "gpuhub.sqlite"
+    config = Config()
+    config.GpuhubConfig.catalog_file = str(CATALOG_FILE)
+    config.GpuhubConfig.store_url = f"sqlite:///{store}"
     gpuhub = GPUKubeSpawner(
         _mock=True,
         user=user("ada"),
         orm_spawner=orm_spawner(),
-        catalog_file=str(CATALOG_FILE),
-        store_url=f"sqlite:///{store}",
+        config=config,
         watch_gpu_capacity=False,
     )
     profiles = equivalent_profile_list()

@@ -9,6 +9,9 @@
 #   GPUHUB_STATE_DIR         databases, homes and simulated GPUs (default .demo in the checkout)
 #   GPUHUB_CATALOG           catalogue file (default config/catalog.yaml)
 #   GPUHUB_QUOTAS            quota file (default config/quotas.yaml)
+#   GPUHUB_STORE_URL         gpuhub's store, for the hub, the service and the pages (default: the
+#                            SQLite file gpuhub.sqlite in GPUHUB_STATE_DIR; PostgreSQL:
+#                            postgresql+psycopg://user@host/db, docs/upgrades.md)
 #   GPUHUB_KEEP_SERVERS      1: servers keep running when the hub stops (default 0)
 import os
 import sys
@@ -17,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from gpuhub import demo, paths
-from gpuhub.catalog import CatalogError, load_catalog
+from gpuhub.settings import check_hub_config
 
 c = get_config()  # noqa: F821 - provided by JupyterHub
 
@@ -86,17 +89,15 @@ if env.get("GPUHUB_DEMO_ADMIN_TOKEN"):
 # users; a lab machine with system accounts uses gpuhub.spawner.local.LocalGPUSpawner).
 c.JupyterHub.spawner_class = "gpuhub.spawner.local.SharedUserLocalGPUSpawner"
 c.SharedUserLocalGPUSpawner.home_dir_template = str(state / "home" / "{username}")
-c.GPUSpawnerMixin.catalog_file = catalog_file = env.get(
-    "GPUHUB_CATALOG", str(config_dir / "catalog.yaml")
+# Settings the hub, the gpuhub service and its pages share (gpuhub.settings.GpuhubConfig): the
+# service gets them from check_hub_config at the end of this file.
+c.GpuhubConfig.catalog_file = env.get("GPUHUB_CATALOG", str(config_dir / "catalog.yaml"))
+c.GpuhubConfig.store_url = (
+    env.get("GPUHUB_STORE_URL", "").strip() or f"sqlite:///{state / 'gpuhub.sqlite'}"
 )
-try:
-    load_catalog(catalog_file)  # a bad catalogue stops the hub here, naming file and field
-except CatalogError as e:
-    sys.exit(f"gpuhub: the environment catalogue cannot be used: {e}")
 quotas_file = env.get("GPUHUB_QUOTAS", str(config_dir / "quotas.yaml"))
 with open(quotas_file) as f:
     c.GPUSpawnerMixin.quotas = yaml.safe_load(f) or {}
-c.GPUSpawnerMixin.store_url = f"sqlite:///{state / 'gpuhub.sqlite'}"
 c.LocalGPUSpawner.kernelspec_dir = str(state / "kernels")
 c.Spawner.cmd = [str(Path(sys.executable).with_name("jupyterhub-singleuser"))]
 if os.getuid() == 0:
@@ -132,8 +133,6 @@ if service_mode != "off":
             sys.executable,
             "-m",
             "gpuhub.service",
-            f"--store-url={c.GPUSpawnerMixin.store_url}",
-            f"--catalog-file={catalog_file}",
             f"--hub-public-url=http://127.0.0.1:{port}",
             f"--gpu-idle-timeout={gpu_idle:g}",
             f"--gpu-idle-timeout-under-demand={min(300.0, gpu_idle / 2):g}",
@@ -170,3 +169,8 @@ if service_mode != "off":
             f"--GpuhubPages.quotas_file={quotas_file}",
             f"--GpuhubPages.snapshot_home_template={state / 'home' / '{username}'}",
         ]
+
+# Every gpuhub setting checked now, the store opened (and upgraded: docs/upgrades.md): a bad value
+# stops the hub here, naming the setting and the field. The managed gpuhub service gets the
+# shared settings (store, catalogue) in its environment.
+check_hub_config(c)

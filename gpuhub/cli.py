@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("gpuhub.sim.cli:main", "compare GPU policies on a notebook workload trace"),
     "users": ("gpuhub.service.web.registration:main", "register users and groups from a CSV file"),
     "service": ("gpuhub.service.app:main", "run the gpuhub hub service (python -m gpuhub.service)"),
+    "db": ("gpuhub.db_cli:main", "the store's schema: `db current`, `db upgrade`, `db revision`"),
 }
 
 

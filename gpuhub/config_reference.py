@@ -15,6 +15,7 @@ from traitlets import HasTraits
 
 #: The configurable classes whose own settings are documented ("module:Class").
 CLASSES = [
+    "gpuhub.settings:GpuhubConfig",
     "gpuhub.spawner.mixin:GPUSpawnerMixin",
     "gpuhub.spawner.queueing:GPUQueueMixin",
     "gpuhub.spawner.local:LocalGPUSpawner",

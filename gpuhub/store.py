@@ -1,9 +1,14 @@
 """gpuhub's own state: GPU leases, the environments and group quotas admins set at runtime, the
 history of what the gpuhub service did and why (and, as gpuhub grows, its queue).
 
-SQLAlchemy; a SQLite file by default, any SQLAlchemy URL. The store is the one owner of who holds
-which GPU: the unique constraint on `gpu_leases.device` is what guarantees that no GPU is ever given
-to two servers, also across processes.
+SQLAlchemy; a SQLite file by default, or PostgreSQL (`postgresql+psycopg://...`). The store is the
+one owner of who holds which GPU: the unique constraint on `gpu_leases.device` is what guarantees
+that no GPU is ever given to two servers, also across processes and machines.
+
+The tables are the models below; their schema changes only through a migration
+(gpuhub/migrations, docs/upgrades.md), which `Store` runs when it opens the database
+(`gpuhub.schema.prepare`). Each public method of `Store` is one transaction, retried after a lost
+connection or a serialization failure (`gpuhub.db_retry`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from . import schema
+from .db_retry import retry_transient_errors
 from .queue import QueueEntry
 
 log = logging.getLogger(__name__)
@@ -225,7 +232,8 @@ def _limit_value(text: str | None) -> int | str | None:
 
 
 def _aware(t: datetime) -> datetime:
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t
+    """`t` in UTC (SQLite gives naive times, PostgreSQL the server's time zone)."""
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
 
 
 class NoGpuFree(Exception):
@@ -257,10 +265,6 @@ class QueueRow(Base):
     #: Refreshed while the spawn waits; an entry not seen for a while does not hold up others.
     seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     user_options: Mapped[str] = mapped_column(Text, default="{}")
-
-
-def _aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
 
 
 class ServerPodRow(Base):
@@ -312,25 +316,31 @@ def _to_entry(row: QueueRow) -> QueueEntry:
 
 
 def _to_lease(row: LeaseRow) -> GpuLease:
-    leased_at = row.leased_at
-    if leased_at.tzinfo is None:
-        leased_at = leased_at.replace(tzinfo=timezone.utc)
-    return GpuLease(row.user, row.server, row.gpu_type, row.device, leased_at)
+    return GpuLease(row.user, row.server, row.gpu_type, row.device, _aware(row.leased_at))
 
 
+@retry_transient_errors
 class Store:
-    """Leases in a SQL database; one `Store` per URL and process (see `Store.at`)."""
+    """Leases in a SQL database; one `Store` per URL and process (see `Store.at`).
+
+    Opening it brings the database to this gpuhub's schema (`gpuhub.schema.prepare`: a SQLite
+    file is backed up first) unless `upgrade` is False; a database newer than this gpuhub raises
+    `gpuhub.schema.SchemaTooNew`.
+    """
 
     _instances: dict[str, Store] = {}
     _instances_lock = threading.Lock()
+    _not_retried = ("session",)
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, upgrade: bool = True, backup: bool = True) -> None:
         self.url = url
-        connect_args = {"timeout": 30} if url.startswith("sqlite") else {}
-        self.engine = create_engine(url, connect_args=connect_args, future=True)
-        if url.startswith("sqlite"):
+        sqlite = url.startswith("sqlite")
+        connect_args = {"timeout": 30} if sqlite else {}
+        # pool_pre_ping: a connection the server closed since its last use is replaced, unseen
+        self.engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+        if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        self.schema = schema.prepare(self.engine, upgrade=upgrade, backup=backup)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # System packages: Chromium for the browser tests and the screenshots, the libraries code-server's
-# native modules build against, and ripgrep (code-server's search, packaged from Debian).
+# native modules build against, ripgrep (code-server's search, packaged from Debian), and
+# PostgreSQL 15 (the store's tests start throw-away servers of their own with its programs).
 set -euo pipefail
-packages=(chromium libkrb5-dev libxkbfile-dev libsecret-1-dev ripgrep build-essential python3-dev)
+packages=(chromium libkrb5-dev libxkbfile-dev libsecret-1-dev ripgrep build-essential python3-dev
+  postgresql)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -59,3 +59,25 @@ def screenshot_path(tmp_path):
         return str(tmp_path / name)
 
     return path
+
+
+# -- the store's databases: SQLite and a real PostgreSQL server ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the test run (Debian's `postgresql`, a temporary data directory,
+    a free loopback port), stopped at the end."""
+    from gpuhub.testing_postgres import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """The URL of a new, empty store database: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'gpuhub.sqlite'}"
+    return request.getfixturevalue("postgres").url()

@@ -35,13 +35,15 @@ from urllib.parse import urlparse
 
 from tornado import web
 from tornado.httpserver import HTTPServer
-from traitlets import Bool, Dict, Float, Int, List, Unicode, default
+from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, default
 from traitlets.config import Application, catch_config_error
 
 from .. import idle, policy, protocol
 from ..activity import ServerTarget
 from ..activity.prometheus import PrometheusActivitySource
 from ..activity.tracker import ActivityTracker
+from ..schema import SchemaError
+from ..settings import GpuhubConfig
 from ..store import Store
 from .actions import ActionSettings, Executor, run_key
 from .arbiter import ArbiterHandler
@@ -84,7 +86,6 @@ class GpuhubService(Application):
     """The gpuhub hub service: GPU release, state-preserving culling, reclaim under demand."""
 
     name = "gpuhub-service"
-    classes = [LearnedRelease, PrometheusActivitySource]
     description = __doc__.split("\n\n")[0] if __doc__ else ""
 
     aliases = {
@@ -92,8 +93,8 @@ class GpuhubService(Application):
         "f": "GpuhubService.config_file",
         "api-url": "GpuhubService.hub_api_url",
         "hub-public-url": "GpuhubService.hub_public_url",
-        "store-url": "GpuhubService.store_url",
-        "catalog-file": "GpuhubService.catalog_file",
+        "store-url": "GpuhubConfig.store_url",
+        "catalog-file": "GpuhubConfig.catalog_file",
         "interval": "GpuhubService.interval",
         "gpu-idle-timeout": "GpuhubService.gpu_idle_timeout",
         "gpu-idle-timeout-under-demand": "GpuhubService.gpu_idle_timeout_under_demand",
@@ -107,6 +108,8 @@ class GpuhubService(Application):
             "Print a config file with every setting and its help, and exit.",
         ),
     }
+
+    classes = [GpuhubConfig, LearnedRelease, PrometheusActivitySource]
 
     @default("log_level")
     def _default_log_level(self) -> int:
@@ -179,18 +182,28 @@ class GpuhubService(Application):
         prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/gpuhub/")
         return prefix if prefix.endswith("/") else prefix + "/"
 
-    store_url = Unicode(
-        "sqlite:///gpuhub.sqlite",
-        config=True,
-        help="""SQLAlchemy URL of gpuhub's store: the same as the spawner's `store_url` (leases,
-        queue, action history).""",
-    )
-    catalog_file = Unicode(
-        "",
-        config=True,
-        help="""The environment catalogue (for the GPU types of the local pool). Empty: gpuhub's
-        default catalogue.""",
-    )
+    # store_url, catalog_file, queue_stale_after: c.GpuhubConfig (gpuhub.settings), shared with
+    # the hub and the pages; the hub hands its values to a managed service in its environment.
+
+    @property
+    def gpuhub_config(self) -> GpuhubConfig:
+        shared = self.__dict__.get("_gpuhub_config")
+        if shared is None:
+            shared = self.__dict__["_gpuhub_config"] = GpuhubConfig(parent=self)
+        return shared
+
+    @property
+    def store_url(self) -> str:
+        return self.gpuhub_config.store_url
+
+    @property
+    def catalog_file(self) -> str:
+        return self.gpuhub_config.catalog_file
+
+    @property
+    def queue_stale_after(self) -> float:
+        return self.gpuhub_config.queue_stale_after
+
     gpu_totals = Dict(
         value_trait=Int(),
         config=True,
@@ -348,13 +361,6 @@ class GpuhubService(Application):
         config=True,
         help="Seconds to wait for a server restarted without GPU (or with it) to be ready.",
     )
-    queue_stale_after = Float(
-        60.0,
-        config=True,
-        help="""A queue entry whose spawn has not been seen waiting for this many seconds does
-        not count as demand (its hub restarted, its user left). Keep it equal to the
-        spawner's `queue_stale_after`.""",
-    )
 
     # -- rules (gpuhub.policy.Rules; docs/gpu-release.md explains the defaults) ----------------
 
@@ -464,7 +470,8 @@ class GpuhubService(Application):
         """Build the client, store, metrics and executor (no I/O yet)."""
         try:
             self.policy_rules = self.rules()
-        except ValueError as e:
+            self.gpuhub_config.check()
+        except (ValueError, TraitError) as e:
             self.exit_with(f"gpuhub service: bad setting: {e}")
         if not self.api_token:
             self.exit_with("gpuhub service: no API token (set $JUPYTERHUB_API_TOKEN)")
@@ -495,7 +502,10 @@ class GpuhubService(Application):
         self.tracker = ActivityTracker(self.idle_rule)
         self.activity = self.make_activity_source()
         self.targets: list[ServerTarget] = []
-        self.store = Store.at(self.store_url)
+        try:
+            self.store = Store.at(self.store_url)
+        except SchemaError as e:
+            self.exit_with(f"gpuhub service: the store cannot be used: {e}")
         if self.release_policy not in ("flat", "learned"):
             self.exit_with(f"gpuhub service: bad setting: release_policy: {self.release_policy!r}")
         try:

@@ -9,18 +9,19 @@ and freeing GPU leases when the server stops. A backend implements `gpu_capacity
 from __future__ import annotations
 
 import functools
-import os
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from tornado import web
-from traitlets import Dict, Instance, List, Unicode, default
+from traitlets import Dict, Instance, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
 from .. import paths
-from ..catalog import Catalog, CatalogError, catalog_from_dict, load_catalog
+from ..catalog import Catalog, CatalogError, catalog_from_dict
+from ..catalog_cache import cached_catalog
 from ..options import OptionsError, Selection, form_choices, options_from_form, parse
 from ..overrides import GroupQuota, merge_environments, merge_group_quotas
 from ..policy import (
@@ -31,23 +32,43 @@ from ..policy import (
     effective_quota,
     quota_config_from_dict,
 )
+from ..settings import GpuhubConfig
 from ..store import Store
 
-_catalog_cache: dict[tuple[str, int], Catalog] = {}
 _reconciled_stores: set[str] = set()
+#: the `quotas` and `catalog` settings, parsed once per value (not at each spawn)
+_parsed_quotas: dict[str, QuotaConfig] = {}
+_parsed_catalogs: dict[str, Catalog] = {}
 
 
-def cached_catalog(path: str) -> Catalog:
-    """The catalogue in `path`, loaded again only when the file changes."""
-    try:
-        mtime = os.stat(path).st_mtime_ns
-    except OSError:
-        mtime = -1
-    key = (path, mtime)
-    if key not in _catalog_cache:
-        _catalog_cache.clear()
-        _catalog_cache[key] = load_catalog(path)
-    return _catalog_cache[key]
+def _key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def parsed_quotas(
+    quotas: Mapping[str, Any], setting: str = "c.GPUSpawnerMixin.quotas"
+) -> QuotaConfig:
+    """`quotas` as a `QuotaConfig`, parsed at its first use; `TraitError` naming the setting and
+    the field when it is wrong."""
+    key = _key(quotas)
+    if key not in _parsed_quotas:
+        try:
+            _parsed_quotas[key] = quota_config_from_dict(quotas)
+        except ValueError as e:
+            raise TraitError(f"{setting}: {e}") from e
+    return _parsed_quotas[key]
+
+
+def parsed_catalog(
+    catalog: Mapping[str, Any], setting: str = "c.GPUSpawnerMixin.catalog"
+) -> Catalog:
+    key = _key(catalog)
+    if key not in _parsed_catalogs:
+        try:
+            _parsed_catalogs[key] = catalog_from_dict(catalog, source=setting)
+        except CatalogError as e:
+            raise TraitError(str(e)) from e
+    return _parsed_catalogs[key]
 
 
 @functools.lru_cache(maxsize=8)
@@ -72,25 +93,20 @@ def http_error(status: int, message: str) -> web.HTTPError:
 class GPUSpawnerMixin(Configurable):
     """GPU selection, quotas and leases for a JupyterHub spawner (put it before the spawner)."""
 
-    catalog_file = Unicode(
-        config=True,
-        help="""The environment catalogue, a YAML file (see docs/configuration.md).
-
-        Defaults to the catalogue shipped with gpuhub. Ignored when `catalog` is set.
-        """,
-    )
-
-    @default("catalog_file")
-    def _default_catalog_file(self) -> str:
-        return str(paths.default_catalog_file())
-
     catalog = Dict(
         config=True,
         help="""The environment catalogue as a dict, in the same shape as the YAML file.
 
-        When set, it replaces `catalog_file`.
+        When set, it replaces `c.GpuhubConfig.catalog_file` for the spawners (the service and the
+        pages still read the file). Checked when set: a bad one stops the hub, naming the field.
         """,
     )
+
+    @validate("catalog")
+    def _check_catalog(self, proposal: Any) -> dict[str, Any]:
+        if proposal["value"]:
+            parsed_catalog(proposal["value"])
+        return proposal["value"]
 
     quotas = Dict(
         config=True,
@@ -100,7 +116,8 @@ class GPUSpawnerMixin(Configurable):
           "groups": {"staff": {"max_gpus": 4}},
           "users": {"ada": {"max_gpus": "unlimited"}}}`.
         A user in several groups gets the most generous limit; a per-user entry wins.
-        Missing limits are unlimited.
+        Missing limits are unlimited. Checked when set: a bad value stops the hub, naming the
+        field.
         """,
     )
 
@@ -121,15 +138,10 @@ class GPUSpawnerMixin(Configurable):
             env["GPUHUB_SERVICE_URL"] = self.service_url
         return env
 
-    store_url = Unicode(
-        "sqlite:///gpuhub.sqlite",
-        config=True,
-        help="""SQLAlchemy URL of gpuhub's store (GPU leases, queue, history).
-
-        A SQLite file by default, relative to the hub's working directory. Use a server database
-        (PostgreSQL, MySQL) when the hub and the gpuhub service run on different machines.
-        """,
-    )
+    @validate("quotas")
+    def _check_quotas(self, proposal: Any) -> dict[str, Any]:
+        parsed_quotas(proposal["value"])
+        return proposal["value"]
 
     form_template = Unicode(
         "spawn_form.html",
@@ -145,15 +157,35 @@ class GPUSpawnerMixin(Configurable):
 
     selection = Instance(Selection, allow_none=True, help="The validated selection being run.")
 
-    # -- catalogue, groups, store -----------------------------------------------------------------
+    # -- shared settings (gpuhub.settings), catalogue, groups, store ----------------------------
+
+    @property
+    def gpuhub_config(self) -> GpuhubConfig:
+        """The settings shared with the gpuhub service and the pages (`c.GpuhubConfig`)."""
+        shared = self.__dict__.get("_gpuhub_config")
+        if shared is None:
+            shared = self.__dict__["_gpuhub_config"] = GpuhubConfig(parent=self)
+        return shared
+
+    @property
+    def store_url(self) -> str:
+        return self.gpuhub_config.store_url
+
+    @property
+    def catalog_file(self) -> str:
+        return self.gpuhub_config.catalog_file
+
+    def check_settings(self) -> None:
+        """Check the settings now (the hub's start, `gpuhub.settings.check_hub_config`)."""
+        self.gpuhub_config.check()
+        parsed_quotas(self.quotas)
+        if self.catalog:
+            parsed_catalog(self.catalog)
 
     def load_catalog(self) -> Catalog:
         """The catalogue in force now: the file's (re-read when it changes) or `catalog`, with
         the environments admins registered or changed at runtime (in the store) laid over it."""
-        if self.catalog:
-            base = catalog_from_dict(self.catalog, source="c.GPUSpawnerMixin.catalog")
-        else:
-            base = cached_catalog(self.catalog_file)
+        base = parsed_catalog(self.catalog) if self.catalog else cached_catalog(self.catalog_file)
         merged = merge_environments(base, [e.data for e in self.store.catalog_entries()])
         for env_id, problem in merged.problems:
             self.log.warning("gpuhub: stored environment %s is left out: %s", env_id, problem)
@@ -196,7 +228,7 @@ class GPUSpawnerMixin(Configurable):
     def quota_config(self) -> QuotaConfig:
         """The configured quotas, with the group quotas admins set at runtime (in the store)."""
         stored = [GroupQuota(q.group, q.max_gpus, q.max_servers) for q in self.store.group_quotas()]
-        return merge_group_quotas(quota_config_from_dict(self.quotas), stored)
+        return merge_group_quotas(parsed_quotas(self.quotas), stored)
 
     # -- what a backend provides ------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from traitlets import Dict, Float
+from traitlets import Dict, Float, Int
 from traitlets.config import Configurable
 
 from .. import queue
@@ -49,6 +49,7 @@ class GPUQueueMixin(Configurable):
     """The fair GPU wait queue for a gpuhub spawner."""
 
     queue_priorities = Dict(
+        value_trait=Int(),
         config=True,
         help="""Queue priority by group: `{"staff": 10}`. Higher goes first; within a priority,
         first come, first served. A user gets their highest group's priority (0 without one).
@@ -57,6 +58,7 @@ class GPUQueueMixin(Configurable):
 
     queue_poll_interval = Float(
         2.0,
+        min=0.01,
         config=True,
         help="""Seconds between two looks at the free GPUs while a spawn waits (a GPU released
         by this hub wakes the waiting spawns at once).""",
@@ -64,24 +66,23 @@ class GPUQueueMixin(Configurable):
 
     queue_typical_hold = Float(
         3600.0,
+        min=1.0,
         config=True,
         help="""Seconds a GPU is typically held, for the estimated wait shown to queued users
         (the idle release of the gpuhub service bounds it).""",
     )
 
-    queue_stale_after = Float(
-        60.0,
-        config=True,
-        help="""Seconds after which a queue entry whose spawn is no longer seen (the hub
-        restarted, say) stops holding up the others. It keeps its place for
-        `queue_keep_place` seconds, for when its user starts the server again.""",
-    )
-
     queue_keep_place = Float(
         900.0,
+        min=0.0,
         config=True,
         help="Seconds an interrupted wait keeps its place in the queue before it is dropped.",
     )
+
+    @property
+    def queue_stale_after(self) -> float:
+        """`c.GpuhubConfig.queue_stale_after`: shared with the gpuhub service and the pages."""
+        return self.gpuhub_config.queue_stale_after  # type: ignore[attr-defined]
 
     _wait_status: WaitStatus | None = None
     _waiting_phase: str = "idle"  # idle -> applying -> (queued ->) done

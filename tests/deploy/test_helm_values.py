@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from typing import Any
+from unittest import mock
 
 import jsonschema
 import pytest
@@ -91,22 +92,34 @@ def test_the_schema_catches_mistakes(chart) -> None:  # type: ignore[no-untyped-
     assert list(jsonschema.Draft7Validator(chart[1]).iter_errors(values))
 
 
-def run_extra_config(values: dict[str, Any]) -> Config:
-    """hub.extraConfig as the chart runs it: every snippet, sorted by key, with `c`."""
+def run_extra_config(values: dict[str, Any], checked: list[Config] | None = None) -> Config:
+    """hub.extraConfig as the chart runs it: every snippet, sorted by key, with `c`, after the
+    chart's own configuration has listed `hub.services`. gpuhub's start check
+    (`check_hub_config`, which opens the store and reads the catalogue file of the hub pod) is
+    recorded in `checked` instead of run."""
     c = Config()
-    for key in sorted(values["hub"]["extraConfig"]):
-        code = compile(values["hub"]["extraConfig"][key], f"hub.extraConfig.{key}", "exec")
-        exec(code, {"c": c, "get_config": lambda: c})
+    c.JupyterHub.services = [
+        {"name": name, **copy.deepcopy(service)}
+        for name, service in values["hub"].get("services", {}).items()
+    ]
+    calls = checked if checked is not None else []
+    with mock.patch("gpuhub.settings.check_hub_config", calls.append):
+        for key in sorted(values["hub"]["extraConfig"]):
+            code = compile(values["hub"]["extraConfig"][key], f"hub.extraConfig.{key}", "exec")
+            exec(code, {"c": c, "get_config": lambda: c})
     return c
 
 
 @pytest.mark.parametrize("names", DEPLOYED, ids="+".join)
 def test_extra_config_selects_gpuhub_and_its_catalogue(chart, names) -> None:  # type: ignore[no-untyped-def]
     values = merged(chart, *names)
-    c = run_extra_config(values)
+    checked: list[Config] = []
+    c = run_extra_config(values, checked)
     assert c.JupyterHub.spawner_class == "gpuhub.spawner.kube.GPUKubeSpawner"
+    assert checked == [c], "gpuhub's settings are checked at the hub's start, once, last"
+    assert c.GpuhubConfig.store_url == "sqlite:////srv/jupyterhub/gpuhub.sqlite"
     files = {f["mountPath"]: f for f in values["hub"]["extraFiles"].values()}
-    catalog_file = c.GPUSpawnerMixin.catalog_file
+    catalog_file = c.GpuhubConfig.catalog_file
     assert catalog_file in files, "the catalogue the spawner reads is mounted"
     catalog = catalog_from_dict(files[catalog_file]["data"], source=catalog_file)
     assert catalog.gpu_types, "a GPU cluster's catalogue names its GPU types"
@@ -157,7 +170,7 @@ def test_cluster_examples_offer_their_gpus(chart, overlay, resources) -> None:  
     values = merged(chart, BASE, overlay)
     c = run_extra_config(values)
     files = {f["mountPath"]: f for f in values["hub"]["extraFiles"].values()}
-    catalog = catalog_from_dict(files[c.GPUSpawnerMixin.catalog_file]["data"])
+    catalog = catalog_from_dict(files[c.GpuhubConfig.catalog_file]["data"])
     assert {g.resource for g in catalog.gpu_types} == resources
 
 
@@ -188,3 +201,23 @@ def test_hub_image() -> None:
     text = (CHECKOUT / "images" / "hub" / "Dockerfile").read_text()
     assert "quay.io/jupyterhub/k8s-hub:4." in text
     assert "import gpuhub.spawner.kube" in text
+
+
+def test_the_store_on_the_hubs_postgresql(chart, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy.engine import make_url
+
+    values = merged(chart, BASE, "postgresql.yaml")
+    hub_db = make_url(values["hub"]["db"]["url"])
+    assert values["hub"]["db"]["type"] == "postgres"
+    store = make_url(values["hub"]["extraEnv"]["GPUHUB_STORE_URL"])
+    assert store.drivername == "postgresql+psycopg"
+    assert (store.host, store.port, store.username) == (hub_db.host, hub_db.port, hub_db.username)
+    assert store.database != hub_db.database, "a database of its own on the same server"
+    assert store.password is None, "the password comes from PGPASSWORD, not the values"
+    monkeypatch.setenv("GPUHUB_STORE_URL", str(values["hub"]["extraEnv"]["GPUHUB_STORE_URL"]))
+    c = run_extra_config(values)
+    assert c.GpuhubConfig.store_url == values["hub"]["extraEnv"]["GPUHUB_STORE_URL"]
+    (service,) = [s for s in c.JupyterHub.services if s["name"] == "gpuhub"]
+    assert not any("store" in arg or "catalog" in arg for arg in service["command"]), (
+        "the service takes the store and the catalogue from the hub (check_hub_config)"
+    )

@@ -125,7 +125,34 @@ def test_the_most_generous_group_applies(hub):
     hub.stop_server(name)
 
 
+@pytest.fixture(scope="module")
+def pg_hub(tmp_path_factory, run_marker, postgres):
+    """The same hub with its store on PostgreSQL (GPUHUB_STORE_URL)."""
+    url = postgres.url()
+    hub = Hub(
+        tmp_path_factory.mktemp("admission-pg"),
+        run_marker,
+        env_overrides={
+            "GPUHUB_CATALOG": str(HERE / "catalog-restricted.yaml"),
+            "GPUHUB_STORE_URL": url,
+        },
+    ).start()
+    hub.store_url = url  # type: ignore[attr-defined]
+    yield hub
+    hub.stop_all_servers()
+    hub.stop()
+
+
 def test_n_plus_one_concurrent_spawns_on_n_gpus(hub):
+    n_plus_one_concurrent_spawns(hub, Store.at(f"sqlite:///{hub.state_dir / 'gpuhub.sqlite'}"))
+
+
+def test_n_plus_one_concurrent_spawns_on_n_gpus_postgresql(pg_hub):
+    n_plus_one_concurrent_spawns(pg_hub, Store.at(pg_hub.store_url))
+    assert not list(pg_hub.state_dir.glob("gpuhub.sqlite*")), "the store is PostgreSQL alone"
+
+
+def n_plus_one_concurrent_spawns(hub, store):  # type: ignore[no-untyped-def]
     """Five spawns at once on four GPUs: four start, each on its own GPU; the fifth waits in
     the queue and gets the first GPU that is freed."""
     names = [f"race-{i}" for i in range(5)]
@@ -147,7 +174,6 @@ def test_n_plus_one_concurrent_spawns_on_n_gpus(hub):
     started = [n for n in names if now[n].get("ready")]
     (waiting,) = [n for n in names if not now[n].get("ready")]
     assert now[waiting]["pending"] == "spawn"
-    store = Store.at(f"sqlite:///{hub.state_dir / 'gpuhub.sqlite'}")
     assert [(e.user, e.gpus) for e in store.queue()] == [(waiting, 1)]
     gpus = [tuple(now[n]["state"]["gpus"]) for n in started]
     assert all(len(g) == 1 for g in gpus)

@@ -5,13 +5,14 @@
 #   GPUHUB_DEMO_PASSWORD     the password of every user
 #   GPUHUB_DEMO_ADMIN_TOKEN  a service token with JupyterHub's `admin` role
 #   GPUHUB_STATE_DIR         databases
-#   GPUHUB_TEST_CONFIG       JSON object of extra GPUKubeSpawner settings
+#   GPUHUB_TEST_CONFIG       JSON object of extra GPUKubeSpawner (or GpuhubConfig) settings
 import json
 import os
 import sys
 from pathlib import Path
 
 from gpuhub import paths
+from gpuhub.settings import SHARED, check_hub_config
 
 c = get_config()  # noqa: F821 - provided by JupyterHub
 
@@ -39,8 +40,8 @@ c.JupyterHub.services = [{"name": "tester", "api_token": env["GPUHUB_DEMO_ADMIN_
 c.JupyterHub.load_roles = [{"name": "admin", "services": ["tester"]}]
 
 c.JupyterHub.spawner_class = "gpuhub.spawner.kube.GPUKubeSpawner"
-c.GPUSpawnerMixin.catalog_file = str(paths.config_dir() / "catalog-kubernetes.yaml")
-c.GPUSpawnerMixin.store_url = f"sqlite:///{state / 'gpuhub.sqlite'}"
+c.GpuhubConfig.catalog_file = str(paths.config_dir() / "catalog-kubernetes.yaml")
+c.GpuhubConfig.store_url = f"sqlite:///{state / 'gpuhub.sqlite'}"
 c.KubeSpawner.namespace = "jhub"
 c.KubeSpawner.cmd = ["jupyterhub-singleuser"]
 if os.getuid() == 0:
@@ -49,4 +50,5 @@ c.KubeSpawner.start_timeout = 90
 c.KubeSpawner.http_timeout = 90
 c.KubeSpawner.delete_grace_period = 5
 for key, value in json.loads(env.get("GPUHUB_TEST_CONFIG", "{}")).items():
-    setattr(c.GPUKubeSpawner, key, value)
+    setattr(c.GpuhubConfig if key in SHARED else c.GPUKubeSpawner, key, value)
+check_hub_config(c)

@@ -20,6 +20,7 @@ from traitlets.config import Config
 
 from gpuhub import demo_gpu, nvml_fake
 from gpuhub.service.app import GpuhubService
+from gpuhub.settings import SHARED
 from gpuhub.store import Store
 from gpuhub.testing import Hub, execute, wait_for
 
@@ -111,7 +112,7 @@ class ServiceHub:
             **settings,
         }
         for name, value in values.items():
-            setattr(c.GpuhubService, name, value)
+            setattr(c.GpuhubConfig if name in SHARED else c.GpuhubService, name, value)
         service = GpuhubService(config=c)
         service.setup()
         if live:

@@ -18,13 +18,14 @@ from traitlets.config import Config
 
 from gpuhub.service import app as service_app
 from gpuhub.service.app import GpuhubService
+from gpuhub.settings import SHARED
 
 
 def make(**settings) -> GpuhubService:
     c = Config()
     values = {"api_token": "t", "hub_api_url": "http://127.0.0.1:9/hub/api", **settings}
     for name, value in values.items():
-        setattr(c.GpuhubService, name, value)
+        setattr(c.GpuhubConfig if name in SHARED else c.GpuhubService, name, value)
     return GpuhubService(config=c)
 
 

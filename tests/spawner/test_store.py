@@ -10,8 +10,8 @@ from gpuhub.store import NoGpuFree, Store
 DEVICES = [f"GPU-{i}" for i in range(4)]
 
 
-def test_lease_release_and_usage(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 's.sqlite'}")
+def test_lease_release_and_usage(db_url):
+    store = Store(db_url)
     assert store.lease_devices("ada", "", "gpu", DEVICES, 2) == ["GPU-0", "GPU-1"]
     assert store.lease_devices("bob", "x", "gpu", DEVICES, 1) == ["GPU-2"]
     assert store.gpus_held("ada") == 2
@@ -22,8 +22,8 @@ def test_lease_release_and_usage(tmp_path):
     assert store.lease_devices("cy", "", "gpu", DEVICES, 2) == ["GPU-0", "GPU-1"]
 
 
-def test_reconcile_frees_unknown_servers(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 's.sqlite'}")
+def test_reconcile_frees_unknown_servers(db_url):
+    store = Store(db_url)
     store.lease_devices("ada", "", "gpu", DEVICES, 1)
     store.lease_devices("bob", "", "gpu", DEVICES, 1)
     store.lease_units("cy", "big", "shared", 2)
@@ -32,8 +32,8 @@ def test_reconcile_frees_unknown_servers(tmp_path):
     assert store.gpus_held("cy") == 2
 
 
-def test_threads_never_share_a_gpu(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 's.sqlite'}")
+def test_threads_never_share_a_gpu(db_url):
+    store = Store(db_url)
 
     def take(i: int):
         try:
@@ -58,8 +58,8 @@ def _lease_in_process(url: str, user: str, queue) -> None:  # type: ignore[no-un
     queue.put(got)
 
 
-def test_processes_never_share_a_gpu(tmp_path):
-    url = f"sqlite:///{tmp_path / 's.sqlite'}"
+def test_processes_never_share_a_gpu(db_url):
+    url = db_url
     Store(url)  # create the tables once
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()

@@ -9,8 +9,8 @@ from gpuhub.store import Store
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)
 
 
-def test_queue_survives_a_restart_and_keeps_places(tmp_path):
-    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+def test_queue_survives_a_restart_and_keeps_places(db_url):
+    url = db_url
     store = Store(url)
     store.enqueue("ada", "", "a100", 1, user_options={"gpus": 1}, now=T0)
     store.enqueue("bo", "x", "a100", 2, priority=3, now=T0 + timedelta(minutes=1))

@@ -77,7 +77,7 @@ def _cached(seconds: float, load: Any) -> Any:
 
 def make_pages(service: Any) -> Pages:
     """`Pages` over the service's collaborators (client, store, executor, catalogue file)."""
-    from ...spawner.mixin import cached_catalog
+    from ...catalog_cache import cached_catalog
 
     config = GpuhubPages(parent=service)
     catalog_file = getattr(service, "catalog_file", "") or str(paths.default_catalog_file())

@@ -6,6 +6,7 @@ from traitlets import Bool, Float, Int, List, Unicode
 from traitlets.config import Configurable
 
 from ...overrides import DEFAULT_REGISTRIES
+from ...settings import GpuhubConfig
 
 ADMIN_SCOPE = "custom:gpuhub:admin"
 
@@ -94,12 +95,14 @@ class GpuhubPages(Configurable):
         help="Seconds of GPU utilisation the sparklines show.",
     )
 
-    queue_stale_after = Float(
-        60.0,
-        config=True,
-        help="""A queue entry whose spawn was not seen for this many seconds is not counted as
-        waiting (the spawners' `queue_stale_after`).""",
-    )
+    @property
+    def queue_stale_after(self) -> float:
+        """`c.GpuhubConfig.queue_stale_after`, shared with the spawners and the service."""
+        shared = getattr(self.parent, "gpuhub_config", None)
+        if not isinstance(shared, GpuhubConfig):
+            shared = self.__dict__.get("_gpuhub_config") or GpuhubConfig(parent=self)
+            self.__dict__["_gpuhub_config"] = shared
+        return shared.queue_stale_after
 
     typical_gpu_hold = Float(
         3600.0,

@@ -11,6 +11,7 @@ from unittest import mock
 import pytest
 from k8s_emulator import KubeEmulator
 from k8s_emulator.hub import GPU_TAINT, KubeHub, emulator_path
+from traitlets.config import Config
 
 from gpuhub import paths
 
@@ -46,11 +47,14 @@ def make_spawner(no_kube_config: None, store_url: str):  # type: ignore[no-untyp
     from gpuhub.spawner.kube import GPUKubeSpawner
 
     def make(user: str = "ada", server: str = "", **traits: Any) -> GPUKubeSpawner:
-        traits.setdefault("catalog_file", str(KUBE_CATALOG))
-        traits.setdefault("store_url", store_url)
+        config = Config()
+        config.GpuhubConfig.catalog_file = traits.pop("catalog_file", str(KUBE_CATALOG))
+        config.GpuhubConfig.store_url = traits.pop("store_url", store_url)
         traits.setdefault("watch_gpu_capacity", False)
         orm_spawner = SimpleNamespace(name=server, user_options=None, server=None, state=None)
-        return GPUKubeSpawner(_mock=True, user=fake_user(user), orm_spawner=orm_spawner, **traits)
+        return GPUKubeSpawner(
+            _mock=True, user=fake_user(user), orm_spawner=orm_spawner, config=config, **traits
+        )
 
     return make
 

@@ -1,0 +1,1 @@
+"""The revisions of gpuhub's store, oldest first (docs/upgrades.md: adding one)."""
