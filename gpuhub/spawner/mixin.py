@@ -270,17 +270,40 @@ class GPUSpawnerMixin(Configurable):
         self.release_gpus()  # leftovers of a failed earlier start of this server
         self.selection = selection
         self.user_options = selection.as_user_options()
+        self.persist_user_options()
         self.default_url = catalog.interface(selection.interface).default_url  # type: ignore[union-attr]
         await self.apply_selection(selection, catalog)
         self.log.info(
-            "gpuhub: %s starts %s in %s with %d %s GPU(s)",
+            "gpuhub: %s starts %s in %s with %s",
             self._log_name,
             selection.environment,
             selection.interface,
-            selection.gpus,
-            selection.gpu_type or "-",
+            describe_gpus(selection),
         )
         return selection
+
+    def persist_user_options(self) -> None:
+        """Write the normalised options (defaults filled in) where JupyterHub keeps the request.
+
+        JupyterHub stores the options as requested (`orm_spawner.user_options`) and builds the
+        spawner from them after a restart; the hub's REST model shows them too. Saving the
+        selection there makes the model, the spawner state and the gpuhub service agree.
+        """
+        orm_spawner = getattr(self, "orm_spawner", None)
+        if orm_spawner is None or self.selection is None:
+            return
+        options = self.selection.as_user_options()
+        if getattr(orm_spawner, "user_options", None) == options:
+            return
+        orm_spawner.user_options = options
+        try:
+            from sqlalchemy.orm import object_session
+
+            session = object_session(orm_spawner)
+        except Exception:  # not a database row (tests build spawners without a hub)
+            session = None
+        if session is not None:
+            session.commit()
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -310,6 +333,10 @@ class GPUSpawnerMixin(Configurable):
                 self.log.warning(
                     "gpuhub: ignoring unreadable selection in %s's state", self._log_name
                 )
+            else:
+                # A server started before the options were saved normalised: fix the record.
+                self.user_options = self.selection.as_user_options()
+                self.persist_user_options()
 
     def clear_state(self) -> None:
         super().clear_state()  # type: ignore[misc]
@@ -320,6 +347,13 @@ class GPUSpawnerMixin(Configurable):
             await super().stop(now=now)  # type: ignore[misc]
         finally:
             self.release_gpus()
+
+
+def describe_gpus(selection: Selection) -> str:
+    """`1 a100 GPU(s)`, or `no GPU` (a CPU-only server names no GPU type)."""
+    if not selection.gpus:
+        return "no GPU"
+    return f"{selection.gpus} {selection.gpu_type} GPU(s)"
 
 
 def ensure_dir(path: str | Path) -> Path:

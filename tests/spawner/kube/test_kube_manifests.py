@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from typing import Any
 
@@ -221,3 +222,36 @@ def test_user_names_become_valid_label_values() -> None:
 def test_pod_settings_refuse_a_selection_of_another_catalog() -> None:
     with pytest.raises(ValueError):
         pod_settings(Selection("jupyterlab", "nope", 0, None), CATALOG, PodBase(image="x"), "ada")
+
+
+async def test_normalised_options_are_saved_where_the_hub_keeps_them(make_spawner) -> None:  # type: ignore[no-untyped-def]
+    """The hub rebuilds a spawner from `orm_spawner.user_options` after a restart: the defaults
+    gpuhub filled in (here the GPU type) must be there, not only the raw request."""
+    spawner = make_spawner()
+    await spawner.apply_gpuhub_options({"gpus": 1})
+    expected = {"interface": "jupyterlab", "environment": "pytorch", "gpus": 1}
+    saved = spawner.orm_spawner.user_options
+    assert {k: saved[k] for k in expected} == expected
+    assert saved["gpu_type"] == spawner.load_catalog().default_gpu_type is not None
+    assert spawner.user_options == saved == spawner.get_state()["selection"]
+
+
+async def test_state_of_an_older_server_fixes_the_saved_options(make_spawner) -> None:  # type: ignore[no-untyped-def]
+    spawner = make_spawner()
+    spawner.orm_spawner.user_options = {"gpus": 1}  # as saved before the options were normalised
+    selection = {"interface": "vscode", "environment": "pytorch", "gpus": 1, "gpu_type": "a100"}
+    spawner.load_state({"selection": selection})
+    assert spawner.user_options == spawner.orm_spawner.user_options == selection
+
+
+async def test_a_cpu_only_server_names_no_gpu_type(make_spawner, caplog) -> None:  # type: ignore[no-untyped-def]
+    spawner = make_spawner()
+    with caplog.at_level("INFO"):
+        await spawner.apply_gpuhub_options({"environment": "pytorch", "gpus": 0})
+    pod = plain(await spawner.get_pod_manifest())
+    annotation = json.loads(pod["metadata"]["annotations"]["gpuhub.io/selection"])
+    assert annotation["gpus"] == 0 and annotation["gpu_type"] is None
+    assert pod["metadata"]["labels"]["gpuhub.io/gpu-type"] == "none"
+    started = [r.getMessage() for r in caplog.records if "starts" in r.getMessage()]
+    assert started and started[-1].endswith("with no GPU"), started
+    assert "GPU(s)" not in started[-1]
