@@ -50,6 +50,22 @@ def cached_catalog(path: str) -> Catalog:
     return _catalog_cache[key]
 
 
+def catalog_in_force(
+    store: Store, catalog: Mapping[str, Any], catalog_file: str, log: Any = None
+) -> Catalog:
+    """The configured catalogue (`catalog` when set, else the file) with the environments admins
+    registered or changed at runtime laid over it; `log` hears of stored ones left out."""
+    if catalog:
+        base = catalog_from_dict(dict(catalog), source="c.GPUSpawnerMixin.catalog")
+    else:
+        base = cached_catalog(catalog_file)
+    merged = merge_environments(base, [e.data for e in store.catalog_entries()])
+    if log is not None:
+        for env_id, problem in merged.problems:
+            log.warning("gpuhub: stored environment %s is left out: %s", env_id, problem)
+    return merged.catalog
+
+
 @functools.lru_cache(maxsize=8)
 def template_environment(search_path: tuple[str, ...]) -> jinja2.Environment:
     """One Jinja environment per search path: templates are compiled once, and reloaded when
@@ -133,14 +149,7 @@ class GPUSpawnerMixin(Configurable):
     def load_catalog(self) -> Catalog:
         """The catalogue in force now: the file's (re-read when it changes) or `catalog`, with
         the environments admins registered or changed at runtime (in the store) laid over it."""
-        if self.catalog:
-            base = catalog_from_dict(self.catalog, source="c.GPUSpawnerMixin.catalog")
-        else:
-            base = cached_catalog(self.catalog_file)
-        merged = merge_environments(base, [e.data for e in self.store.catalog_entries()])
-        for env_id, problem in merged.problems:
-            self.log.warning("gpuhub: stored environment %s is left out: %s", env_id, problem)
-        return merged.catalog
+        return catalog_in_force(self.store, self.catalog, self.catalog_file, self.log)
 
     def user_groups(self) -> set[str]:
         return {g.name for g in getattr(self.user, "groups", [])}
@@ -186,6 +195,17 @@ class GPUSpawnerMixin(Configurable):
     def gpu_capacity(self, catalog: Catalog) -> dict[str, tuple[int, int]]:
         """`(total, free)` GPUs of each type in the pool right now."""
         raise NotImplementedError
+
+    def admissible_totals(
+        self, catalog: Catalog, capacity: Mapping[str, tuple[int, int]]
+    ) -> dict[str, int]:
+        """The most GPUs of each type a spawn may ask for (more is refused, fewer may wait):
+        the pool's total. A backend whose capacity comes and goes says more."""
+        return {k: total for k, (total, _free) in capacity.items()}
+
+    def capacity_note(self, catalog: Catalog, gpu_type: str) -> str:
+        """Why some GPUs of `gpu_type` cannot be had now, for the queue's message ("")."""
+        return ""
 
     async def apply_selection(self, selection: Selection, catalog: Catalog) -> None:
         """Make the server start with `selection` (take GPUs, set image or process env)."""
@@ -258,7 +278,7 @@ class GPUSpawnerMixin(Configurable):
         capacity = self.gpu_capacity(catalog)
         try:
             selection = parse(
-                user_options, catalog, groups, {k: total for k, (total, _f) in capacity.items()}
+                user_options, catalog, groups, self.admissible_totals(catalog, capacity)
             )
         except OptionsError as e:
             raise http_error(400, f"Invalid option {e.field!r}: {e.message}") from e

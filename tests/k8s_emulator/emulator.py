@@ -769,6 +769,40 @@ class KubeEmulator:
 
         self.call(add)
 
+    def cordon(self, name: str, cordoned: bool = True) -> None:
+        """`kubectl cordon` (or uncordon): the node takes no new pods, and the node controller's
+        `node.kubernetes.io/unschedulable` taint comes with it, as on a real cluster."""
+        taint = {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}
+
+        def change(node: dict[str, Any]) -> None:
+            node["spec"]["unschedulable"] = cordoned
+            taints = [t for t in node["spec"].get("taints") or [] if t["key"] != taint["key"]]
+            node["spec"]["taints"] = [*taints, taint] if cordoned else taints
+
+        async def run() -> None:
+            self.update("nodes", self.get("nodes", "", name), change)  # type: ignore[arg-type]
+            await self.schedule()
+
+        self.call(run)
+
+    def set_ready(self, name: str, ready: bool = True) -> None:
+        """The node's kubelet stops (or resumes) reporting: Ready turns Unknown and the node
+        controller taints the node `node.kubernetes.io/unreachable`."""
+        taint = {"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule"}
+
+        def change(node: dict[str, Any]) -> None:
+            node["status"]["conditions"] = [
+                {"type": "Ready", "status": "True" if ready else "Unknown"}
+            ]
+            taints = [t for t in node["spec"].get("taints") or [] if t["key"] != taint["key"]]
+            node["spec"]["taints"] = taints if ready else [*taints, taint]
+
+        async def run() -> None:
+            self.update("nodes", self.get("nodes", "", name), change)  # type: ignore[arg-type]
+            await self.schedule()
+
+        self.call(run)
+
     def list(self, kind: str) -> list[dict[str, Any]]:
         return self.call(lambda: list(self.objects[kind].values()))
 
