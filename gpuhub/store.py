@@ -367,6 +367,16 @@ class CapacityStore:
                     row.valid_for = valid_for
             s.commit()
 
+    def clear_capacity(self, source: str | None = None) -> int:
+        """Forget what `source` (or everyone) published; returns how many rows went."""
+        with self.session() as s:
+            query = delete(CapacityRow)
+            if source is not None:
+                query = query.where(CapacityRow.source == source)
+            deleted = s.execute(query)
+            s.commit()
+            return int(deleted.rowcount or 0)
+
     def measured_capacity(self) -> dict[str, MeasuredCapacity]:
         """Every published GPU type's counts (stale ones included: see `fresh()`)."""
         with self.session() as s:
