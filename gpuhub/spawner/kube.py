@@ -21,7 +21,7 @@ from .capacity_publisher import Measure, capacity_publisher
 from .kube_capacity import TypeCapacity, cluster_capacity
 from .kube_objects import PodBase, PodSettings, pod_settings, template_literal
 from .kube_watch import CapacityForbidden, CapacityWatch, capacity_watch, running_capacity_watch
-from .mixin import GPUSpawnerMixin, catalog_in_force
+from .mixin import GPUSpawnerMixin, catalog_in_force, http_error
 from .queueing import GPUQueueMixin
 
 #: what the hub said last about counting the cluster's GPUs (said once per process)
@@ -111,9 +111,13 @@ class GPUKubeSpawner(GPUQueueMixin, GPUSpawnerMixin, KubeSpawner):
     def _default_delete_pvc(self) -> bool:
         return False
 
+    # Each server its own home claim: `claim-NAME` for the default server (as before),
+    # `claim-NAME--SERVER` for a named one. Block storage (every cloud's default class) attaches
+    # a ReadWriteOnce volume to one node at a time, and a user's servers may run on different
+    # nodes (different GPU types). See `home_claim_conflict` for a shared claim.
     @default("pvc_name_template")
     def _default_pvc_name_template(self) -> str:
-        return "claim-{username}"
+        return "claim-{user_server}"
 
     @default("storage_capacity")
     def _default_storage_capacity(self) -> str:
@@ -287,8 +291,35 @@ class GPUKubeSpawner(GPUQueueMixin, GPUSpawnerMixin, KubeSpawner):
         return await super().poll()
 
     async def apply_gpuhub_options(self, user_options: Any) -> Selection:
+        conflict = self.home_claim_conflict()
+        if conflict:
+            raise http_error(409, conflict)
         await self.start_capacity_watch()
         return await super().apply_gpuhub_options(user_options)
+
+    def home_claim_conflict(self) -> str | None:
+        """Why this server cannot start now because of its home claim, or None.
+
+        When the claim template gives a user's servers one claim (`pvc_name_template` without
+        the server's name) and the claim is ReadWriteOnce, a second server on another node
+        could never mount it (Multi-Attach error, a pod stuck in ContainerCreating). The spawn
+        is refused at once, naming the running server, unless the claim is ReadWriteMany.
+        """
+        if not self.storage_pvc_ensure or "ReadWriteMany" in (self.storage_access_modes or []):
+            return None
+        for name, other in getattr(self.user, "spawners", {}).items():
+            if name == self.name or not (other.active or other.ready):
+                continue
+            if getattr(other, "pvc_name", None) != self.pvc_name:
+                continue
+            label = f"'{name}'" if name else "default"
+            return (
+                f"Your servers share one home volume ({self.pvc_name}), which only one node at "
+                f"a time can mount (ReadWriteOnce), and your {label} server is running. Stop "
+                "it first, or ask your admin for a home volume per server or a ReadWriteMany "
+                "storage class (docs/kubernetes.md)."
+            )
+        return None
 
     async def apply_selection(self, selection: Selection, catalog: Catalog) -> None:
         self.apply_pod_settings(selection, catalog)

@@ -188,3 +188,29 @@ def test_hub_image() -> None:
     text = (CHECKOUT / "images" / "hub" / "Dockerfile").read_text()
     assert "quay.io/jupyterhub/k8s-hub:4." in text
     assert "import gpuhub.spawner.kube" in text
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_user_scheduler_packs_every_gpu_resource(chart, overlay) -> None:  # type: ignore[no-untyped-def]
+    """MostAllocated with every GPU resource the catalogue uses weighed (kube-scheduler takes
+    weights 1-100), and NodeResourcesFit still enabled for scoring in the chart's plugins."""
+    values = merged(chart, BASE, overlay)
+    scheduler = values["scheduling"]["userScheduler"]
+    assert scheduler["enabled"]
+    [fit] = [p for p in scheduler["pluginConfig"] if p["name"] == "NodeResourcesFit"]
+    strategy = fit["args"]["scoringStrategy"]
+    assert strategy["type"] == "MostAllocated"
+    weights = {r["name"]: r["weight"] for r in strategy["resources"]}
+    assert all(1 <= w <= 100 for w in weights.values())
+    c = run_extra_config(values)
+    files = {f["mountPath"]: f for f in values["hub"]["extraFiles"].values()}
+    catalog = catalog_from_dict(files[c.GPUSpawnerMixin.catalog_file]["data"])
+    for gpu_type in catalog.gpu_types:
+        assert weights.get(gpu_type.resource, 0) > weights["cpu"], gpu_type.resource
+    enabled = {p["name"] for p in scheduler["plugins"]["score"]["enabled"]}
+    assert "NodeResourcesFit" in enabled
+
+
+def test_named_servers_get_a_home_claim_each() -> None:
+    storage = load(BASE)["singleuser"]["storage"]
+    assert "{user_server}" in storage["dynamic"]["pvcNameTemplate"]

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 import kubernetes_validate
 from aiohttp import web
 
+from .scheduling import ScoringStrategy, score
 from .selectors import SelectorError, field_selector, label_selector
 
 log = logging.getLogger("k8s-emulator")
@@ -44,6 +45,22 @@ CLUSTER = {"nodes": "Node"}
 KINDS = {**NAMESPACED, **CLUSTER}
 CORE_RESOURCES = {"cpu", "memory", "ephemeral-storage", "pods"}
 HISTORY = 10_000
+#: What the DefaultTolerationSeconds admission plugin adds to every pod that lacks them.
+DEFAULT_TOLERATIONS = (
+    {
+        "key": "node.kubernetes.io/not-ready",
+        "operator": "Exists",
+        "effect": "NoExecute",
+        "tolerationSeconds": 300,
+    },
+    {
+        "key": "node.kubernetes.io/unreachable",
+        "operator": "Exists",
+        "effect": "NoExecute",
+        "tolerationSeconds": 300,
+    },
+)
+PVC_PROTECTION = "kubernetes.io/pvc-protection"
 
 
 def now() -> str:
@@ -128,6 +145,19 @@ class KubeEmulator:
     #: Seconds between a pod's binding and its containers running (image pull, start).
     start_delay: float = 0.2
     validate_version: str = "1.33.0"
+    #: Scheduler profiles by `schedulerName` and how each scores nodes; a pod naming another
+    #: scheduler stays Pending (nothing schedules it), as on a real cluster.
+    schedulers: Mapping[str, ScoringStrategy] = field(
+        default_factory=lambda: {"default-scheduler": ScoringStrategy()}
+    )
+    #: The default storage class (set on claims that name none, as the DefaultStorageClass
+    #: admission plugin does) and whether its volumes are block storage, which one node at a
+    #: time can attach (ReadWriteOnce: a second node gets a Multi-Attach error).
+    default_storage_class: str = "standard"
+    block_storage: bool = True
+    #: Seconds between a claim's creation and its binding (the provisioner at work); meanwhile
+    #: pods using it are not scheduled, with the scheduler's warning.
+    bind_delay: float = 0.3
 
     def __post_init__(self) -> None:
         self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k: {} for k in KINDS}
@@ -194,12 +224,44 @@ class KubeEmulator:
         if kind == "pods":
             obj.setdefault("status", {})
             obj["status"].update(phase="Pending", conditions=[], qosClass="BestEffort")
-            obj["spec"].setdefault("tolerations", [])
+            spec = obj["spec"]
+            spec.setdefault("schedulerName", "default-scheduler")
+            tolerations = spec.setdefault("tolerations", [])
+            for default in DEFAULT_TOLERATIONS:
+                if not any(
+                    t.get("key") == default["key"] and t.get("effect") in (None, "NoExecute")
+                    for t in tolerations
+                ):
+                    tolerations.append(dict(default))
         if kind == "persistentvolumeclaims":
-            obj["status"] = {"phase": "Bound", "capacity": obj["spec"]["resources"]["requests"]}
+            meta.setdefault("finalizers", [])
+            if PVC_PROTECTION not in meta["finalizers"]:
+                meta["finalizers"].append(PVC_PROTECTION)
+            if obj["spec"].get("storageClassName") is None and self.default_storage_class:
+                obj["spec"]["storageClassName"] = self.default_storage_class
+            obj["status"] = {"phase": "Pending"}
             self.claim_dir(meta["namespace"], meta["name"]).mkdir(parents=True, exist_ok=True)
+            self._spawn(self.bind_claim(meta["namespace"], meta["name"], meta["uid"]))
         self._commit(kind, "ADDED", obj, None)
         return obj
+
+    async def bind_claim(self, namespace: str, name: str, uid: str) -> None:
+        """The provisioner creates a volume and the claim binds, after `bind_delay`."""
+        await asyncio.sleep(self.bind_delay)
+        claim = self.get("persistentvolumeclaims", namespace, name)
+        if claim is None or claim["metadata"]["uid"] != uid:
+            return
+
+        def bound(c: dict[str, Any]) -> None:
+            c["spec"]["volumeName"] = f"pvc-{uid}"
+            c["status"] = {
+                "phase": "Bound",
+                "accessModes": list(c["spec"].get("accessModes") or []),
+                "capacity": dict(c["spec"]["resources"]["requests"]),
+            }
+
+        self.update("persistentvolumeclaims", claim, bound)
+        await self.schedule()
 
     def update(
         self, kind: str, obj: dict[str, Any], change: Callable[[dict[str, Any]], None]
@@ -437,6 +499,16 @@ class KubeEmulator:
                 body = {}
             if isinstance(body, dict) and body.get("gracePeriodSeconds") is not None:
                 grace = body["gracePeriodSeconds"]
+        if kind == "persistentvolumeclaims" and PVC_PROTECTION in (
+            obj["metadata"].get("finalizers") or []
+        ):
+            # The pvc-protection finalizer: a claim in use by a pod goes when its last pod does.
+            if "deletionTimestamp" not in obj["metadata"]:
+                obj = self.update(
+                    kind, obj, lambda c: c["metadata"].__setitem__("deletionTimestamp", now())
+                )
+            self.release_claims(obj["metadata"]["namespace"])
+            return web.json_response(obj)
         if kind != "pods":
             self.remove(kind, obj)
             return web.json_response(obj)
@@ -457,6 +529,32 @@ class KubeEmulator:
         return web.json_response(obj)
 
     # -- scheduler and kubelet --------------------------------------------------------------------
+
+    def release_claims(self, namespace: str) -> None:
+        """Remove the claims being deleted that no pod uses any more."""
+        used = {
+            (v.get("persistentVolumeClaim") or {}).get("claimName")
+            for p in self.objects["pods"].values()
+            if p["metadata"].get("namespace") == namespace
+            for v in p["spec"].get("volumes") or []
+        }
+        for claim in list(self.objects["persistentvolumeclaims"].values()):
+            meta = claim["metadata"]
+            if (
+                meta.get("namespace") == namespace
+                and "deletionTimestamp" in meta
+                and meta["name"] not in used
+            ):
+                self.remove("persistentvolumeclaims", claim)
+
+    def node_pods(self, node_name: str) -> list[dict[str, Any]]:
+        """The pods bound to `node_name` that still hold its resources."""
+        return [
+            p
+            for p in self.objects["pods"].values()
+            if p["spec"].get("nodeName") == node_name
+            and p["status"].get("phase") not in ("Succeeded", "Failed")
+        ]
 
     def node_usage(self, node_name: str) -> dict[str, int]:
         used: dict[str, int] = {}
@@ -497,34 +595,86 @@ class KubeEmulator:
             key=lambda p: int(p["metadata"]["resourceVersion"]),
         )
         for pod in pending:
-            missing = [
-                v["persistentVolumeClaim"]["claimName"]
+            strategy = self.schedulers.get(pod["spec"].get("schedulerName", "default-scheduler"))
+            if strategy is None:
+                continue  # no such scheduler runs: the pod waits, without an event
+            namespace = pod["metadata"]["namespace"]
+            claims = [
+                (
+                    v["persistentVolumeClaim"]["claimName"],
+                    self.get(
+                        "persistentvolumeclaims", namespace, v["persistentVolumeClaim"]["claimName"]
+                    ),
+                )
                 for v in pod["spec"].get("volumes") or []
                 if "persistentVolumeClaim" in v
-                and self.get(
-                    "persistentvolumeclaims",
-                    pod["metadata"]["namespace"],
-                    v["persistentVolumeClaim"]["claimName"],
-                )
-                is None
+            ]
+            missing = [name for name, claim in claims if claim is None]
+            unbound = [
+                name
+                for name, claim in claims
+                if claim is not None and claim["status"].get("phase") != "Bound"
             ]
             nodes = sorted(self.objects["nodes"].values(), key=lambda n: n["metadata"]["name"])
             reasons = {n["metadata"]["name"]: self.fits(pod, n) for n in nodes}
-            chosen = next((name for name, why in reasons.items() if why is None), None)
-            if missing or chosen is None:
+            fitting = [n for n in nodes if reasons[n["metadata"]["name"]] is None]
+            chosen = None
+            if fitting:
+                # The best NodeResourcesFit score; ties go to the first node by name.
+                scores = {
+                    n["metadata"]["name"]: score(
+                        strategy,
+                        n["status"].get("allocatable") or {},
+                        self.node_pods(n["metadata"]["name"]),
+                        pod,
+                    )
+                    for n in fitting
+                }
+                best = max(scores.values())
+                chosen = next(name for name, value in scores.items() if value == best)
+            if missing or unbound or chosen is None:
+                n_nodes = len(nodes)
+                not_helpful = (
+                    f" preemption: 0/{n_nodes} nodes are available: {n_nodes} Preemption is "
+                    "not helpful for scheduling.."
+                )
                 if missing:
-                    message = f'persistentvolumeclaim "{missing[0]}" not found'
+                    message = (
+                        f'0/{n_nodes} nodes are available: persistentvolumeclaim "{missing[0]}" '
+                        f"not found.{not_helpful}"
+                    )
+                elif unbound:
+                    message = (
+                        f"0/{n_nodes} nodes are available: pod has unbound immediate "
+                        f"PersistentVolumeClaims.{not_helpful}"
+                    )
                 else:
                     counts: dict[str, int] = {}
                     for why in reasons.values():
                         counts[str(why)] = counts.get(str(why), 0) + 1
                     detail = ", ".join(f"{n} {why}" for why, n in sorted(counts.items()))
-                    message = f"0/{len(nodes)} nodes are available: {detail}."
+                    short = sum(n for why, n in counts.items() if why.startswith("Insufficient"))
+                    preemption = [
+                        *(
+                            [f"{short} No preemption victims found for incoming pod"]
+                            if short
+                            else []
+                        ),
+                        *(
+                            [f"{n_nodes - short} Preemption is not helpful for scheduling"]
+                            if n_nodes - short
+                            else []
+                        ),
+                    ]
+                    message = (
+                        f"0/{n_nodes} nodes are available: {detail}. preemption: "
+                        f"0/{n_nodes} nodes are available: {', '.join(preemption)}.."
+                    )
                 key = pod["metadata"]["uid"]
                 if self._unschedulable_reported.get(key) != message:
                     self._unschedulable_reported[key] = message
                     self.record_event(
-                        pod, "FailedScheduling", message, "Warning", "default-scheduler"
+                        pod, "FailedScheduling", message, "Warning", pod["spec"]["schedulerName"]
                     )
                 continue
 
@@ -540,11 +690,69 @@ class KubeEmulator:
                 pod,
                 "Scheduled",
                 f"Successfully assigned {meta['namespace']}/{meta['name']} to {chosen}",
-                component="default-scheduler",
+                component=pod["spec"]["schedulerName"],
             )
             self._spawn(self.run_pod(meta["namespace"], meta["name"], meta["uid"]))
 
+    def attached_elsewhere(self, pod: Mapping[str, Any]) -> tuple[str, list[str]] | None:
+        """(volume, pods) when one of `pod`'s ReadWriteOnce claims is attached to another node
+        by other pods (block storage attaches to one node at a time), else None."""
+        if not self.block_storage:
+            return None
+        namespace = pod["metadata"]["namespace"]
+        node = pod["spec"].get("nodeName")
+        for volume in pod["spec"].get("volumes") or []:
+            claim_name = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+            claim = claim_name and self.get("persistentvolumeclaims", namespace, claim_name)
+            if not claim or "ReadWriteMany" in (claim["spec"].get("accessModes") or []):
+                continue
+            users = [
+                p["metadata"]["name"]
+                for p in self.objects["pods"].values()
+                if p["metadata"]["uid"] != pod["metadata"]["uid"]
+                and p["metadata"].get("namespace") == namespace
+                and p["spec"].get("nodeName") not in (None, node)
+                and p["status"].get("phase") not in ("Succeeded", "Failed")
+                and any(
+                    (v.get("persistentVolumeClaim") or {}).get("claimName") == claim_name
+                    for v in p["spec"].get("volumes") or []
+                )
+            ]
+            if users:
+                return claim["spec"].get("volumeName", claim_name), sorted(users)
+        return None
+
+    async def wait_for_attach(self, namespace: str, name: str, uid: str) -> bool:
+        """Hold a pod in ContainerCreating while its volume is attached to another node (the
+        attach/detach controller's Multi-Attach error); False when the pod went meanwhile."""
+        reported = False
+        while True:
+            pod = self.get("pods", namespace, name)
+            if (
+                pod is None
+                or pod["metadata"]["uid"] != uid
+                or "deletionTimestamp" in pod["metadata"]
+            ):
+                return False
+            conflict = self.attached_elsewhere(pod)
+            if conflict is None:
+                return True
+            if not reported:
+                volume, users = conflict
+                self.record_event(
+                    pod,
+                    "FailedAttachVolume",
+                    f'Multi-Attach error for volume "{volume}" Volume is already used by '
+                    f"pod(s) {', '.join(users)}",
+                    "Warning",
+                    "attachdetach-controller",
+                )
+                reported = True
+            await asyncio.sleep(0.5)
+
     async def run_pod(self, namespace: str, name: str, uid: str) -> None:
+        if not await self.wait_for_attach(namespace, name, uid):
+            return
         image = self.get("pods", namespace, name)["spec"]["containers"][0]["image"]  # type: ignore[index]
         self.record_event(self.get("pods", namespace, name), "Pulling", f'Pulling image "{image}"')  # type: ignore[arg-type]
         await asyncio.sleep(self.start_delay)
@@ -676,6 +884,7 @@ class KubeEmulator:
         if current is not None and current["metadata"]["uid"] == uid:
             self.remove("pods", current)
         self._unschedulable_reported.pop(uid, None)
+        self.release_claims(pod["metadata"]["namespace"])
         await self.schedule()  # freed resources may let a pending pod in
 
     # -- running it -------------------------------------------------------------------------------

@@ -118,7 +118,9 @@ async def test_pod_manifest_is_valid(make_spawner, selection: Selection) -> None
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     home = volumes[mounts["/home/jovyan"]]
-    assert home["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"] == "claim-ada"
+    assert (
+        home["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"] == "claim-ada--exp1"
+    )
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
     assert spawner.storage_pvc_ensure and not spawner.delete_pvc
 
@@ -255,3 +257,25 @@ async def test_a_cpu_only_server_names_no_gpu_type(make_spawner, caplog) -> None
     started = [r.getMessage() for r in caplog.records if "starts" in r.getMessage()]
     assert started and started[-1].endswith("with no GPU"), started
     assert "GPU(s)" not in started[-1]
+
+
+async def test_named_servers_get_their_own_home_claim(make_spawner) -> None:  # type: ignore[no-untyped-def]
+    default, named = make_spawner(), make_spawner(server="train")
+    assert (default.pvc_name, named.pvc_name) == ("claim-ada", "claim-ada--train")
+
+
+async def test_a_shared_readwriteonce_home_refuses_a_second_server_at_once(make_spawner) -> None:  # type: ignore[no-untyped-def]
+    """A site that shares one claim among a user's servers on block storage: the second server
+    is refused with a message naming the running one, never left as a stuck pod."""
+    running = make_spawner(pvc_name_template="claim-{username}")
+    second = make_spawner(server="train", pvc_name_template="claim-{username}")
+    running._spawn_pending = True  # the default server is starting (it will mount the claim)
+    second.user.spawners = {"": running, "train": second}
+    with pytest.raises(web.HTTPError) as error:
+        await second.apply_gpuhub_options({"environment": "pytorch", "gpus": 0})
+    assert error.value.status_code == 409
+    message = error.value.log_message % error.value.args
+    assert "one home volume (claim-ada)" in message and "default server is running" in message
+    # With a ReadWriteMany class the servers may share it.
+    second.storage_access_modes = ["ReadWriteMany"]
+    await second.apply_gpuhub_options({"environment": "pytorch", "gpus": 0})
