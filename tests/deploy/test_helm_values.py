@@ -161,17 +161,30 @@ def test_cluster_examples_offer_their_gpus(chart, overlay, resources) -> None:  
     assert {g.resource for g in catalog.gpu_types} == resources
 
 
-def test_capacity_rbac_manifest_is_valid() -> None:
+def rbac(name: str) -> list[dict[str, Any]]:
     import kubernetes_validate
 
-    docs = list(
-        yaml.safe_load_all((CHECKOUT / "kubernetes" / "hub-gpu-capacity-rbac.yaml").read_text())
-    )
+    docs = list(yaml.safe_load_all((CHECKOUT / "kubernetes" / name).read_text()))
     for doc in docs:
         kubernetes_validate.validate(doc, "1.33.0", strict=True)
-    (rule,) = docs[0]["rules"]
-    assert set(rule["resources"]) == {"nodes", "pods"}
+    return docs
+
+
+def test_capacity_rbac_manifest_is_valid_and_minimal() -> None:
+    """Least privilege by default: the ClusterRole reads nodes only (pods are read in the hub's
+    namespace with the chart's Role); reading every pod is a separate, opt-in manifest."""
+    (rule,) = rbac("hub-gpu-capacity-rbac.yaml")[0]["rules"]
+    assert rule["resources"] == ["nodes"]
     assert set(rule["verbs"]) == {"get", "list", "watch"}, "read only"
+    (rule,) = rbac("hub-gpu-capacity-all-pods-rbac.yaml")[0]["rules"]
+    assert rule["resources"] == ["pods"]
+    assert set(rule["verbs"]) == {"get", "list", "watch"}, "read only"
+
+
+def test_the_spawner_reads_other_namespaces_only_on_opt_in() -> None:
+    from gpuhub.spawner.kube import GPUKubeSpawner
+
+    assert GPUKubeSpawner.class_traits()["gpu_capacity_all_namespaces"].default_value is False
 
 
 @pytest.mark.parametrize("image", ["pytorch", "tensorflow"])
