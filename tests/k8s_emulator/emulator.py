@@ -35,7 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 import kubernetes_validate
 from aiohttp import web
 
-from .scheduling import ScoringStrategy, score
+from .scheduling import ScoringStrategy, place
 from .selectors import SelectorError, field_selector, label_selector
 
 log = logging.getLogger("k8s-emulator")
@@ -81,40 +81,6 @@ def status_body(code: int, reason: str, message: str) -> dict[str, Any]:
 
 def error(code: int, reason: str, message: str) -> web.Response:
     return web.json_response(status_body(code, reason, message), status=code)
-
-
-def quantity(value: Any) -> int:
-    try:
-        return int(str(value))
-    except ValueError:
-        return 0
-
-
-def pod_wants(pod: Mapping[str, Any]) -> dict[str, int]:
-    """Extended resources (GPUs) a pod requests; requests default to limits."""
-    wants: dict[str, int] = {}
-    for c in pod["spec"].get("containers") or []:
-        res = c.get("resources") or {}
-        merged = {**(res.get("limits") or {}), **(res.get("requests") or {})}
-        for name, value in merged.items():
-            if name not in CORE_RESOURCES:
-                wants[name] = wants.get(name, 0) + quantity(value)
-    return wants
-
-
-def tolerated(pod: Mapping[str, Any], taint: Mapping[str, Any]) -> bool:
-    for t in pod["spec"].get("tolerations") or []:
-        if t.get("effect") and t["effect"] != taint.get("effect"):
-            continue
-        if not t.get("key"):
-            if t.get("operator") == "Exists":
-                return True
-            continue
-        if t["key"] != taint.get("key"):
-            continue
-        if t.get("operator") == "Exists" or t.get("value", "") == taint.get("value", ""):
-            return True
-    return False
 
 
 @dataclass
@@ -556,34 +522,6 @@ class KubeEmulator:
             and p["status"].get("phase") not in ("Succeeded", "Failed")
         ]
 
-    def node_usage(self, node_name: str) -> dict[str, int]:
-        used: dict[str, int] = {}
-        for pod in self.objects["pods"].values():
-            if pod["spec"].get("nodeName") == node_name and pod["status"].get("phase") not in (
-                "Succeeded",
-                "Failed",
-            ):
-                for name, n in pod_wants(pod).items():
-                    used[name] = used.get(name, 0) + n
-        return used
-
-    def fits(self, pod: dict[str, Any], node: dict[str, Any]) -> str | None:
-        """None if `pod` fits on `node`, else why not."""
-        if node["spec"].get("unschedulable"):
-            return "node(s) were unschedulable"
-        labels = node["metadata"].get("labels") or {}
-        if any(labels.get(k) != v for k, v in (pod["spec"].get("nodeSelector") or {}).items()):
-            return "node(s) didn't match Pod's node affinity/selector"
-        for taint in node["spec"].get("taints") or []:
-            if taint.get("effect") in ("NoSchedule", "NoExecute") and not tolerated(pod, taint):
-                return f"node(s) had untolerated taint {{{taint['key']}: {taint.get('value', '')}}}"
-        allocatable = node["status"].get("allocatable") or {}
-        used = self.node_usage(node["metadata"]["name"])
-        for name, n in pod_wants(pod).items():
-            if quantity(allocatable.get(name, 0)) - used.get(name, 0) < n:
-                return f"Insufficient {name}"
-        return None
-
     async def schedule(self) -> None:
         """Bind every pending pod that fits somewhere (oldest first)."""
         pending = sorted(
@@ -615,61 +553,16 @@ class KubeEmulator:
                 for name, claim in claims
                 if claim is not None and claim["status"].get("phase") != "Bound"
             ]
-            nodes = sorted(self.objects["nodes"].values(), key=lambda n: n["metadata"]["name"])
-            reasons = {n["metadata"]["name"]: self.fits(pod, n) for n in nodes}
-            fitting = [n for n in nodes if reasons[n["metadata"]["name"]] is None]
-            chosen = None
-            if fitting:
-                # The best NodeResourcesFit score; ties go to the first node by name.
-                scores = {
-                    n["metadata"]["name"]: score(
-                        strategy,
-                        n["status"].get("allocatable") or {},
-                        self.node_pods(n["metadata"]["name"]),
-                        pod,
-                    )
-                    for n in fitting
-                }
-                best = max(scores.values())
-                chosen = next(name for name, value in scores.items() if value == best)
-            if missing or unbound or chosen is None:
-                n_nodes = len(nodes)
-                not_helpful = (
-                    f" preemption: 0/{n_nodes} nodes are available: {n_nodes} Preemption is "
-                    "not helpful for scheduling.."
-                )
-                if missing:
-                    message = (
-                        f'0/{n_nodes} nodes are available: persistentvolumeclaim "{missing[0]}" '
-                        f"not found.{not_helpful}"
-                    )
-                elif unbound:
-                    message = (
-                        f"0/{n_nodes} nodes are available: pod has unbound immediate "
-                        f"PersistentVolumeClaims.{not_helpful}"
-                    )
-                else:
-                    counts: dict[str, int] = {}
-                    for why in reasons.values():
-                        counts[str(why)] = counts.get(str(why), 0) + 1
-                    detail = ", ".join(f"{n} {why}" for why, n in sorted(counts.items()))
-                    short = sum(n for why, n in counts.items() if why.startswith("Insufficient"))
-                    preemption = [
-                        *(
-                            [f"{short} No preemption victims found for incoming pod"]
-                            if short
-                            else []
-                        ),
-                        *(
-                            [f"{n_nodes - short} Preemption is not helpful for scheduling"]
-                            if n_nodes - short
-                            else []
-                        ),
-                    ]
-                    message = (
-                        f"0/{n_nodes} nodes are available: {detail}. preemption: "
-                        f"0/{n_nodes} nodes are available: {', '.join(preemption)}.."
-                    )
+            nodes = list(self.objects["nodes"].values())
+            chosen, message = place(
+                pod,
+                nodes,
+                {n["metadata"]["name"]: self.node_pods(n["metadata"]["name"]) for n in nodes},
+                strategy,
+                missing,
+                unbound,
+            )
+            if chosen is None:
                 key = pod["metadata"]["uid"]
                 if self._unschedulable_reported.get(key) != message:
                     self._unschedulable_reported[key] = message

@@ -124,3 +124,108 @@ def score(
         total += int(resource_score) * weight
         weights += weight
     return total // weights if weights else 0
+
+
+def tolerated(pod: Mapping[str, Any], taint: Mapping[str, Any]) -> bool:
+    for t in pod["spec"].get("tolerations") or []:
+        if t.get("effect") and t["effect"] != taint.get("effect"):
+            continue
+        if not t.get("key"):
+            if t.get("operator") == "Exists":
+                return True
+            continue
+        if t["key"] != taint.get("key"):
+            continue
+        if t.get("operator") == "Exists" or t.get("value", "") == taint.get("value", ""):
+            return True
+    return False
+
+
+def extended_requests(pod: Mapping[str, Any]) -> dict[str, float]:
+    """The extended resources (GPUs) `pod` requests."""
+    return {k: v for k, v in pod_requests(pod).items() if k not in NATIVE}
+
+
+def fits(
+    pod: Mapping[str, Any], node: Mapping[str, Any], node_pods: Iterable[Mapping[str, Any]]
+) -> str | None:
+    """None if `pod` fits on `node` (which runs `node_pods`), else kube-scheduler's reason."""
+    if (node.get("spec") or {}).get("unschedulable"):
+        return "node(s) were unschedulable"
+    labels = node["metadata"].get("labels") or {}
+    if any(labels.get(k) != v for k, v in (pod["spec"].get("nodeSelector") or {}).items()):
+        return "node(s) didn't match Pod's node affinity/selector"
+    for taint in (node.get("spec") or {}).get("taints") or []:
+        if taint.get("effect") in ("NoSchedule", "NoExecute") and not tolerated(pod, taint):
+            return f"node(s) had untolerated taint {{{taint['key']}: {taint.get('value', '')}}}"
+    allocatable = (node.get("status") or {}).get("allocatable") or {}
+    used: dict[str, float] = {}
+    for other in node_pods:
+        for name, n in extended_requests(other).items():
+            used[name] = used.get(name, 0) + n
+    for name, n in extended_requests(pod).items():
+        if parse_quantity(allocatable.get(name, 0)) - used.get(name, 0) < n:
+            return f"Insufficient {name}"
+    return None
+
+
+def place(
+    pod: Mapping[str, Any],
+    nodes: Iterable[Mapping[str, Any]],
+    pods_on: Mapping[str, Sequence[Mapping[str, Any]]],
+    strategy: ScoringStrategy,
+    missing_claims: Sequence[str] = (),
+    unbound_claims: Sequence[str] = (),
+) -> tuple[str | None, str]:
+    """(node, "") for the node kube-scheduler binds `pod` to, or (None, its FailedScheduling
+    message). `pods_on`: the pods each node runs."""
+    nodes = sorted(nodes, key=lambda n: n["metadata"]["name"])
+    n_nodes = len(nodes)
+    not_helpful = (
+        f" preemption: 0/{n_nodes} nodes are available: {n_nodes} Preemption is "
+        "not helpful for scheduling.."
+    )
+    if missing_claims:
+        return None, (
+            f'0/{n_nodes} nodes are available: persistentvolumeclaim "{missing_claims[0]}" '
+            f"not found.{not_helpful}"
+        )
+    if unbound_claims:
+        return None, (
+            f"0/{n_nodes} nodes are available: pod has unbound immediate "
+            f"PersistentVolumeClaims.{not_helpful}"
+        )
+    reasons = {
+        n["metadata"]["name"]: fits(pod, n, pods_on.get(n["metadata"]["name"], ())) for n in nodes
+    }
+    fitting = [n for n in nodes if reasons[n["metadata"]["name"]] is None]
+    if fitting:
+        # The best NodeResourcesFit score; ties go to the first node by name.
+        scores = {
+            n["metadata"]["name"]: score(
+                strategy,
+                (n.get("status") or {}).get("allocatable") or {},
+                pods_on.get(n["metadata"]["name"], ()),
+                pod,
+            )
+            for n in fitting
+        }
+        best = max(scores.values())
+        return next(name for name, value in scores.items() if value == best), ""
+    counts: dict[str, int] = {}
+    for why in reasons.values():
+        counts[str(why)] = counts.get(str(why), 0) + 1
+    detail = ", ".join(f"{n} {why}" for why, n in sorted(counts.items()))
+    short = sum(n for why, n in counts.items() if why.startswith("Insufficient"))
+    preemption = [
+        *([f"{short} No preemption victims found for incoming pod"] if short else []),
+        *(
+            [f"{n_nodes - short} Preemption is not helpful for scheduling"]
+            if n_nodes - short
+            else []
+        ),
+    ]
+    return None, (
+        f"0/{n_nodes} nodes are available: {detail}. preemption: "
+        f"0/{n_nodes} nodes are available: {', '.join(preemption)}.."
+    )
