@@ -98,6 +98,59 @@ class Process:
     log_file: Path
 
 
+def start_container(
+    root: Path,
+    base_env: Mapping[str, str],
+    pod: Mapping[str, Any],
+    container: Mapping[str, Any],
+    ip: str,
+) -> Process:
+    """Run `container`'s command as a local process, as the emulated kubelet does: the pod's
+    environment over `base_env`, the claim mounted at the working folder (`claim_folder`) as
+    its working folder and HOME, the hub's URL rewritten to the pod's own address."""
+    argv = [*(container.get("command") or []), *(container.get("args") or [])]
+    if not argv:
+        raise OSError("the emulated kubelet runs only containers with a command or args")
+    env = dict(base_env)
+    for item in container.get("env") or []:
+        if "value" in item:
+            env[item["name"]] = item["value"]
+    if "JUPYTERHUB_SERVICE_URL" in env:
+        url = urlsplit(env["JUPYTERHUB_SERVICE_URL"])
+        env["JUPYTERHUB_SERVICE_URL"] = urlunsplit(url._replace(netloc=f"{ip}:{url.port}"))
+    cwd = root / "pods" / pod["metadata"]["uid"]
+    cwd.mkdir(parents=True, exist_ok=True)
+    volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+    for mount in container.get("volumeMounts") or []:
+        volume = volumes.get(mount["name"], {})
+        claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+        if claim and mount["mountPath"] == container.get("workingDir", mount["mountPath"]):
+            cwd = claim_folder(root, pod["metadata"]["namespace"], claim)
+            cwd.mkdir(parents=True, exist_ok=True)
+            env["HOME"] = str(cwd)
+    env.setdefault("HOME", str(cwd))
+    executable = shutil.which(argv[0], path=env.get("PATH"))
+    if executable is None:
+        raise OSError(f"executable not found: {argv[0]}")
+    log_file = root / "logs" / f"{pod['metadata']['name']}-{pod['metadata']['uid'][:8]}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "wb") as out:
+        popen = subprocess.Popen(
+            [executable, *argv[1:]],
+            env=env,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Process(popen, log_file)
+
+
+def claim_folder(root: Path, namespace: str, name: str) -> Path:
+    """Where a claim's volume lives on this machine."""
+    return root / "volumes" / namespace / name
+
+
 @dataclass
 class KubeEmulator:
     """The emulator. `run_containers`: start each pod's command as a local process."""
@@ -245,7 +298,7 @@ class KubeEmulator:
         return self.objects[kind].get((namespace, name))
 
     def claim_dir(self, namespace: str, name: str) -> Path:
-        return self.root / "volumes" / namespace / name
+        return claim_folder(self.root, namespace, name)
 
     def record_event(
         self,
@@ -693,44 +746,9 @@ class KubeEmulator:
             self.update("pods", pod, running)
 
     def start_process(self, pod: dict[str, Any], container: dict[str, Any], ip: str) -> Process:
-        argv = [*(container.get("command") or []), *(container.get("args") or [])]
-        if not argv:
-            raise OSError("the emulated kubelet runs only containers with a command or args")
         env = {k: os.environ[k] for k in self.inherit_env if k in os.environ}
         env.update(self.container_env)
-        for item in container.get("env") or []:
-            if "value" in item:
-                env[item["name"]] = item["value"]
-        if "JUPYTERHUB_SERVICE_URL" in env:
-            url = urlsplit(env["JUPYTERHUB_SERVICE_URL"])
-            env["JUPYTERHUB_SERVICE_URL"] = urlunsplit(url._replace(netloc=f"{ip}:{url.port}"))
-        cwd = self.root / "pods" / pod["metadata"]["uid"]
-        cwd.mkdir(parents=True, exist_ok=True)
-        volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
-        for mount in container.get("volumeMounts") or []:
-            volume = volumes.get(mount["name"], {})
-            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
-            if claim and mount["mountPath"] == container.get("workingDir", mount["mountPath"]):
-                cwd = self.claim_dir(pod["metadata"]["namespace"], claim)
-                env["HOME"] = str(cwd)
-        env.setdefault("HOME", str(cwd))
-        executable = shutil.which(argv[0], path=env.get("PATH"))
-        if executable is None:
-            raise OSError(f"executable not found: {argv[0]}")
-        log_file = (
-            self.root / "logs" / f"{pod['metadata']['name']}-{pod['metadata']['uid'][:8]}.log"
-        )
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_file, "wb") as out:
-            popen = subprocess.Popen(
-                [executable, *argv[1:]],
-                env=env,
-                cwd=cwd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return Process(popen, log_file)
+        return start_container(self.root, env, pod, container, ip)
 
     async def wait_process(self, namespace: str, name: str, uid: str) -> None:
         process = self.processes[uid]

@@ -1,14 +1,27 @@
-"""A real JupyterHub with GPUKubeSpawner against the emulated cluster: spawn, progress, stop,
-restart, and a home that survives them; the single-user servers are real processes."""
+"""A real JupyterHub with GPUKubeSpawner against the emulated cluster and, where its binaries
+are, a real control plane with the documented RBAC: spawn, progress, stop, restart, and a home
+that survives them; the single-user servers are real processes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
+from k8s_envtest.backends import BACKENDS, add_standard_nodes, start_cluster
 
 from gpuhub.store import Store
 from gpuhub.testing import wait_for
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def emulator(request, tmp_path_factory, run_marker) -> Iterator[Any]:  # type: ignore[no-untyped-def]
+    cluster = start_cluster(request.param, tmp_path_factory.mktemp("cluster"))
+    add_standard_nodes(cluster)
+    yield cluster
+    cluster.stop()
 
 
 def user_pod(emulator, name: str) -> dict | None:  # type: ignore[no-untyped-def]

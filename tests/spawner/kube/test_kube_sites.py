@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 import yaml
 from k8s_emulator import KubeEmulator
-from k8s_emulator.hub import GPU_TAINT, KubeHub, emulator_path
+from k8s_emulator.hub import GPU_TAINT, KubeHub
 from k8s_emulator.scheduling import ScoringStrategy
+from k8s_envtest.backends import BACKENDS, start_cluster
 
 from gpuhub import paths
 from gpuhub.store import Store
@@ -32,21 +33,25 @@ A100_LABELS = {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
 
 def user_scheduler() -> ScoringStrategy:
     """The user-scheduler's scoring exactly as helm-values/gpuhub.yaml configures it."""
+    return ScoringStrategy.from_plugin_config(user_scheduler_plugin_config())
+
+
+def user_scheduler_plugin_config() -> list[dict[str, Any]]:
     values = yaml.safe_load((paths.config_dir().parent / "helm-values" / "gpuhub.yaml").read_text())
-    return ScoringStrategy.from_plugin_config(values["scheduling"]["userScheduler"]["pluginConfig"])
+    return values["scheduling"]["userScheduler"]["pluginConfig"]
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory: pytest.TempPathFactory, run_marker: str) -> Iterator[KubeEmulator]:
+@pytest.fixture(scope="module", params=BACKENDS)
+def emulator(request, tmp_path_factory, run_marker) -> Iterator[Any]:  # type: ignore[no-untyped-def]
     """Two empty 4-GPU A100 nodes, a time-sliced T4 node and a CPU node; the default scheduler
-    and the user-scheduler of the Helm values."""
-    em = KubeEmulator(
+    and the user-scheduler of the Helm values (a real kube-scheduler where envtest has one)."""
+    settings = {"bind_delay": 1.0} if request.param == "emulated" else {}
+    em = start_cluster(
+        request.param,
         tmp_path_factory.mktemp("cluster"),
-        run_containers=True,
-        container_env={"PATH": emulator_path()},
-        schedulers={"default-scheduler": ScoringStrategy(), USER_SCHEDULER: user_scheduler()},
-        bind_delay=1.0,
-    ).start()
+        scheduler_profiles={USER_SCHEDULER: user_scheduler_plugin_config()},
+        **settings,
+    )
     for name in ("a100-0", "a100-1"):
         em.add_node(name, A100_LABELS, {"nvidia.com/gpu": 4}, [GPU_TAINT])
     em.add_node(
