@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from sqlalchemy.orm import object_session
+from sqlalchemy.orm.exc import UnmappedInstanceError
 from tornado import web
 from traitlets import Dict, Instance, List, Unicode, default
 from traitlets.config import Configurable
@@ -317,10 +319,8 @@ class GPUSpawnerMixin(Configurable):
             return
         orm_spawner.user_options = options
         try:
-            from sqlalchemy.orm import object_session
-
             session = object_session(orm_spawner)
-        except Exception:  # not a database row (tests build spawners without a hub)
+        except UnmappedInstanceError:  # not a database row (spawners built without a hub)
             session = None
         if session is not None:
             session.commit()
