@@ -134,6 +134,23 @@ async def test_without_permission_to_watch_nodes_capacity_falls_back(  # type: i
     await stop_capacity_watches()
 
 
+async def test_after_a_failure_the_api_server_is_asked_again_only_later(  # type: ignore[no-untyped-def]
+    make_spawner, emulator, api_at_emulator
+) -> None:
+    """Each form render does not ask the API server again while the permission is missing."""
+    emulator.forbidden = {"nodes"}
+    try:
+        spawner = make_spawner(watch_gpu_capacity=True, capacity_retry_interval=30)
+        assert await spawner.start_capacity_watch() is None
+        before = len(emulator.requests)
+        for _ in range(5):
+            assert await spawner.start_capacity_watch() is None
+        assert len(emulator.requests) == before
+    finally:
+        emulator.forbidden = set()
+        await stop_capacity_watches()  # forgets the failure too
+
+
 async def test_by_default_only_the_hubs_namespace_is_read(  # type: ignore[no-untyped-def]
     make_spawner, emulator, api_at_emulator
 ) -> None:
@@ -198,7 +215,14 @@ async def test_counts_are_published_into_the_store(make_spawner, emulator, api_a
         assert t4.note == "the 1 node with NVIDIA T4 (time-sliced share) GPUs is cordoned"
         spawner.store.lease_units("ada", "", "a100", 1)
         await eventually(lambda: store.measured_capacity()["a100"].free == 2)
+        # A node stops reporting: its GPUs are held back, the others stay in the pool.
+        emulator.set_ready("a100-1", False)
+        await eventually(lambda: store.measured_capacity()["a100"].unavailable == 1)
+        a100 = store.measured_capacity()["a100"]
+        assert (a100.total, a100.free) == (2, 1)
+        assert a100.note.startswith("1 of the 2 nodes with") and a100.note.endswith("unreachable")
     finally:
+        emulator.set_ready("a100-1", True)
         emulator.cordon("t4-0", False)
         await stop_capacity_publishers()
         await stop_capacity_watches()
