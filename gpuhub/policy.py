@@ -409,10 +409,17 @@ RULE_SNAPSHOT_RETRY = "snapshot-retry"
 
 
 def _minutes(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 3 * 3600:
-        return f"{seconds / 60:.0f} min"
+    """A duration as a user reads it, never rounded up past a limit it is compared with:
+    `45 s`, `1 min 30 s` (under 10 min, seconds are kept), `31 min` (whole minutes, rounded
+    down), `3.5 h`."""
+    whole = int(seconds)
+    if whole < 90:
+        return f"{whole} s"
+    minutes, rest = divmod(whole, 60)
+    if minutes < 10 and rest:
+        return f"{minutes} min {rest} s"
+    if whole < 3 * 3600:
+        return f"{minutes} min"
     return f"{seconds / 3600:.1f} h"
 
 

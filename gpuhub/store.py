@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import (
     DateTime,
+    Float,
     Integer,
     String,
     Text,
@@ -301,6 +302,67 @@ def _to_server_pod(row: ServerPodRow) -> ServerPod:
     return ServerPod(row.user, row.server, row.namespace, row.pod, row.node, _aware(row.updated_at))
 
 
+class CapacityRow(Base):
+    """GPUs of one type as the one who can see them counted them (the Kubernetes spawner's node
+    and pod watch), for the service, the pages and the metrics to read."""
+
+    __tablename__ = "gpu_capacity"
+
+    gpu_type: Mapped[str] = mapped_column(String(255), primary_key=True)
+    #: GPUs of the type on nodes that can take pods now
+    total: Mapped[int] = mapped_column(Integer)
+    #: of those, not requested by any pod nor promised to a spawn
+    free: Mapped[int] = mapped_column(Integer)
+    #: GPUs of the type on nodes that cannot take pods now (cordoned, not ready)
+    unavailable: Mapped[int] = mapped_column(Integer, default=0)
+    #: the most GPUs of the type ever offered (a type no node ever offered is refused)
+    offered_max: Mapped[int] = mapped_column(Integer, default=0)
+    #: why some of the type's GPUs cannot be used now ("the 1 node with T4 GPUs is cordoned")
+    note: Mapped[str] = mapped_column(Text, default="")
+    #: who counted ("kubernetes")
+    source: Mapped[str] = mapped_column(String(64))
+    measured_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: seconds after `measured_at` the counts are still to be trusted
+    valid_for: Mapped[float] = mapped_column(Float, default=60.0)
+
+
+@dataclass(frozen=True)
+class MeasuredCapacity:
+    """One GPU type's published counts (see `CapacityRow`)."""
+
+    gpu_type: str
+    total: int
+    free: int
+    unavailable: int = 0
+    offered_max: int = 0
+    note: str = ""
+    source: str = ""
+    measured_at: datetime | None = None
+    valid_for: float = 60.0
+
+    def age(self, now: datetime | None = None) -> float:
+        if self.measured_at is None:
+            return 0.0
+        return max(0.0, ((now or utcnow()) - self.measured_at).total_seconds())
+
+    def fresh(self, now: datetime | None = None) -> bool:
+        return self.age(now) <= self.valid_for
+
+
+def _to_capacity(row: CapacityRow) -> MeasuredCapacity:
+    return MeasuredCapacity(
+        gpu_type=row.gpu_type,
+        total=row.total,
+        free=row.free,
+        unavailable=row.unavailable,
+        offered_max=row.offered_max,
+        note=row.note or "",
+        source=row.source,
+        measured_at=_aware(row.measured_at),
+        valid_for=row.valid_for,
+    )
+
+
 def _to_entry(row: QueueRow) -> QueueEntry:
     return QueueEntry(
         user=row.user,
@@ -319,8 +381,64 @@ def _to_lease(row: LeaseRow) -> GpuLease:
     return GpuLease(row.user, row.server, row.gpu_type, row.device, _aware(row.leased_at))
 
 
+class CapacityStore:
+    """The published GPU capacity (table `gpu_capacity`); mixed into `Store`."""
+
+    def session(self) -> Session:  # provided by Store
+        raise NotImplementedError
+
+    def publish_capacity(
+        self,
+        counts: Iterable[MeasuredCapacity],
+        source: str,
+        valid_for: float,
+        now: datetime | None = None,
+    ) -> None:
+        """Replace what `source` published: one row per GPU type in `counts`. A type no longer
+        counted keeps its row with zero GPUs, so that it is known to have been offered once."""
+        now = now or utcnow()
+        counts = {c.gpu_type: c for c in counts}
+        with self.session() as s:
+            rows = {r.gpu_type: r for r in s.scalars(select(CapacityRow))}
+            for gpu_type, c in counts.items():
+                row = rows.get(gpu_type)
+                if row is None:
+                    row = CapacityRow(gpu_type=gpu_type, offered_max=0)
+                    s.add(row)
+                row.total = c.total
+                row.free = c.free
+                row.unavailable = c.unavailable
+                row.offered_max = max(row.offered_max or 0, c.total + c.unavailable)
+                row.note = c.note
+                row.source = source
+                row.measured_at = now
+                row.valid_for = valid_for
+            for gpu_type, row in rows.items():
+                if gpu_type not in counts and row.source == source:
+                    row.total = row.free = row.unavailable = 0
+                    row.note = ""
+                    row.measured_at = now
+                    row.valid_for = valid_for
+            s.commit()
+
+    def clear_capacity(self, source: str | None = None) -> int:
+        """Forget what `source` (or everyone) published; returns how many rows went."""
+        with self.session() as s:
+            query = delete(CapacityRow)
+            if source is not None:
+                query = query.where(CapacityRow.source == source)
+            deleted = s.execute(query)
+            s.commit()
+            return int(deleted.rowcount or 0)
+
+    def measured_capacity(self) -> dict[str, MeasuredCapacity]:
+        """Every published GPU type's counts (stale ones included: see `fresh()`)."""
+        with self.session() as s:
+            return {r.gpu_type: _to_capacity(r) for r in s.scalars(select(CapacityRow))}
+
+
 @retry_transient_errors
-class Store:
+class Store(CapacityStore):
     """Leases in a SQL database; one `Store` per URL and process (see `Store.at`).
 
     Opening it brings the database to this gpuhub's schema (`gpuhub.schema.prepare`: a SQLite

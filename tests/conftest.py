@@ -20,6 +20,42 @@ def run_marker():
     kill_marked(marker)
 
 
+# -- the `envtest` marker: the Kubernetes tests against a real control plane --------------------
+
+
+def _envtest() -> tuple[bool, str]:
+    from k8s_envtest import assets
+
+    folder, why = assets()
+    return folder is not None, why
+
+
+_ENVTEST = _envtest()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    found, why = _ENVTEST
+    if found:
+        return f"gpuhub Kubernetes tests: `envtest` tests run against {why}"
+    return f"gpuhub Kubernetes tests: `envtest` tests deselected: {why}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (not skip) the `envtest` tests where the control plane's binaries are missing."""
+    if _ENVTEST[0]:
+        return
+    marked = [i for i in items if i.get_closest_marker("envtest")]
+    if not marked:
+        return
+    config.hook.pytest_deselected(items=marked)
+    items[:] = [i for i in items if i not in marked]
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(
+            f"gpuhub: deselected {len(marked)} `envtest` test(s): {_ENVTEST[1]}", yellow=True
+        )
+
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",

@@ -49,6 +49,7 @@ from .actions import ActionSettings, Executor, run_key
 from .arbiter import ArbiterHandler
 from .demand import (
     Pool,
+    PoolTotals,
     allocated_by_type,
     demand_from,
     local_totals,
@@ -207,9 +208,11 @@ class GpuhubService(Application):
     gpu_totals = Dict(
         value_trait=Int(),
         config=True,
-        help="""GPUs in the pool by type, where the service cannot count them with NVML (a
-        cluster): {"gpu": 16, "mig-1g.10gb": 14}. Types left out are counted with NVML on this
-        machine (local backend), or reported unknown.""",
+        help="""GPUs in the pool by type, an override for sites where nothing counts them:
+        {"gpu": 16, "mig-1g.10gb": 14}. Types left out are counted with NVML on this machine
+        (local backend) or taken from the counts GPUKubeSpawner's cluster watch publishes in
+        the store (Kubernetes), or reported unknown. Where the watch's counts are fresh, its
+        free GPUs still bound a configured type's free GPUs.""",
     )
 
     # -- reports from the servers and trusted GPU activity (docs/security.md) ---------------------
@@ -566,21 +569,32 @@ class GpuhubService(Application):
 
     # -- one cycle -------------------------------------------------------------------------------
 
-    def pool_totals(self) -> dict[str, int | None]:
-        """GPUs per type: configured ones, the rest counted with NVML (cached for a minute)."""
+    def pool_totals(self) -> PoolTotals:
+        """GPUs per type: counted with NVML on this machine (cached for a minute), the counts the
+        hub's cluster watch publishes in the store (with their free GPUs, while fresh), then the
+        configured `gpu_totals` over both. Sets the capacity metrics."""
         now = time.monotonic()
         if self._totals is None or now - self._totals[0] > 60:
-            totals: dict[str, int | None] = {}
+            counted: dict[str, int | None] = {}
             try:
                 from .. import paths
 
-                counted = local_totals(self.catalog_file or str(paths.default_catalog_file()))
-                totals.update({t: n for t, n in counted.items() if n})
+                local = local_totals(self.catalog_file or str(paths.default_catalog_file()))
+                counted.update({t: n for t, n in local.items() if n})
             except Exception as e:
                 self.log.debug("gpuhub: no local GPU count: %s", e)
-            totals.update(self.gpu_totals)
-            self._totals = (now, totals)
-        return dict(self._totals[1])
+            self._totals = (now, counted)
+        totals = PoolTotals(self._totals[1])
+        try:
+            totals.measured(self.store.measured_capacity(), datetime.now(timezone.utc))
+        except Exception as e:
+            self.log.warning("gpuhub: cannot read the cluster's GPU counts: %s", e)
+        totals.configured(self.gpu_totals)
+        m = self.metrics
+        m.set_by_type(m.gpus_free_measured, totals.measured_free)
+        m.set_by_type(m.gpus_unavailable, totals.unavailable)
+        m.set_by_type(m.capacity_age, totals.age)
+        return totals
 
     async def run_cycle(self) -> list[policy.Action]:
         """One cycle; returns the decided actions (being carried out in the background)."""

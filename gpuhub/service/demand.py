@@ -3,8 +3,10 @@ reclaim and of the pool metrics.
 
 The wait queue lives in the store (`Store.queue()`, filled by the spawners while a spawn waits);
 GPU leases too. The pool's size comes from NVML on the local backend (the service runs on the
-machine whose GPUs it hands out), or from configuration where the service cannot see the GPUs
-(a cluster).
+machine whose GPUs it hands out); on Kubernetes from the counts the hub's node and pod watch
+publishes into the store (`Store.measured_capacity()`: totals and free GPUs that include other
+workloads' pods and leave out cordoned and not ready nodes), or from configuration
+(`gpu_totals`) where nothing publishes.
 """
 
 from __future__ import annotations
@@ -16,8 +18,39 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ..policy import Demand, Waiting
+from ..store import MeasuredCapacity
 
 log = logging.getLogger("gpuhub.service")
+
+
+class PoolTotals(dict[str, int | None]):
+    """GPUs in the pool by type (None: unknown), and, for the types the cluster's watch counted,
+    the free GPUs it saw (`measured_free`), their age in seconds and why GPUs are held back."""
+
+    def __init__(self, totals: Mapping[str, int | None] | None = None) -> None:
+        super().__init__(totals or {})
+        self.measured_free: dict[str, int] = {}
+        self.age: dict[str, float] = {}
+        self.unavailable: dict[str, int] = {}
+        self.notes: dict[str, str] = {}
+
+    def measured(self, capacity: Mapping[str, MeasuredCapacity], now: datetime) -> None:
+        """Take the fresh counts of `capacity` (stale ones are left out: the hub that
+        published them stopped)."""
+        for gpu_type, c in capacity.items():
+            if not c.fresh(now):
+                continue
+            self[gpu_type] = c.total
+            self.measured_free[gpu_type] = c.free
+            self.age[gpu_type] = c.age(now)
+            self.unavailable[gpu_type] = c.unavailable
+            if c.note:
+                self.notes[gpu_type] = c.note
+
+    def configured(self, totals: Mapping[str, int]) -> None:
+        """Configured sizes win over counted ones; a counted free number still bounds the free
+        GPUs (a configured size cannot see other workloads' pods or a cordoned node)."""
+        self.update(totals)
 
 
 @dataclass(frozen=True)
@@ -32,10 +65,18 @@ class Pool:
         return sorted(set(self.total) | set(self.allocated))
 
     def free(self) -> dict[str, int]:
-        """Free GPUs of the types whose size is known."""
-        return {
-            t: max(0, n - self.allocated.get(t, 0)) for t, n in self.total.items() if n is not None
-        }
+        """Free GPUs of the types whose size is known: the pool's size less gpuhub's leases,
+        and never more than the cluster's watch saw free (other workloads, cordoned nodes)."""
+        measured = getattr(self.total, "measured_free", {})
+        out = {}
+        for t, n in self.total.items():
+            if n is None:
+                continue
+            free = max(0, n - self.allocated.get(t, 0))
+            if t in measured:
+                free = min(free, measured[t])
+            out[t] = free
+        return out
 
 
 def allocated_by_type(leases: Iterable[Any]) -> dict[str, int]:

@@ -21,6 +21,25 @@ class Metrics:
         self.gpus_total = Gauge(
             "gpuhub_gpus_total", "GPUs in the pool, by type.", ["gpu_type"], registry=r
         )
+        self.gpus_free_measured = Gauge(
+            "gpuhub_gpus_free_measured",
+            "Free GPUs as the hub's cluster watch counted them (other workloads' pods included,"
+            " cordoned and not ready nodes left out), by type; only while its counts are fresh.",
+            ["gpu_type"],
+            registry=r,
+        )
+        self.gpus_unavailable = Gauge(
+            "gpuhub_gpus_unavailable",
+            "GPUs on cordoned or not ready nodes (not in the pool for now), by type.",
+            ["gpu_type"],
+            registry=r,
+        )
+        self.capacity_age = Gauge(
+            "gpuhub_capacity_age_seconds",
+            "Age of the cluster's GPU counts the service used, by type.",
+            ["gpu_type"],
+            registry=r,
+        )
         self.gpus_allocated = Gauge(
             "gpuhub_gpus_allocated",
             "GPUs leased to servers, by type.",

@@ -8,18 +8,24 @@ to the API server.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from kubespawner import KubeSpawner
-from traitlets import Bool, Unicode, default
+from traitlets import Bool, Float, Unicode, default
 
 from ..catalog import Catalog
 from ..options import Selection
-from .kube_capacity import cluster_capacity
+from ..store import MeasuredCapacity
+from .capacity_publisher import Measure, capacity_publisher
+from .kube_capacity import TypeCapacity, cluster_capacity
 from .kube_objects import PodBase, PodSettings, pod_settings, template_literal
-from .kube_watch import CapacityWatch, capacity_watch
-from .mixin import GPUSpawnerMixin
+from .kube_watch import CapacityForbidden, CapacityWatch, capacity_watch, running_capacity_watch
+from .mixin import GPUSpawnerMixin, catalog_in_force, http_error
 from .queueing import GPUQueueMixin
+
+#: what the hub said last about counting the cluster's GPUs (said once per process)
+_capacity_warning: list[str] = []
 
 
 class GPUKubeSpawner(GPUQueueMixin, GPUSpawnerMixin, KubeSpawner):
@@ -64,10 +70,29 @@ class GPUKubeSpawner(GPUQueueMixin, GPUSpawnerMixin, KubeSpawner):
     )
 
     gpu_capacity_all_namespaces = Bool(
-        True,
+        False,
         config=True,
         help="""Count the GPU requests of pods in every namespace (other workloads on the GPU
-        nodes included). False: only pods in the hub's namespace are seen.""",
+        nodes included). Needs the opt-in ClusterRole that reads every pod in the cluster
+        (kubernetes/hub-gpu-capacity-all-pods-rbac.yaml). False (the default): only pods in
+        the hub's namespace are seen, with the permission Zero to JupyterHub already gives;
+        GPUs other workloads take on the same nodes then look free, and a spawn that counts on
+        them waits as a Pending pod with the scheduler's message.""",
+    )
+
+    capacity_publish_interval = Float(
+        10.0,
+        config=True,
+        help="""Seconds between two writes of the cluster's GPU counts into gpuhub's store, where
+        the gpuhub service, its pages and its metrics read them. Counts older than three
+        intervals (and 5 s) are stale: the service then falls back to `gpu_totals`.""",
+    )
+
+    capacity_retry_interval = Float(
+        30.0,
+        config=True,
+        help="""Seconds before the hub tries again to watch the cluster's nodes and pods after
+        it failed (no permission, API server unreachable); meanwhile spawns use the fallback.""",
     )
 
     gpu_node_label_selector = Unicode(
@@ -86,9 +111,13 @@ class GPUKubeSpawner(GPUQueueMixin, GPUSpawnerMixin, KubeSpawner):
     def _default_delete_pvc(self) -> bool:
         return False
 
+    # Each server its own home claim: `claim-NAME` for the default server (as before),
+    # `claim-NAME--SERVER` for a named one. Block storage (every cloud's default class) attaches
+    # a ReadWriteOnce volume to one node at a time, and a user's servers may run on different
+    # nodes (different GPU types). See `home_claim_conflict` for a shared claim.
     @default("pvc_name_template")
     def _default_pvc_name_template(self) -> str:
-        return "claim-{username}"
+        return "claim-{user_server}"
 
     @default("storage_capacity")
     def _default_storage_capacity(self) -> str:
@@ -138,38 +167,159 @@ class GPUKubeSpawner(GPUQueueMixin, GPUSpawnerMixin, KubeSpawner):
 
     # -- backend hooks of GPUSpawnerMixin ---------------------------------------------------------
 
+    def _watch_namespace(self) -> str | None:
+        return None if self.gpu_capacity_all_namespaces else self.namespace
+
     async def start_capacity_watch(self) -> CapacityWatch | None:
-        """The shared watch of nodes and pods (listed on first use); None when it cannot run."""
+        """The shared watch of nodes and pods (listed on first use); None when it cannot run.
+
+        Without permission (or without the API server) the hub says so once, as a warning, and
+        falls back (see `watch_gpu_capacity`); it tries again after `capacity_retry_interval`.
+        """
         if not self.watch_gpu_capacity:
             return None
-        namespace = None if self.gpu_capacity_all_namespaces else self.namespace
         try:
-            self._capacity = await capacity_watch(self, namespace, self.gpu_node_label_selector)
-        except Exception as e:
-            self.log.error("gpuhub: cannot watch the cluster's GPUs (%s); not counting them", e)
+            self._capacity = await capacity_watch(
+                self,
+                self._watch_namespace(),
+                self.gpu_node_label_selector,
+                retry_after=self.capacity_retry_interval,
+            )
+        except CapacityForbidden as e:
             self._capacity = None
+            self._say_once(
+                f"gpuhub: {e}. GPUs are not counted: each type is offered up to its "
+                "max_per_server and a spawn waits in the Kubernetes scheduler, not in gpuhub's "
+                "queue. Grant the permission with kubernetes/hub-gpu-capacity-rbac.yaml "
+                "(docs/kubernetes.md)."
+            )
+        except Exception as e:
+            self._capacity = None
+            self._say_once(
+                f"gpuhub: cannot watch the cluster's GPUs ({type(e).__name__}: {e}); not "
+                f"counting them, trying again in {self.capacity_retry_interval:g} s."
+            )
+        else:
+            if _capacity_warning:
+                self.log.info("gpuhub: counting the cluster's GPUs again")
+                _capacity_warning.clear()
+            capacity_publisher(self.store, self._measure(), self.capacity_publish_interval)
         return self._capacity
 
-    def gpu_capacity(self, catalog: Catalog) -> dict[str, tuple[int, int]]:
+    def _say_once(self, message: str) -> None:
+        if message not in _capacity_warning:
+            _capacity_warning[:] = [message]
+            self.log.warning(message)
+        else:
+            self.log.debug(message)
+
+    def _measure(self) -> Measure:
+        """What the capacity publisher counts with: plain values, not this spawner."""
+        store = self.store
+        catalog, catalog_file = dict(self.catalog), self.catalog_file
+        tolerations = self.pod_base().tolerations
+        namespace, selector = self._watch_namespace(), self.gpu_node_label_selector
+
+        def measure() -> list[MeasuredCapacity] | None:
+            watch = running_capacity_watch(namespace, selector)
+            if watch is None or watch.failed:
+                return None
+            types = catalog_in_force(store, catalog, catalog_file).gpu_types
+            counts = cluster_capacity(types, watch.nodes, watch.pods, store.leases(), tolerations)
+            names = {g.id: g.display_name for g in types}
+            return [
+                MeasuredCapacity(t, c.total, c.free, c.unavailable, note=c.note(names.get(t, t)))
+                for t, c in counts.items()
+            ]
+
+        return measure
+
+    def cluster_counts(self, catalog: Catalog) -> dict[str, TypeCapacity] | None:
+        """Each type's GPUs as the watch sees them now; None without a working watch."""
         watch = self._capacity
         if watch is None or watch.failed:
-            return {g.id: (g.max_per_server, g.max_per_server) for g in catalog.gpu_types}
-        counts = cluster_capacity(
+            return None
+        return cluster_capacity(
             catalog.gpu_types,
             watch.nodes,
             watch.pods,
             self.store.leases(),
             self.pod_base().tolerations,
         )
+
+    def gpu_capacity(self, catalog: Catalog) -> dict[str, tuple[int, int]]:
+        counts = self.cluster_counts(catalog)
+        if counts is None:
+            return {g.id: (g.max_per_server, g.max_per_server) for g in catalog.gpu_types}
         return {type_id: (c.total, c.free) for type_id, c in counts.items()}
+
+    def admissible_totals(
+        self, catalog: Catalog, capacity: Mapping[str, tuple[int, int]]
+    ) -> dict[str, int]:
+        """GPUs on cordoned or not ready nodes, and GPUs a type was offered before (a node
+        drained for maintenance, removed, coming back), may be waited for: only a type that no
+        node ever offered is refused."""
+        counts = self.cluster_counts(catalog)
+        if counts is None:
+            return super().admissible_totals(catalog, capacity)
+        seen = self.store.measured_capacity()
+        return {
+            t: max(c.total + c.unavailable, seen[t].offered_max if t in seen else 0)
+            for t, c in counts.items()
+        }
+
+    def capacity_note(self, catalog: Catalog, gpu_type: str) -> str:
+        counts = self.cluster_counts(catalog)
+        if counts is None or gpu_type not in counts:
+            return ""
+        c = counts[gpu_type]
+        found = catalog.gpu_type(gpu_type)
+        name = found.display_name if found else gpu_type
+        note = c.note(name)
+        if not note and c.total == 0:
+            note = f"no node offers {name} GPUs now"
+        return note
 
     async def render_options_form(self) -> str:
         await self.start_capacity_watch()
         return await super().render_options_form()
 
+    async def poll(self) -> int | None:
+        # The hub polls running servers from its start on: the watch (and the counts the
+        # gpuhub service reads) starts without waiting for someone to open the spawn page.
+        await self.start_capacity_watch()
+        return await super().poll()
+
     async def apply_gpuhub_options(self, user_options: Any) -> Selection:
+        conflict = self.home_claim_conflict()
+        if conflict:
+            raise http_error(409, conflict)
         await self.start_capacity_watch()
         return await super().apply_gpuhub_options(user_options)
+
+    def home_claim_conflict(self) -> str | None:
+        """Why this server cannot start now because of its home claim, or None.
+
+        When the claim template gives a user's servers one claim (`pvc_name_template` without
+        the server's name) and the claim is ReadWriteOnce, a second server on another node
+        could never mount it (Multi-Attach error, a pod stuck in ContainerCreating). The spawn
+        is refused at once, naming the running server, unless the claim is ReadWriteMany.
+        """
+        if not self.storage_pvc_ensure or "ReadWriteMany" in (self.storage_access_modes or []):
+            return None
+        for name, other in getattr(self.user, "spawners", {}).items():
+            if name == self.name or not (other.active or other.ready):
+                continue
+            if getattr(other, "pvc_name", None) != self.pvc_name:
+                continue
+            label = f"'{name}'" if name else "default"
+            return (
+                f"Your servers share one home volume ({self.pvc_name}), which only one node at "
+                f"a time can mount (ReadWriteOnce), and your {label} server is running. Stop "
+                "it first, or ask your admin for a home volume per server or a ReadWriteMany "
+                "storage class (docs/kubernetes.md)."
+            )
+        return None
 
     async def apply_selection(self, selection: Selection, catalog: Catalog) -> None:
         self.apply_pod_settings(selection, catalog)

@@ -6,6 +6,9 @@ here talks to Kubernetes.
 
 A node offers a GPU type when its labels match the type's node selector, it is Ready and
 schedulable, the type tolerates its taints, and it has some of the type's resource allocatable.
+A node that would offer the type but is cordoned or not ready holds its GPUs back for now: they
+are counted apart (`unavailable`), with a note that says why, so a spawn waits instead of being
+refused.
 A pod uses what its containers request (limits where requests are not given, as Kubernetes does
 for extended resources) on the node it is bound to, until it has Succeeded or Failed.
 """
@@ -60,13 +63,48 @@ def tolerates(tolerations: Iterable[Mapping[str, Any]], taint: Mapping[str, Any]
     return False
 
 
-def node_is_usable(node: Mapping[str, Any]) -> bool:
+#: Taints the node controller puts on cordoned and not ready nodes: they say the node is
+#: unavailable for now (see `node_unavailable`), not that the type never runs there.
+CONDITION_TAINTS = frozenset(
+    {
+        "node.kubernetes.io/unschedulable",
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+    }
+)
+
+
+def node_unavailable(node: Mapping[str, Any]) -> str | None:
+    """Why `node` takes no new pods now ("cordoned", "not ready", "unreachable"), or None."""
     spec = node.get("spec") or {}
     if spec.get("unschedulable"):
-        return False
+        return "cordoned"
     conditions = (node.get("status") or {}).get("conditions") or []
     ready = next((c for c in conditions if c.get("type") == "Ready"), None)
-    return ready is None or ready.get("status") == "True"
+    if ready is None or ready.get("status") == "True":
+        return None
+    return "unreachable" if ready.get("status") == "Unknown" else "not ready"
+
+
+def node_is_usable(node: Mapping[str, Any]) -> bool:
+    return node_unavailable(node) is None
+
+
+def node_has(
+    node: Mapping[str, Any], gpu_type: GpuType, tolerations: Iterable[Mapping[str, Any]] = ()
+) -> int:
+    """How many of `gpu_type`'s resource `node` has for gpuhub's pods, usable now or not."""
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    if any(labels.get(k) != v for k, v in gpu_type.node_selector.items()):
+        return 0
+    all_tolerations = [*gpu_type.tolerations, *tolerations]
+    for taint in (node.get("spec") or {}).get("taints") or []:
+        if taint.get("key") in CONDITION_TAINTS:
+            continue
+        if taint.get("effect") in _BLOCKING_EFFECTS and not tolerates(all_tolerations, taint):
+            return 0
+    allocatable = (node.get("status") or {}).get("allocatable") or {}
+    return quantity(allocatable.get(gpu_type.resource, 0))
 
 
 def node_offers(
@@ -75,15 +113,7 @@ def node_offers(
     """How many of `gpu_type`'s resource `node` offers to gpuhub's pods (0: none or unusable)."""
     if not node_is_usable(node):
         return 0
-    labels = (node.get("metadata") or {}).get("labels") or {}
-    if any(labels.get(k) != v for k, v in gpu_type.node_selector.items()):
-        return 0
-    all_tolerations = [*gpu_type.tolerations, *tolerations]
-    for taint in (node.get("spec") or {}).get("taints") or []:
-        if taint.get("effect") in _BLOCKING_EFFECTS and not tolerates(all_tolerations, taint):
-            return 0
-    allocatable = (node.get("status") or {}).get("allocatable") or {}
-    return quantity(allocatable.get(gpu_type.resource, 0))
+    return node_has(node, gpu_type, tolerations)
 
 
 def pod_requests(pod: Mapping[str, Any], resource: str) -> int:
@@ -119,10 +149,43 @@ def pod_holder(pod: Mapping[str, Any]) -> tuple[str, str] | None:
 class TypeCapacity:
     total: int
     used: int
+    #: GPUs on nodes that have the type but take no pods now
+    unavailable: int = 0
+    #: (node, why) of those nodes, and how many nodes offer the type now
+    held_back: tuple[tuple[str, str], ...] = ()
+    usable_nodes: int = 0
 
     @property
     def free(self) -> int:
         return max(self.total - self.used, 0)
+
+    def note(self, display_name: str) -> str:
+        """Why some GPUs of the type cannot be used now ("" when all can)."""
+        return unavailable_note(display_name, self.held_back, self.usable_nodes)
+
+
+def unavailable_note(
+    display_name: str, held_back: Iterable[tuple[str, str]], usable_nodes: int
+) -> str:
+    """ "the 1 node with T4 GPUs is cordoned", "2 of the 3 nodes with A100 GPUs are not ready"."""
+    held_back = list(held_back)
+    if not held_back:
+        return ""
+    by_reason: dict[str, int] = {}
+    for _node, why in held_back:
+        by_reason[why] = by_reason.get(why, 0) + 1
+    n = len(held_back)
+    nodes = n + usable_nodes
+    if len(by_reason) == 1:
+        why = next(iter(by_reason))
+    else:
+        why = ", ".join(f"{k} ({v})" for k, v in sorted(by_reason.items()))
+    verb = "is" if n == 1 else "are"
+    if n == nodes:
+        noun = "node" if n == 1 else "nodes"
+        lead = f"the {n} {noun}" if n == 1 else f"all {n} {noun}"
+        return f"{lead} with {display_name} GPUs {verb} {why}"
+    return f"{n} of the {nodes} nodes with {display_name} GPUs {verb} {why}"
 
 
 def cluster_capacity(
@@ -144,10 +207,19 @@ def cluster_capacity(
     out: dict[str, TypeCapacity] = {}
     for gpu_type in gpu_types:
         offered = {}
+        held_back: list[tuple[str, str]] = []
+        unavailable = 0
         for node in nodes:
-            count = node_offers(node, gpu_type, tolerations)
-            if count:
-                offered[(node.get("metadata") or {}).get("name")] = count
+            count = node_has(node, gpu_type, tolerations)
+            if not count:
+                continue
+            name = (node.get("metadata") or {}).get("name")
+            why = node_unavailable(node)
+            if why is None:
+                offered[name] = count
+            else:
+                held_back.append((str(name), why))
+                unavailable += count
         used_on: dict[str, int] = {}
         bound_holders: set[tuple[str, str]] = set()
         for pod in live_pods:
@@ -168,5 +240,11 @@ def cluster_capacity(
         )
         total = sum(offered.values())
         used = sum(min(used_on.get(name, 0), count) for name, count in offered.items())
-        out[gpu_type.id] = TypeCapacity(total=total, used=min(used + in_flight, total))
+        out[gpu_type.id] = TypeCapacity(
+            total=total,
+            used=min(used + in_flight, total),
+            unavailable=unavailable,
+            held_back=tuple(sorted(held_back)),
+            usable_nodes=len(offered),
+        )
     return out

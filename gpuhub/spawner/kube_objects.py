@@ -89,6 +89,14 @@ def _without_names(items: Iterable[Mapping[str, Any]], names: set[str]) -> list[
     return [dict(item) for item in items if item.get("name") not in names]
 
 
+def selection_record(selection: Selection) -> dict[str, Any]:
+    """The selection as the pod's annotation records it: a CPU-only server names no GPU type."""
+    record = selection.as_user_options()
+    if not selection.gpus:
+        record["gpu_type"] = None
+    return record
+
+
 def pod_settings(
     selection: Selection, catalog: Catalog, base: PodBase, user: str, server: str = ""
 ) -> PodSettings:
@@ -162,7 +170,7 @@ def pod_settings(
     annotations = {
         f"{LABEL_PREFIX}user": user,
         f"{LABEL_PREFIX}server": server,
-        f"{LABEL_PREFIX}selection": json.dumps(selection.as_user_options(), sort_keys=True),
+        f"{LABEL_PREFIX}selection": json.dumps(selection_record(selection), sort_keys=True),
     }
     return PodSettings(
         image=environment.image or base.image,

@@ -29,6 +29,53 @@ class GpuPodReflector(ResourceReflector):
 
     kind = "pods"
 
+    async def start(self) -> None:
+        try:
+            await super().start()
+        except Exception:
+            # Nobody else waits for the first load: mark its exception as seen, or asyncio
+            # reports "Future exception was never retrieved" when the reflector is dropped.
+            future = self.first_load_future
+            if future.done() and not future.cancelled():
+                future.exception()
+            raise
+
+
+class CapacityForbidden(Exception):
+    """The hub's service account may not read what counting GPUs needs (HTTP 403)."""
+
+    def __init__(self, what: str, detail: str) -> None:
+        self.what = what
+        super().__init__(f"the hub may not {what} ({detail})")
+
+
+async def probe(namespace: str | None, node_label_selector: str) -> None:
+    """List one node and one pod, so a missing permission ends here, quietly, with
+    `CapacityForbidden` (KubeSpawner's reflector would log a traceback for it)."""
+    api = shared_client("CoreV1Api")
+    calls = [
+        ("list nodes", partial(api.list_node, label_selector=node_label_selector, limit=1)),
+        (
+            "list pods in every namespace"
+            if namespace is None
+            else f"list pods in namespace {namespace}",
+            partial(api.list_pod_for_all_namespaces, limit=1)
+            if namespace is None
+            else partial(api.list_namespaced_pod, namespace, limit=1),
+        ),
+    ]
+    for what, call in calls:
+        response = await call(_preload_content=False)
+        if response.status == 403:
+            try:
+                detail = json.loads(await response.read()).get("message", "403 Forbidden")
+            except ValueError:
+                detail = "403 Forbidden"
+            raise CapacityForbidden(what, detail)
+        if response.status != 200:
+            raise client.ApiException(status=response.status, reason=response.reason)
+        await response.read()
+
 
 class NodeWatch:
     """The cluster's nodes by name, kept up to date with list + watch."""
@@ -157,23 +204,30 @@ async def stop_quietly(part: Any) -> None:
 
 
 _watches: dict[tuple[Any, ...], asyncio.Future[CapacityWatch]] = {}
+#: the last failure to start a watch, by key: (when, what was raised)
+_failures: dict[tuple[Any, ...], tuple[float, BaseException]] = {}
 
 
 async def capacity_watch(
-    parent: Any, namespace: str | None, node_label_selector: str = ""
+    parent: Any, namespace: str | None, node_label_selector: str = "", retry_after: float = 30.0
 ) -> CapacityWatch:
     """The running `CapacityWatch` for this event loop (started on first use).
 
     `namespace` None watches pods in every namespace (needs a ClusterRole that lists pods).
-    Raises what the first list raised (the next call tries again).
+    Raises what the first list raised; calls within `retry_after` seconds of a failure raise
+    the same without asking the API server again, later ones try again.
     """
     key = (asyncio.get_running_loop(), namespace, node_label_selector)
     if key in _watches:
         return await asyncio.shield(_watches[key])
+    failure = _failures.get(key)
+    if failure is not None and time.monotonic() - failure[0] < retry_after:
+        raise failure[1]
     future: asyncio.Future[CapacityWatch] = asyncio.get_running_loop().create_future()
     _watches[key] = future
     started: list[Any] = []
     try:
+        await probe(namespace, node_label_selector)
         holder: list[CapacityWatch] = []
 
         def failed() -> None:
@@ -194,21 +248,39 @@ async def capacity_watch(
         watch_ = CapacityWatch(pods, nodes)
         holder.append(watch_)
         started += [pods, nodes]
-        await asyncio.gather(pods.start(), nodes.start())
+        results = await asyncio.gather(pods.start(), nodes.start(), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
     except BaseException as e:
         _watches.pop(key, None)
+        if isinstance(e, Exception):
+            _failures[key] = (time.monotonic(), e)
         for part in started:
             await stop_quietly(part)
         future.set_exception(e)
         future.exception()  # retrieved: later callers start afresh
         raise
+    _failures.pop(key, None)
     future.set_result(watch_)
     return watch_
+
+
+def running_capacity_watch(
+    namespace: str | None, node_label_selector: str = ""
+) -> CapacityWatch | None:
+    """The started watch of this event loop for `namespace`, or None."""
+    future = _watches.get((asyncio.get_running_loop(), namespace, node_label_selector))
+    if future is None or not future.done() or future.cancelled() or future.exception():
+        return None
+    return future.result()
 
 
 async def stop_capacity_watches() -> None:
     """Stop every watch of the running loop (tests, hub shutdown)."""
     loop = asyncio.get_running_loop()
+    for key in [k for k in _failures if k[0] is loop]:
+        del _failures[key]
     for key in [k for k in _watches if k[0] is loop]:
         future = _watches.pop(key)
         if future.done() and not future.exception():

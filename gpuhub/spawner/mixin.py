@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from sqlalchemy.orm import object_session
+from sqlalchemy.orm.exc import UnmappedInstanceError
 from tornado import web
 from traitlets import Dict, Instance, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
@@ -69,6 +71,19 @@ def parsed_catalog(
         except CatalogError as e:
             raise TraitError(str(e)) from e
     return _parsed_catalogs[key]
+
+
+def catalog_in_force(
+    store: Store, catalog: Mapping[str, Any], catalog_file: str, log: Any = None
+) -> Catalog:
+    """The configured catalogue (`catalog` when set, else the file) with the environments admins
+    registered or changed at runtime laid over it; `log` hears of stored ones left out."""
+    base = parsed_catalog(catalog) if catalog else cached_catalog(catalog_file)
+    merged = merge_environments(base, [e.data for e in store.catalog_entries()])
+    if log is not None:
+        for env_id, problem in merged.problems:
+            log.warning("gpuhub: stored environment %s is left out: %s", env_id, problem)
+    return merged.catalog
 
 
 @functools.lru_cache(maxsize=8)
@@ -185,11 +200,7 @@ class GPUSpawnerMixin(Configurable):
     def load_catalog(self) -> Catalog:
         """The catalogue in force now: the file's (re-read when it changes) or `catalog`, with
         the environments admins registered or changed at runtime (in the store) laid over it."""
-        base = parsed_catalog(self.catalog) if self.catalog else cached_catalog(self.catalog_file)
-        merged = merge_environments(base, [e.data for e in self.store.catalog_entries()])
-        for env_id, problem in merged.problems:
-            self.log.warning("gpuhub: stored environment %s is left out: %s", env_id, problem)
-        return merged.catalog
+        return catalog_in_force(self.store, self.catalog, self.catalog_file, self.log)
 
     def user_groups(self) -> set[str]:
         return {g.name for g in getattr(self.user, "groups", [])}
@@ -235,6 +246,17 @@ class GPUSpawnerMixin(Configurable):
     def gpu_capacity(self, catalog: Catalog) -> dict[str, tuple[int, int]]:
         """`(total, free)` GPUs of each type in the pool right now."""
         raise NotImplementedError
+
+    def admissible_totals(
+        self, catalog: Catalog, capacity: Mapping[str, tuple[int, int]]
+    ) -> dict[str, int]:
+        """The most GPUs of each type a spawn may ask for (more is refused, fewer may wait):
+        the pool's total. A backend whose capacity comes and goes says more."""
+        return {k: total for k, (total, _free) in capacity.items()}
+
+    def capacity_note(self, catalog: Catalog, gpu_type: str) -> str:
+        """Why some GPUs of `gpu_type` cannot be had now, for the queue's message ("")."""
+        return ""
 
     async def apply_selection(self, selection: Selection, catalog: Catalog) -> None:
         """Make the server start with `selection` (take GPUs, set image or process env)."""
@@ -307,7 +329,7 @@ class GPUSpawnerMixin(Configurable):
         capacity = self.gpu_capacity(catalog)
         try:
             selection = parse(
-                user_options, catalog, groups, {k: total for k, (total, _f) in capacity.items()}
+                user_options, catalog, groups, self.admissible_totals(catalog, capacity)
             )
         except OptionsError as e:
             raise http_error(400, f"Invalid option {e.field!r}: {e.message}") from e
@@ -319,17 +341,38 @@ class GPUSpawnerMixin(Configurable):
         self.release_gpus()  # leftovers of a failed earlier start of this server
         self.selection = selection
         self.user_options = selection.as_user_options()
+        self.persist_user_options()
         self.default_url = catalog.interface(selection.interface).default_url  # type: ignore[union-attr]
         await self.apply_selection(selection, catalog)
         self.log.info(
-            "gpuhub: %s starts %s in %s with %d %s GPU(s)",
+            "gpuhub: %s starts %s in %s with %s",
             self._log_name,
             selection.environment,
             selection.interface,
-            selection.gpus,
-            selection.gpu_type or "-",
+            describe_gpus(selection),
         )
         return selection
+
+    def persist_user_options(self) -> None:
+        """Write the normalised options (defaults filled in) where JupyterHub keeps the request.
+
+        JupyterHub stores the options as requested (`orm_spawner.user_options`) and builds the
+        spawner from them after a restart; the hub's REST model shows them too. Saving the
+        selection there makes the model, the spawner state and the gpuhub service agree.
+        """
+        orm_spawner = getattr(self, "orm_spawner", None)
+        if orm_spawner is None or self.selection is None:
+            return
+        options = self.selection.as_user_options()
+        if getattr(orm_spawner, "user_options", None) == options:
+            return
+        orm_spawner.user_options = options
+        try:
+            session = object_session(orm_spawner)
+        except UnmappedInstanceError:  # not a database row (spawners built without a hub)
+            session = None
+        if session is not None:
+            session.commit()
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -359,6 +402,10 @@ class GPUSpawnerMixin(Configurable):
                 self.log.warning(
                     "gpuhub: ignoring unreadable selection in %s's state", self._log_name
                 )
+            else:
+                # A server started before the options were saved normalised: fix the record.
+                self.user_options = self.selection.as_user_options()
+                self.persist_user_options()
 
     def clear_state(self) -> None:
         super().clear_state()  # type: ignore[misc]
@@ -369,6 +416,13 @@ class GPUSpawnerMixin(Configurable):
             await super().stop(now=now)  # type: ignore[misc]
         finally:
             self.release_gpus()
+
+
+def describe_gpus(selection: Selection) -> str:
+    """`1 a100 GPU(s)`, or `no GPU` (a CPU-only server names no GPU type)."""
+    if not selection.gpus:
+        return "no GPU"
+    return f"{selection.gpus} {selection.gpu_type} GPU(s)"
 
 
 def ensure_dir(path: str | Path) -> Path:

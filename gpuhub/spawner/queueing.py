@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from traitlets import Dict, Float, Int
+from traitlets import Dict, Float, Int, default
 from traitlets.config import Configurable
 
 from .. import queue
@@ -146,17 +146,18 @@ class GPUQueueMixin(Configurable):
                     line, me, free, held, now, timedelta(seconds=self.queue_typical_hold)
                 )
                 place = queue.position(line, me)
-                self._set_wait_status(
-                    WaitStatus(
-                        place, len(line), wait, queue.wait_message(gpu_name, place, len(line), wait)
-                    )
-                )
+                message = queue.wait_message(gpu_name, place, len(line), wait)
+                note = self.capacity_note(catalog, selection.gpu_type)  # type: ignore[attr-defined]
+                if note:
+                    message = f"{message} {note[:1].upper()}{note[1:]}."
+                self._set_wait_status(WaitStatus(place, len(line), wait, message))
                 await self._sleep_until_woken()
         except asyncio.CancelledError:
             # Either the user stopped the pending spawn (JupyterHub then clears the spawner's
             # state, which leaves the queue), or the hub is shutting down: then the entry keeps
             # its place for when the user starts again after the restart.
             self._left_queue_pending = queued
+            self._queue_cancelled = True
             raise
         except BaseException:
             if queued:
@@ -185,6 +186,7 @@ class GPUQueueMixin(Configurable):
 
     async def apply_gpuhub_options(self, user_options: Any) -> Selection:
         self._waiting_phase = "applying"
+        self._queue_cancelled = False
         try:
             return await super().apply_gpuhub_options(user_options)  # type: ignore[misc]
         finally:
@@ -196,6 +198,19 @@ class GPUQueueMixin(Configurable):
         wake_waiting_spawns()
 
     _left_queue_pending: bool = False
+    #: the last spawn was stopped while it waited in the queue
+    _queue_cancelled: bool = False
+
+    @default("progress_ready_hook")
+    def _default_progress_ready_hook(self):  # type: ignore[no-untyped-def]
+        return lambda spawner, event: spawner.queue_ready_event(event)
+
+    def queue_ready_event(self, event: dict[str, Any]) -> dict[str, Any]:
+        """The progress stream's last event: a spawn stopped while it waited in the queue ends
+        as cancelled, not as "Server ready" (JupyterHub asks before the stop is under way)."""
+        if self._queue_cancelled:
+            return cancelled_event()
+        return event
 
     def clear_state(self) -> None:
         """JupyterHub clears the state after every stop, a stopped pending spawn included."""
@@ -208,14 +223,26 @@ class GPUQueueMixin(Configurable):
 
     async def progress(self) -> AsyncIterator[dict[str, Any]]:
         """The queue's messages while the spawn waits for a GPU, then the backend's own."""
-        shown: WaitStatus | None = None
+        shown: str | None = None
         while getattr(self, "_spawn_pending", False) and self._waiting_phase != "done":
             status = self._wait_status
-            if status is not None and status != shown:
-                shown = status
+            # Each look at the queue recomputes the wait; the page hears only of a new message.
+            if status is not None and status.message != shown:
+                shown = status.message
                 yield {"progress": 5, "message": status.message}
             self._wait_changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wait_changed, 1.0)
+        if self._queue_cancelled:
+            yield cancelled_event()
+            return
         async for event in super().progress():  # type: ignore[misc]
             yield event
+
+
+def cancelled_event() -> dict[str, Any]:
+    return {
+        "progress": 100,
+        "failed": True,
+        "message": "Spawn cancelled: the server was stopped while it waited in line for a GPU.",
+    }

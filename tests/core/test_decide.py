@@ -259,7 +259,23 @@ def test_actions_carry_gpus_snapshot_and_a_reason():
         "ada", "train", "gpu-idle", "1 a100 GPU idle for 40 min (limit 30 min)", 1, "a100", True
     )
     (action,) = decide([srv("bob", idle(400))], Demand((want("zoe", waited=240),)), NOW, RULES)
-    assert "zoe has waited 4 min" in action.reason and "idle for 7 min" in action.reason
+    assert "zoe has waited 4 min" in action.reason and "idle for 6 min 40 s" in action.reason
+
+
+@pytest.mark.parametrize(
+    ("idle_s", "limit_s", "said"),
+    [
+        (100, 90, "idle for 1 min 40 s (limit 1 min 30 s)"),
+        (150, 120, "idle for 2 min 30 s (limit 2 min)"),
+        (1919, 1800, "idle for 31 min (limit 30 min)"),
+        (60, 45, "idle for 60 s (limit 45 s)"),
+    ],
+)
+def test_durations_are_never_rounded_up_past_their_limit(idle_s, limit_s, said):
+    """A release notice must not say "idle for 2 min (limit 2 min)" after 90 s."""
+    rules = Rules(gpu_idle_timeout=limit_s)
+    (action,) = decide([srv("ada", idle(idle_s))], Demand(), NOW, rules)
+    assert action.reason.endswith(said), action.reason
 
 
 def test_warning_names_the_work_in_progress():

@@ -174,17 +174,30 @@ def test_cluster_examples_offer_their_gpus(chart, overlay, resources) -> None:  
     assert {g.resource for g in catalog.gpu_types} == resources
 
 
-def test_capacity_rbac_manifest_is_valid() -> None:
+def rbac(name: str) -> list[dict[str, Any]]:
     import kubernetes_validate
 
-    docs = list(
-        yaml.safe_load_all((CHECKOUT / "kubernetes" / "hub-gpu-capacity-rbac.yaml").read_text())
-    )
+    docs = list(yaml.safe_load_all((CHECKOUT / "kubernetes" / name).read_text()))
     for doc in docs:
         kubernetes_validate.validate(doc, "1.33.0", strict=True)
-    (rule,) = docs[0]["rules"]
-    assert set(rule["resources"]) == {"nodes", "pods"}
+    return docs
+
+
+def test_capacity_rbac_manifest_is_valid_and_minimal() -> None:
+    """Least privilege by default: the ClusterRole reads nodes only (pods are read in the hub's
+    namespace with the chart's Role); reading every pod is a separate, opt-in manifest."""
+    (rule,) = rbac("hub-gpu-capacity-rbac.yaml")[0]["rules"]
+    assert rule["resources"] == ["nodes"]
     assert set(rule["verbs"]) == {"get", "list", "watch"}, "read only"
+    (rule,) = rbac("hub-gpu-capacity-all-pods-rbac.yaml")[0]["rules"]
+    assert rule["resources"] == ["pods"]
+    assert set(rule["verbs"]) == {"get", "list", "watch"}, "read only"
+
+
+def test_the_spawner_reads_other_namespaces_only_on_opt_in() -> None:
+    from gpuhub.spawner.kube import GPUKubeSpawner
+
+    assert GPUKubeSpawner.class_traits()["gpu_capacity_all_namespaces"].default_value is False
 
 
 @pytest.mark.parametrize("image", ["pytorch", "tensorflow"])
@@ -221,3 +234,29 @@ def test_the_store_on_the_hubs_postgresql(chart, monkeypatch) -> None:  # type: 
     assert not any("store" in arg or "catalog" in arg for arg in service["command"]), (
         "the service takes the store and the catalogue from the hub (check_hub_config)"
     )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_user_scheduler_packs_every_gpu_resource(chart, overlay) -> None:  # type: ignore[no-untyped-def]
+    """MostAllocated with every GPU resource the catalogue uses weighed (kube-scheduler takes
+    weights 1-100), and NodeResourcesFit still enabled for scoring in the chart's plugins."""
+    values = merged(chart, BASE, overlay)
+    scheduler = values["scheduling"]["userScheduler"]
+    assert scheduler["enabled"]
+    [fit] = [p for p in scheduler["pluginConfig"] if p["name"] == "NodeResourcesFit"]
+    strategy = fit["args"]["scoringStrategy"]
+    assert strategy["type"] == "MostAllocated"
+    weights = {r["name"]: r["weight"] for r in strategy["resources"]}
+    assert all(1 <= w <= 100 for w in weights.values())
+    c = run_extra_config(values)
+    files = {f["mountPath"]: f for f in values["hub"]["extraFiles"].values()}
+    catalog = catalog_from_dict(files[c.GpuhubConfig.catalog_file]["data"])
+    for gpu_type in catalog.gpu_types:
+        assert weights.get(gpu_type.resource, 0) > weights["cpu"], gpu_type.resource
+    enabled = {p["name"] for p in scheduler["plugins"]["score"]["enabled"]}
+    assert "NodeResourcesFit" in enabled
+
+
+def test_named_servers_get_a_home_claim_each() -> None:
+    storage = load(BASE)["singleuser"]["storage"]
+    assert "{user_server}" in storage["dynamic"]["pvcNameTemplate"]

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 import kubernetes_validate
 from aiohttp import web
 
+from .scheduling import ScoringStrategy, place
 from .selectors import SelectorError, field_selector, label_selector
 
 log = logging.getLogger("k8s-emulator")
@@ -44,6 +45,22 @@ CLUSTER = {"nodes": "Node"}
 KINDS = {**NAMESPACED, **CLUSTER}
 CORE_RESOURCES = {"cpu", "memory", "ephemeral-storage", "pods"}
 HISTORY = 10_000
+#: What the DefaultTolerationSeconds admission plugin adds to every pod that lacks them.
+DEFAULT_TOLERATIONS = (
+    {
+        "key": "node.kubernetes.io/not-ready",
+        "operator": "Exists",
+        "effect": "NoExecute",
+        "tolerationSeconds": 300,
+    },
+    {
+        "key": "node.kubernetes.io/unreachable",
+        "operator": "Exists",
+        "effect": "NoExecute",
+        "tolerationSeconds": 300,
+    },
+)
+PVC_PROTECTION = "kubernetes.io/pvc-protection"
 
 
 def now() -> str:
@@ -66,40 +83,6 @@ def error(code: int, reason: str, message: str) -> web.Response:
     return web.json_response(status_body(code, reason, message), status=code)
 
 
-def quantity(value: Any) -> int:
-    try:
-        return int(str(value))
-    except ValueError:
-        return 0
-
-
-def pod_wants(pod: Mapping[str, Any]) -> dict[str, int]:
-    """Extended resources (GPUs) a pod requests; requests default to limits."""
-    wants: dict[str, int] = {}
-    for c in pod["spec"].get("containers") or []:
-        res = c.get("resources") or {}
-        merged = {**(res.get("limits") or {}), **(res.get("requests") or {})}
-        for name, value in merged.items():
-            if name not in CORE_RESOURCES:
-                wants[name] = wants.get(name, 0) + quantity(value)
-    return wants
-
-
-def tolerated(pod: Mapping[str, Any], taint: Mapping[str, Any]) -> bool:
-    for t in pod["spec"].get("tolerations") or []:
-        if t.get("effect") and t["effect"] != taint.get("effect"):
-            continue
-        if not t.get("key"):
-            if t.get("operator") == "Exists":
-                return True
-            continue
-        if t["key"] != taint.get("key"):
-            continue
-        if t.get("operator") == "Exists" or t.get("value", "") == taint.get("value", ""):
-            return True
-    return False
-
-
 @dataclass
 class Event:
     rv: int
@@ -115,6 +98,59 @@ class Process:
     log_file: Path
 
 
+def start_container(
+    root: Path,
+    base_env: Mapping[str, str],
+    pod: Mapping[str, Any],
+    container: Mapping[str, Any],
+    ip: str,
+) -> Process:
+    """Run `container`'s command as a local process, as the emulated kubelet does: the pod's
+    environment over `base_env`, the claim mounted at the working folder (`claim_folder`) as
+    its working folder and HOME, the hub's URL rewritten to the pod's own address."""
+    argv = [*(container.get("command") or []), *(container.get("args") or [])]
+    if not argv:
+        raise OSError("the emulated kubelet runs only containers with a command or args")
+    env = dict(base_env)
+    for item in container.get("env") or []:
+        if "value" in item:
+            env[item["name"]] = item["value"]
+    if "JUPYTERHUB_SERVICE_URL" in env:
+        url = urlsplit(env["JUPYTERHUB_SERVICE_URL"])
+        env["JUPYTERHUB_SERVICE_URL"] = urlunsplit(url._replace(netloc=f"{ip}:{url.port}"))
+    cwd = root / "pods" / pod["metadata"]["uid"]
+    cwd.mkdir(parents=True, exist_ok=True)
+    volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+    for mount in container.get("volumeMounts") or []:
+        volume = volumes.get(mount["name"], {})
+        claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+        if claim and mount["mountPath"] == container.get("workingDir", mount["mountPath"]):
+            cwd = claim_folder(root, pod["metadata"]["namespace"], claim)
+            cwd.mkdir(parents=True, exist_ok=True)
+            env["HOME"] = str(cwd)
+    env.setdefault("HOME", str(cwd))
+    executable = shutil.which(argv[0], path=env.get("PATH"))
+    if executable is None:
+        raise OSError(f"executable not found: {argv[0]}")
+    log_file = root / "logs" / f"{pod['metadata']['name']}-{pod['metadata']['uid'][:8]}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "wb") as out:
+        popen = subprocess.Popen(
+            [executable, *argv[1:]],
+            env=env,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Process(popen, log_file)
+
+
+def claim_folder(root: Path, namespace: str, name: str) -> Path:
+    """Where a claim's volume lives on this machine."""
+    return root / "volumes" / namespace / name
+
+
 @dataclass
 class KubeEmulator:
     """The emulator. `run_containers`: start each pod's command as a local process."""
@@ -128,6 +164,19 @@ class KubeEmulator:
     #: Seconds between a pod's binding and its containers running (image pull, start).
     start_delay: float = 0.2
     validate_version: str = "1.33.0"
+    #: Scheduler profiles by `schedulerName` and how each scores nodes; a pod naming another
+    #: scheduler stays Pending (nothing schedules it), as on a real cluster.
+    schedulers: Mapping[str, ScoringStrategy] = field(
+        default_factory=lambda: {"default-scheduler": ScoringStrategy()}
+    )
+    #: The default storage class (set on claims that name none, as the DefaultStorageClass
+    #: admission plugin does) and whether its volumes are block storage, which one node at a
+    #: time can attach (ReadWriteOnce: a second node gets a Multi-Attach error).
+    default_storage_class: str = "standard"
+    block_storage: bool = True
+    #: Seconds between a claim's creation and its binding (the provisioner at work); meanwhile
+    #: pods using it are not scheduled, with the scheduler's warning.
+    bind_delay: float = 0.3
 
     def __post_init__(self) -> None:
         self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k: {} for k in KINDS}
@@ -194,12 +243,44 @@ class KubeEmulator:
         if kind == "pods":
             obj.setdefault("status", {})
             obj["status"].update(phase="Pending", conditions=[], qosClass="BestEffort")
-            obj["spec"].setdefault("tolerations", [])
+            spec = obj["spec"]
+            spec.setdefault("schedulerName", "default-scheduler")
+            tolerations = spec.setdefault("tolerations", [])
+            for default in DEFAULT_TOLERATIONS:
+                if not any(
+                    t.get("key") == default["key"] and t.get("effect") in (None, "NoExecute")
+                    for t in tolerations
+                ):
+                    tolerations.append(dict(default))
         if kind == "persistentvolumeclaims":
-            obj["status"] = {"phase": "Bound", "capacity": obj["spec"]["resources"]["requests"]}
+            meta.setdefault("finalizers", [])
+            if PVC_PROTECTION not in meta["finalizers"]:
+                meta["finalizers"].append(PVC_PROTECTION)
+            if obj["spec"].get("storageClassName") is None and self.default_storage_class:
+                obj["spec"]["storageClassName"] = self.default_storage_class
+            obj["status"] = {"phase": "Pending"}
             self.claim_dir(meta["namespace"], meta["name"]).mkdir(parents=True, exist_ok=True)
+            self._spawn(self.bind_claim(meta["namespace"], meta["name"], meta["uid"]))
         self._commit(kind, "ADDED", obj, None)
         return obj
+
+    async def bind_claim(self, namespace: str, name: str, uid: str) -> None:
+        """The provisioner creates a volume and the claim binds, after `bind_delay`."""
+        await asyncio.sleep(self.bind_delay)
+        claim = self.get("persistentvolumeclaims", namespace, name)
+        if claim is None or claim["metadata"]["uid"] != uid:
+            return
+
+        def bound(c: dict[str, Any]) -> None:
+            c["spec"]["volumeName"] = f"pvc-{uid}"
+            c["status"] = {
+                "phase": "Bound",
+                "accessModes": list(c["spec"].get("accessModes") or []),
+                "capacity": dict(c["spec"]["resources"]["requests"]),
+            }
+
+        self.update("persistentvolumeclaims", claim, bound)
+        await self.schedule()
 
     def update(
         self, kind: str, obj: dict[str, Any], change: Callable[[dict[str, Any]], None]
@@ -217,7 +298,7 @@ class KubeEmulator:
         return self.objects[kind].get((namespace, name))
 
     def claim_dir(self, namespace: str, name: str) -> Path:
-        return self.root / "volumes" / namespace / name
+        return claim_folder(self.root, namespace, name)
 
     def record_event(
         self,
@@ -437,6 +518,16 @@ class KubeEmulator:
                 body = {}
             if isinstance(body, dict) and body.get("gracePeriodSeconds") is not None:
                 grace = body["gracePeriodSeconds"]
+        if kind == "persistentvolumeclaims" and PVC_PROTECTION in (
+            obj["metadata"].get("finalizers") or []
+        ):
+            # The pvc-protection finalizer: a claim in use by a pod goes when its last pod does.
+            if "deletionTimestamp" not in obj["metadata"]:
+                obj = self.update(
+                    kind, obj, lambda c: c["metadata"].__setitem__("deletionTimestamp", now())
+                )
+            self.release_claims(obj["metadata"]["namespace"])
+            return web.json_response(obj)
         if kind != "pods":
             self.remove(kind, obj)
             return web.json_response(obj)
@@ -458,33 +549,31 @@ class KubeEmulator:
 
     # -- scheduler and kubelet --------------------------------------------------------------------
 
-    def node_usage(self, node_name: str) -> dict[str, int]:
-        used: dict[str, int] = {}
-        for pod in self.objects["pods"].values():
-            if pod["spec"].get("nodeName") == node_name and pod["status"].get("phase") not in (
-                "Succeeded",
-                "Failed",
+    def release_claims(self, namespace: str) -> None:
+        """Remove the claims being deleted that no pod uses any more."""
+        used = {
+            (v.get("persistentVolumeClaim") or {}).get("claimName")
+            for p in self.objects["pods"].values()
+            if p["metadata"].get("namespace") == namespace
+            for v in p["spec"].get("volumes") or []
+        }
+        for claim in list(self.objects["persistentvolumeclaims"].values()):
+            meta = claim["metadata"]
+            if (
+                meta.get("namespace") == namespace
+                and "deletionTimestamp" in meta
+                and meta["name"] not in used
             ):
-                for name, n in pod_wants(pod).items():
-                    used[name] = used.get(name, 0) + n
-        return used
+                self.remove("persistentvolumeclaims", claim)
 
-    def fits(self, pod: dict[str, Any], node: dict[str, Any]) -> str | None:
-        """None if `pod` fits on `node`, else why not."""
-        if node["spec"].get("unschedulable"):
-            return "node(s) were unschedulable"
-        labels = node["metadata"].get("labels") or {}
-        if any(labels.get(k) != v for k, v in (pod["spec"].get("nodeSelector") or {}).items()):
-            return "node(s) didn't match Pod's node affinity/selector"
-        for taint in node["spec"].get("taints") or []:
-            if taint.get("effect") in ("NoSchedule", "NoExecute") and not tolerated(pod, taint):
-                return f"node(s) had untolerated taint {{{taint['key']}: {taint.get('value', '')}}}"
-        allocatable = node["status"].get("allocatable") or {}
-        used = self.node_usage(node["metadata"]["name"])
-        for name, n in pod_wants(pod).items():
-            if quantity(allocatable.get(name, 0)) - used.get(name, 0) < n:
-                return f"Insufficient {name}"
-        return None
+    def node_pods(self, node_name: str) -> list[dict[str, Any]]:
+        """The pods bound to `node_name` that still hold its resources."""
+        return [
+            p
+            for p in self.objects["pods"].values()
+            if p["spec"].get("nodeName") == node_name
+            and p["status"].get("phase") not in ("Succeeded", "Failed")
+        ]
 
     async def schedule(self) -> None:
         """Bind every pending pod that fits somewhere (oldest first)."""
@@ -497,34 +586,41 @@ class KubeEmulator:
             key=lambda p: int(p["metadata"]["resourceVersion"]),
         )
         for pod in pending:
-            missing = [
-                v["persistentVolumeClaim"]["claimName"]
+            strategy = self.schedulers.get(pod["spec"].get("schedulerName", "default-scheduler"))
+            if strategy is None:
+                continue  # no such scheduler runs: the pod waits, without an event
+            namespace = pod["metadata"]["namespace"]
+            claims = [
+                (
+                    v["persistentVolumeClaim"]["claimName"],
+                    self.get(
+                        "persistentvolumeclaims", namespace, v["persistentVolumeClaim"]["claimName"]
+                    ),
+                )
                 for v in pod["spec"].get("volumes") or []
                 if "persistentVolumeClaim" in v
-                and self.get(
-                    "persistentvolumeclaims",
-                    pod["metadata"]["namespace"],
-                    v["persistentVolumeClaim"]["claimName"],
-                )
-                is None
             ]
-            nodes = sorted(self.objects["nodes"].values(), key=lambda n: n["metadata"]["name"])
-            reasons = {n["metadata"]["name"]: self.fits(pod, n) for n in nodes}
-            chosen = next((name for name, why in reasons.items() if why is None), None)
-            if missing or chosen is None:
-                if missing:
-                    message = f'persistentvolumeclaim "{missing[0]}" not found'
-                else:
-                    counts: dict[str, int] = {}
-                    for why in reasons.values():
-                        counts[str(why)] = counts.get(str(why), 0) + 1
-                    detail = ", ".join(f"{n} {why}" for why, n in sorted(counts.items()))
-                    message = f"0/{len(nodes)} nodes are available: {detail}."
+            missing = [name for name, claim in claims if claim is None]
+            unbound = [
+                name
+                for name, claim in claims
+                if claim is not None and claim["status"].get("phase") != "Bound"
+            ]
+            nodes = list(self.objects["nodes"].values())
+            chosen, message = place(
+                pod,
+                nodes,
+                {n["metadata"]["name"]: self.node_pods(n["metadata"]["name"]) for n in nodes},
+                strategy,
+                missing,
+                unbound,
+            )
+            if chosen is None:
                 key = pod["metadata"]["uid"]
                 if self._unschedulable_reported.get(key) != message:
                     self._unschedulable_reported[key] = message
                     self.record_event(
-                        pod, "FailedScheduling", message, "Warning", "default-scheduler"
+                        pod, "FailedScheduling", message, "Warning", pod["spec"]["schedulerName"]
                     )
                 continue
 
@@ -540,11 +636,69 @@ class KubeEmulator:
                 pod,
                 "Scheduled",
                 f"Successfully assigned {meta['namespace']}/{meta['name']} to {chosen}",
-                component="default-scheduler",
+                component=pod["spec"]["schedulerName"],
             )
             self._spawn(self.run_pod(meta["namespace"], meta["name"], meta["uid"]))
 
+    def attached_elsewhere(self, pod: Mapping[str, Any]) -> tuple[str, list[str]] | None:
+        """(volume, pods) when one of `pod`'s ReadWriteOnce claims is attached to another node
+        by other pods (block storage attaches to one node at a time), else None."""
+        if not self.block_storage:
+            return None
+        namespace = pod["metadata"]["namespace"]
+        node = pod["spec"].get("nodeName")
+        for volume in pod["spec"].get("volumes") or []:
+            claim_name = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+            claim = claim_name and self.get("persistentvolumeclaims", namespace, claim_name)
+            if not claim or "ReadWriteMany" in (claim["spec"].get("accessModes") or []):
+                continue
+            users = [
+                p["metadata"]["name"]
+                for p in self.objects["pods"].values()
+                if p["metadata"]["uid"] != pod["metadata"]["uid"]
+                and p["metadata"].get("namespace") == namespace
+                and p["spec"].get("nodeName") not in (None, node)
+                and p["status"].get("phase") not in ("Succeeded", "Failed")
+                and any(
+                    (v.get("persistentVolumeClaim") or {}).get("claimName") == claim_name
+                    for v in p["spec"].get("volumes") or []
+                )
+            ]
+            if users:
+                return claim["spec"].get("volumeName", claim_name), sorted(users)
+        return None
+
+    async def wait_for_attach(self, namespace: str, name: str, uid: str) -> bool:
+        """Hold a pod in ContainerCreating while its volume is attached to another node (the
+        attach/detach controller's Multi-Attach error); False when the pod went meanwhile."""
+        reported = False
+        while True:
+            pod = self.get("pods", namespace, name)
+            if (
+                pod is None
+                or pod["metadata"]["uid"] != uid
+                or "deletionTimestamp" in pod["metadata"]
+            ):
+                return False
+            conflict = self.attached_elsewhere(pod)
+            if conflict is None:
+                return True
+            if not reported:
+                volume, users = conflict
+                self.record_event(
+                    pod,
+                    "FailedAttachVolume",
+                    f'Multi-Attach error for volume "{volume}" Volume is already used by '
+                    f"pod(s) {', '.join(users)}",
+                    "Warning",
+                    "attachdetach-controller",
+                )
+                reported = True
+            await asyncio.sleep(0.5)
+
     async def run_pod(self, namespace: str, name: str, uid: str) -> None:
+        if not await self.wait_for_attach(namespace, name, uid):
+            return
         image = self.get("pods", namespace, name)["spec"]["containers"][0]["image"]  # type: ignore[index]
         self.record_event(self.get("pods", namespace, name), "Pulling", f'Pulling image "{image}"')  # type: ignore[arg-type]
         await asyncio.sleep(self.start_delay)
@@ -592,44 +746,9 @@ class KubeEmulator:
             self.update("pods", pod, running)
 
     def start_process(self, pod: dict[str, Any], container: dict[str, Any], ip: str) -> Process:
-        argv = [*(container.get("command") or []), *(container.get("args") or [])]
-        if not argv:
-            raise OSError("the emulated kubelet runs only containers with a command or args")
         env = {k: os.environ[k] for k in self.inherit_env if k in os.environ}
         env.update(self.container_env)
-        for item in container.get("env") or []:
-            if "value" in item:
-                env[item["name"]] = item["value"]
-        if "JUPYTERHUB_SERVICE_URL" in env:
-            url = urlsplit(env["JUPYTERHUB_SERVICE_URL"])
-            env["JUPYTERHUB_SERVICE_URL"] = urlunsplit(url._replace(netloc=f"{ip}:{url.port}"))
-        cwd = self.root / "pods" / pod["metadata"]["uid"]
-        cwd.mkdir(parents=True, exist_ok=True)
-        volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
-        for mount in container.get("volumeMounts") or []:
-            volume = volumes.get(mount["name"], {})
-            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
-            if claim and mount["mountPath"] == container.get("workingDir", mount["mountPath"]):
-                cwd = self.claim_dir(pod["metadata"]["namespace"], claim)
-                env["HOME"] = str(cwd)
-        env.setdefault("HOME", str(cwd))
-        executable = shutil.which(argv[0], path=env.get("PATH"))
-        if executable is None:
-            raise OSError(f"executable not found: {argv[0]}")
-        log_file = (
-            self.root / "logs" / f"{pod['metadata']['name']}-{pod['metadata']['uid'][:8]}.log"
-        )
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_file, "wb") as out:
-            popen = subprocess.Popen(
-                [executable, *argv[1:]],
-                env=env,
-                cwd=cwd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return Process(popen, log_file)
+        return start_container(self.root, env, pod, container, ip)
 
     async def wait_process(self, namespace: str, name: str, uid: str) -> None:
         process = self.processes[uid]
@@ -676,6 +795,7 @@ class KubeEmulator:
         if current is not None and current["metadata"]["uid"] == uid:
             self.remove("pods", current)
         self._unschedulable_reported.pop(uid, None)
+        self.release_claims(pod["metadata"]["namespace"])
         await self.schedule()  # freed resources may let a pending pod in
 
     # -- running it -------------------------------------------------------------------------------
@@ -768,6 +888,40 @@ class KubeEmulator:
             await self.schedule()
 
         self.call(add)
+
+    def cordon(self, name: str, cordoned: bool = True) -> None:
+        """`kubectl cordon` (or uncordon): the node takes no new pods, and the node controller's
+        `node.kubernetes.io/unschedulable` taint comes with it, as on a real cluster."""
+        taint = {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}
+
+        def change(node: dict[str, Any]) -> None:
+            node["spec"]["unschedulable"] = cordoned
+            taints = [t for t in node["spec"].get("taints") or [] if t["key"] != taint["key"]]
+            node["spec"]["taints"] = [*taints, taint] if cordoned else taints
+
+        async def run() -> None:
+            self.update("nodes", self.get("nodes", "", name), change)  # type: ignore[arg-type]
+            await self.schedule()
+
+        self.call(run)
+
+    def set_ready(self, name: str, ready: bool = True) -> None:
+        """The node's kubelet stops (or resumes) reporting: Ready turns Unknown and the node
+        controller taints the node `node.kubernetes.io/unreachable`."""
+        taint = {"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule"}
+
+        def change(node: dict[str, Any]) -> None:
+            node["status"]["conditions"] = [
+                {"type": "Ready", "status": "True" if ready else "Unknown"}
+            ]
+            taints = [t for t in node["spec"].get("taints") or [] if t["key"] != taint["key"]]
+            node["spec"]["taints"] = taints if ready else [*taints, taint]
+
+        async def run() -> None:
+            self.update("nodes", self.get("nodes", "", name), change)  # type: ignore[arg-type]
+            await self.schedule()
+
+        self.call(run)
 
     def list(self, kind: str) -> list[dict[str, Any]]:
         return self.call(lambda: list(self.objects[kind].values()))

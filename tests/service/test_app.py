@@ -125,3 +125,51 @@ def test_web_endpoints_and_the_pages_hook(tmp_path, monkeypatch):
         "actions_under_way",
     }
     assert service.metrics.registry.get_sample_value("gpuhub_cycle_errors_total") == 1
+
+
+def test_the_pool_comes_from_the_counts_the_cluster_watch_publishes(tmp_path):
+    """One owner for capacity: the hub's watch writes the cluster's counts into the store; the
+    service's pool, its free GPUs (another workload's pod holds one) and its metrics read them.
+    `gpu_totals` overrides a type's size, the counted free number still bounds its free GPUs;
+    stale counts are ignored."""
+    from datetime import datetime, timedelta, timezone
+
+    from gpuhub.service.demand import Pool, demand_from
+    from gpuhub.store import MeasuredCapacity, Store
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store = Store.at(url)
+    store.publish_capacity(
+        [
+            MeasuredCapacity("a100", total=4, free=0, unavailable=0),
+            MeasuredCapacity("t4", total=0, free=0, unavailable=4, note="the 1 node is cordoned"),
+        ],
+        "kubernetes",
+        valid_for=35,
+    )
+    store.lease_units("ada", "", "a100", 3)  # gpuhub holds 3 A100s, another workload the 4th
+    service = make(store_url=url, gpu_totals={"mig": 2})
+    service.setup()
+    totals = service.pool_totals()
+    assert dict(totals) == {"a100": 4, "t4": 0, "mig": 2}
+    pool = Pool(total=totals, allocated={"a100": 3})
+    assert pool.free() == {"a100": 0, "t4": 0, "mig": 2}, "4 - 3 leased, but the cluster says 0"
+    assert demand_from([], pool).free_gpus["a100"] == 0
+    metrics = service.metrics.exposition().decode()
+    assert 'gpuhub_gpus_free_measured{gpu_type="a100"} 0.0' in metrics
+    assert 'gpuhub_gpus_unavailable{gpu_type="t4"} 4.0' in metrics
+    assert 'gpuhub_capacity_age_seconds{gpu_type="a100"}' in metrics
+
+    # A configured size overrides the counted one; the counted free GPUs still bound it.
+    service = make(store_url=url, gpu_totals={"a100": 8})
+    service.setup()
+    totals = service.pool_totals()
+    assert totals["a100"] == 8
+    assert Pool(total=totals, allocated={"a100": 3}).free()["a100"] == 0
+
+    # The hub stopped publishing: its counts are not used any more.
+    later = datetime.now(timezone.utc) - timedelta(seconds=60)
+    store.publish_capacity([MeasuredCapacity("a100", 4, 1)], "kubernetes", 35, now=later)
+    service = make(store_url=url)
+    service.setup()
+    assert "a100" not in service.pool_totals()

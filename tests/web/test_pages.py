@@ -354,3 +354,23 @@ def test_user_sees_gpu_admin_releases_it_with_a_reason_user_sees_why(pages):
     r = pages.api(ada_token, "DELETE", f"me/snapshots/..%2F/{snap['snapshot']}")
     assert r.status_code == 400
     pages.hub.stop_server(name)
+
+
+def test_admin_sees_the_cluster_capacity_the_hub_publishes(pages):
+    from gpuhub.store import MeasuredCapacity
+
+    note = "1 of the 2 nodes with NVIDIA GPU GPUs is cordoned"
+    pages.store.publish_capacity(
+        [MeasuredCapacity("gpu", 4, 1, unavailable=4, note=note)], "kubernetes", 60
+    )
+    try:
+        grace = pages.login("admin-grace")
+        page = pages.get(grace, "admin").text
+        assert "Cluster capacity" in page and note in page
+        [row] = pages.api(pages.token("admin-grace"), "GET", "admin/capacity").json()
+        assert (row["gpu_type"], row["total"], row["free"], row["unavailable"]) == ("gpu", 4, 1, 4)
+        assert row["fresh"] and row["note"] == note
+        ada = pages.token("ada")
+        assert pages.api(ada, "GET", "admin/capacity").status_code == 403
+    finally:
+        pages.store.clear_capacity()

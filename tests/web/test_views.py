@@ -173,3 +173,33 @@ def test_activity_log_keeps_the_latest_status_per_server():
     assert log.series("G", now=130.0, buckets=1) == [70.0]  # and its utilisation is recorded
     log.forget_others({("bob", "")})
     assert log.latest("ada", "", max_age=1e9, now=150.0) is None
+
+
+def test_capacity_rows_say_how_old_the_counts_are():
+    from gpuhub.store import MeasuredCapacity
+
+    counts = [
+        MeasuredCapacity(
+            "t4",
+            0,
+            0,
+            unavailable=4,
+            note="the 1 node with T4 GPUs is cordoned",
+            source="kubernetes",
+            measured_at=NOW - timedelta(seconds=12),
+            valid_for=35,
+        ),
+        MeasuredCapacity("gpu", 4, 1, measured_at=NOW - timedelta(minutes=5), valid_for=35),
+    ]
+    rows = views.capacity_rows(counts, {"gpu": "NVIDIA GPU"}, NOW)
+    assert [r["gpu_type"] for r in rows] == ["gpu", "t4"]
+    gpu, t4 = rows
+    assert (gpu["gpu_type_name"], gpu["total"], gpu["free"], gpu["fresh"]) == (
+        "NVIDIA GPU",
+        4,
+        1,
+        False,
+    )
+    assert gpu["age"] == "5 min"
+    assert t4["fresh"] and t4["age_s"] == 12.0 and t4["unavailable"] == 4
+    assert t4["note"] == "the 1 node with T4 GPUs is cordoned"

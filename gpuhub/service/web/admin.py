@@ -265,7 +265,8 @@ class UsersPage(AdminPageHandler):
 
 
 class AdminOverviewApi(AdminApiHandler):
-    """GET `api/admin/gpus`, `api/admin/servers`, `api/admin/queue`, `api/admin/actions`."""
+    """GET `api/admin/gpus`, `api/admin/capacity`, `api/admin/servers`, `api/admin/queue`,
+    `api/admin/actions`."""
 
     @web.authenticated
     async def get(self, part: str) -> None:
@@ -274,6 +275,9 @@ class AdminOverviewApi(AdminApiHandler):
             return
         if part == "actions":
             self.write_json(self.pages.recent_actions())
+            return
+        if part == "capacity":
+            self.write_json(self.pages.capacity(self.pages.catalog()))
             return
         overview = await self.pages.admin_overview()
         self.write_json(overview[part])

@@ -184,6 +184,10 @@ class Pages:
         for device_type, count in self._device_counts(catalog).items():
             totals[device_type] = count
         free = {t: max(0, n - len(held.get(t, []))) for t, n in totals.items()}
+        # On Kubernetes the hub's cluster watch counts the free GPUs (other workloads included).
+        for gpu_type, c in self.store.measured_capacity().items():
+            if c.fresh():
+                free[gpu_type] = min(c.free, free.get(gpu_type, c.free))
         return views.queue_view(
             entries,
             free,
@@ -242,10 +246,16 @@ class Pages:
         ]
         return {
             "gpus": rows,
+            "capacity": self.capacity(catalog),
             "servers": servers,
             "queue": self.queue(),
             "actions": self.recent_actions(),
         }
+
+    def capacity(self, catalog: Catalog) -> list[dict[str, Any]]:
+        """The cluster's GPU counts the hub publishes (Kubernetes), type by type, with their age."""
+        names = {g.id: g.display_name for g in catalog.gpu_types}
+        return views.capacity_rows(self.store.measured_capacity().values(), names, utcnow())
 
     def recent_actions(self) -> list[dict[str, Any]]:
         now = utcnow()

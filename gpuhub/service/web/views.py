@@ -14,6 +14,7 @@ from typing import Any
 from ... import queue as queue_core
 from ...catalog import Catalog
 from ...policy import EffectiveQuota, Limit
+from ...store import MeasuredCapacity
 
 STATES = ("busy", "idle", "unknown", "unavailable")
 KIND_WORDS = {
@@ -189,6 +190,27 @@ def _limit(used: int, limit: Limit) -> dict[str, Any]:
 
 def quota_usage(quota: EffectiveQuota, gpus: int, servers: int) -> dict[str, Any]:
     return {"gpus": _limit(gpus, quota.gpus), "servers": _limit(servers, quota.servers)}
+
+
+def capacity_rows(
+    counts: Iterable[MeasuredCapacity], names: Mapping[str, str], now: datetime
+) -> list[dict[str, Any]]:
+    """The cluster's published GPU counts, one row per type; stale ones say so."""
+    return [
+        {
+            "gpu_type": c.gpu_type,
+            "gpu_type_name": names.get(c.gpu_type, c.gpu_type),
+            "total": c.total,
+            "free": c.free,
+            "unavailable": c.unavailable,
+            "note": c.note,
+            "age_s": round(c.age(now), 1),
+            "age": fmt_duration(c.age(now)),
+            "fresh": c.fresh(now),
+            "source": c.source,
+        }
+        for c in sorted(counts, key=lambda c: c.gpu_type)
+    ]
 
 
 def queue_view(

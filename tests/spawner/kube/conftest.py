@@ -10,7 +10,8 @@ from unittest import mock
 
 import pytest
 from k8s_emulator import KubeEmulator
-from k8s_emulator.hub import GPU_TAINT, KubeHub, emulator_path
+from k8s_emulator.hub import KubeHub
+from k8s_envtest.backends import add_standard_nodes, start_cluster
 from traitlets.config import Config
 
 from gpuhub import paths
@@ -64,38 +65,9 @@ def make_spawner(no_kube_config: None, store_url: str):  # type: ignore[no-untyp
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory: pytest.TempPathFactory, run_marker: str) -> Iterator[KubeEmulator]:
-    """An emulated cluster: two A100 nodes (2 + 1 GPUs, tainted), a time-sliced T4 node, a MIG
-    node and a CPU node; its kubelet runs real single-user servers."""
-    em = KubeEmulator(
-        tmp_path_factory.mktemp("cluster"),
-        run_containers=True,
-        container_env={"PATH": emulator_path()},
-    ).start()
-    em.add_node(
-        "a100-0",
-        {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
-        {"nvidia.com/gpu": 2},
-        [GPU_TAINT],
-    )
-    em.add_node(
-        "a100-1",
-        {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
-        {"nvidia.com/gpu": 1},
-        [GPU_TAINT],
-    )
-    em.add_node(
-        "t4-0",
-        {"nvidia.com/gpu.product": "Tesla-T4-SHARED"},
-        {"nvidia.com/gpu.shared": 4},
-        [GPU_TAINT],
-    )
-    em.add_node(
-        "mig-0",
-        {"nvidia.com/mig.strategy": "mixed"},
-        {"nvidia.com/mig-1g.10gb": 7, "nvidia.com/mig-3g.40gb": 2},
-        [GPU_TAINT],
-    )
-    em.add_node("cpu-0")
+    """An emulated cluster with the standard nodes; its kubelet runs real single-user servers."""
+    em = start_cluster("emulated", tmp_path_factory.mktemp("cluster"))
+    add_standard_nodes(em)
     yield em
     em.stop()
 

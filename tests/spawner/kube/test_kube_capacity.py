@@ -159,11 +159,14 @@ def test_pod_requests_use_requests_then_limits_and_init_containers() -> None:
 
 
 def test_empty_cluster() -> None:
-    assert cluster_capacity(TYPES, NODES, []) == {
-        "a100": TypeCapacity(6, 0),
-        "t4-shared": TypeCapacity(8, 0),
-        "mig-1g": TypeCapacity(7, 0),
+    counts = cluster_capacity(TYPES, NODES, [])
+    assert {t: (c.total, c.used, c.unavailable) for t, c in counts.items()} == {
+        "a100": (6, 0, 0),
+        "t4-shared": (8, 0, 0),
+        "mig-1g": (7, 0, 0),
     }
+    assert counts["a100"] == TypeCapacity(6, 0, usable_nodes=2)
+    assert counts["a100"].note("A100") == ""
 
 
 def test_bound_pods_use_gpus_until_they_end() -> None:
@@ -200,3 +203,43 @@ def test_used_never_exceeds_total() -> None:
     leases = [lease("u", str(i), "a100") for i in range(9)]
     counts = cluster_capacity([A100], NODES, pods, leases)["a100"]
     assert counts.used == counts.total and counts.free == 0
+
+
+CORDON_TAINT = {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}
+NOT_READY_TAINT = {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}
+
+
+def test_cordoned_and_not_ready_nodes_hold_their_gpus_back_with_a_reason() -> None:
+    t4 = node(
+        "t1",
+        {"nvidia.com/gpu.product": "T4-SHARED"},
+        {"nvidia.com/gpu.shared": "8"},
+        [CORDON_TAINT],
+        unschedulable=True,
+    )
+    counts = cluster_capacity([T4_SHARED], [t4, NODES[4]], [])["t4-shared"]
+    assert (counts.total, counts.free, counts.unavailable) == (0, 0, 8)
+    assert counts.note("T4") == "the 1 node with T4 GPUs is cordoned"
+
+    a100 = {"nvidia.com/gpu.product": "A100"}
+    nodes = [
+        NODES[0],
+        node("a2", a100, {"nvidia.com/gpu": "2"}, [GPU_TAINT, NOT_READY_TAINT], ready=False),
+        node("a3", a100, {"nvidia.com/gpu": "2"}, [GPU_TAINT], unschedulable=True),
+    ]
+    counts = cluster_capacity([A100], nodes, [])["a100"]
+    assert (counts.total, counts.unavailable) == (4, 4)
+    assert counts.note("A100") == (
+        "2 of the 3 nodes with A100 GPUs are cordoned (1), not ready (1)"
+    )
+    gone = node("a2", a100, {"nvidia.com/gpu": "2"}, [GPU_TAINT])
+    gone["status"]["conditions"] = [{"type": "Ready", "status": "Unknown"}]
+    counts = cluster_capacity([A100], [gone], [])["a100"]
+    assert counts.note("A100") == "the 1 node with A100 GPUs is unreachable"
+    # A taint the type does not tolerate still means the type never runs there.
+    assert (
+        cluster_capacity([MIG_1G], [NODES[3] | {"spec": {"taints": [GPU_TAINT]}}], [])[
+            "mig-1g"
+        ].unavailable
+        == 0
+    )

@@ -1,14 +1,27 @@
-"""A real JupyterHub with GPUKubeSpawner against the emulated cluster: spawn, progress, stop,
-restart, and a home that survives them; the single-user servers are real processes."""
+"""A real JupyterHub with GPUKubeSpawner against the emulated cluster and, where its binaries
+are, a real control plane with the documented RBAC: spawn, progress, stop, restart, and a home
+that survives them; the single-user servers are real processes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
+from k8s_envtest.backends import BACKENDS, add_standard_nodes, start_cluster
 
 from gpuhub.store import Store
 from gpuhub.testing import wait_for
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def emulator(request, tmp_path_factory, run_marker) -> Iterator[Any]:  # type: ignore[no-untyped-def]
+    cluster = start_cluster(request.param, tmp_path_factory.mktemp("cluster"))
+    add_standard_nodes(cluster)
+    yield cluster
+    cluster.stop()
 
 
 def user_pod(emulator, name: str) -> dict | None:  # type: ignore[no-untyped-def]
@@ -94,3 +107,28 @@ def test_a_forged_option_never_reaches_the_api_server(kube_hub, emulator) -> Non
     assert "image" in r.json()["message"]
     writes = [req for req in emulator.requests[before:] if req[0] in ("POST", "DELETE")]
     assert writes == []
+
+
+def test_filled_in_options_survive_a_hub_restart(kube_hub, emulator) -> None:  # type: ignore[no-untyped-def]
+    """A request without a GPU type gets the default one; after a hub restart the REST model
+    (what the gpuhub service reads) still says which, as do the spawner state and the pod."""
+    r = kube_hub.spawn("gus", {"gpus": 1})
+    assert r.status_code in (201, 202), r.text
+    kube_hub.wait_ready("gus", timeout=120)
+    expected = {
+        "interface": "jupyterlab",
+        "environment": "pytorch",
+        "gpus": 1,
+        "gpu_type": "t4-shared",
+    }
+    assert kube_hub.user("gus")["servers"][""]["user_options"] == expected
+    kube_hub.stop()
+    kube_hub.start()
+    model = kube_hub.user("gus")["servers"][""]
+    assert model["ready"]
+    assert model["user_options"] == expected
+    assert model["state"]["selection"] == expected
+    pod = user_pod(emulator, "gus")
+    assert pod is not None
+    assert pod["metadata"]["labels"]["gpuhub.io/gpu-type"] == "t4-shared"
+    kube_hub.stop_server("gus")

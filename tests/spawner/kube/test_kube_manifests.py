@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from typing import Any
 
@@ -117,7 +118,9 @@ async def test_pod_manifest_is_valid(make_spawner, selection: Selection) -> None
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     home = volumes[mounts["/home/jovyan"]]
-    assert home["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"] == "claim-ada"
+    assert (
+        home["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"] == "claim-ada--exp1"
+    )
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
     assert spawner.storage_pvc_ensure and not spawner.delete_pvc
 
@@ -221,3 +224,58 @@ def test_user_names_become_valid_label_values() -> None:
 def test_pod_settings_refuse_a_selection_of_another_catalog() -> None:
     with pytest.raises(ValueError):
         pod_settings(Selection("jupyterlab", "nope", 0, None), CATALOG, PodBase(image="x"), "ada")
+
+
+async def test_normalised_options_are_saved_where_the_hub_keeps_them(make_spawner) -> None:  # type: ignore[no-untyped-def]
+    """The hub rebuilds a spawner from `orm_spawner.user_options` after a restart: the defaults
+    gpuhub filled in (here the GPU type) must be there, not only the raw request."""
+    spawner = make_spawner()
+    await spawner.apply_gpuhub_options({"gpus": 1})
+    expected = {"interface": "jupyterlab", "environment": "pytorch", "gpus": 1}
+    saved = spawner.orm_spawner.user_options
+    assert {k: saved[k] for k in expected} == expected
+    assert saved["gpu_type"] == spawner.load_catalog().default_gpu_type is not None
+    assert spawner.user_options == saved == spawner.get_state()["selection"]
+
+
+async def test_state_of_an_older_server_fixes_the_saved_options(make_spawner) -> None:  # type: ignore[no-untyped-def]
+    spawner = make_spawner()
+    spawner.orm_spawner.user_options = {"gpus": 1}  # as saved before the options were normalised
+    selection = {"interface": "vscode", "environment": "pytorch", "gpus": 1, "gpu_type": "a100"}
+    spawner.load_state({"selection": selection})
+    assert spawner.user_options == spawner.orm_spawner.user_options == selection
+
+
+async def test_a_cpu_only_server_names_no_gpu_type(make_spawner, caplog) -> None:  # type: ignore[no-untyped-def]
+    spawner = make_spawner()
+    with caplog.at_level("INFO"):
+        await spawner.apply_gpuhub_options({"environment": "pytorch", "gpus": 0})
+    pod = plain(await spawner.get_pod_manifest())
+    annotation = json.loads(pod["metadata"]["annotations"]["gpuhub.io/selection"])
+    assert annotation["gpus"] == 0 and annotation["gpu_type"] is None
+    assert pod["metadata"]["labels"]["gpuhub.io/gpu-type"] == "none"
+    started = [r.getMessage() for r in caplog.records if "starts" in r.getMessage()]
+    assert started and started[-1].endswith("with no GPU"), started
+    assert "GPU(s)" not in started[-1]
+
+
+async def test_named_servers_get_their_own_home_claim(make_spawner) -> None:  # type: ignore[no-untyped-def]
+    default, named = make_spawner(), make_spawner(server="train")
+    assert (default.pvc_name, named.pvc_name) == ("claim-ada", "claim-ada--train")
+
+
+async def test_a_shared_readwriteonce_home_refuses_a_second_server_at_once(make_spawner) -> None:  # type: ignore[no-untyped-def]
+    """A site that shares one claim among a user's servers on block storage: the second server
+    is refused with a message naming the running one, never left as a stuck pod."""
+    running = make_spawner(pvc_name_template="claim-{username}")
+    second = make_spawner(server="train", pvc_name_template="claim-{username}")
+    running._spawn_pending = True  # the default server is starting (it will mount the claim)
+    second.user.spawners = {"": running, "train": second}
+    with pytest.raises(web.HTTPError) as error:
+        await second.apply_gpuhub_options({"environment": "pytorch", "gpus": 0})
+    assert error.value.status_code == 409
+    message = error.value.log_message % error.value.args
+    assert "one home volume (claim-ada)" in message and "default server is running" in message
+    # With a ReadWriteMany class the servers may share it.
+    second.storage_access_modes = ["ReadWriteMany"]
+    await second.apply_gpuhub_options({"environment": "pytorch", "gpus": 0})

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 from k8s_emulator import KubeEmulator
-from k8s_emulator.hub import GPU_TAINT, KubeHub, emulator_path
+from k8s_emulator.hub import GPU_TAINT, KubeHub
+from k8s_envtest.backends import BACKENDS, start_cluster
 
 from gpuhub.store import Store
 from gpuhub.testing import wait_for
@@ -18,14 +19,10 @@ pytestmark = pytest.mark.slow
 A100 = {"interface": "jupyterlab", "environment": "pytorch", "gpus": 1, "gpu_type": "a100"}
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory: pytest.TempPathFactory, run_marker: str) -> Iterator[KubeEmulator]:
-    """A cluster with two A100 GPUs and a CPU node."""
-    em = KubeEmulator(
-        tmp_path_factory.mktemp("cluster"),
-        run_containers=True,
-        container_env={"PATH": emulator_path()},
-    ).start()
+@pytest.fixture(scope="module", params=BACKENDS)
+def emulator(request, tmp_path_factory, run_marker) -> Iterator[KubeEmulator]:  # type: ignore[no-untyped-def]
+    """A cluster with two A100 GPUs and a CPU node (emulated, or a real control plane)."""
+    em = start_cluster(request.param, tmp_path_factory.mktemp("cluster"))
     em.add_node(
         "a100-0",
         {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
