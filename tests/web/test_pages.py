@@ -354,3 +354,52 @@ def test_user_sees_gpu_admin_releases_it_with_a_reason_user_sees_why(pages):
     r = pages.api(ada_token, "DELETE", f"me/snapshots/..%2F/{snap['snapshot']}")
     assert r.status_code == 400
     pages.hub.stop_server(name)
+
+
+def test_links_planted_in_a_home_never_reach_another_users_snapshots(pages):
+    """No server runs, so the service reads the homes itself: mallory links parts of her
+    snapshot folder to kim's, and can neither see, choose nor delete kim's snapshot."""
+    from gpuhub import snapshot as core
+
+    home = pages.hub.state_dir / "home"
+    kim_root = home / "kim" / ".gpuhub" / "snapshots"
+    name = "20260101T000000.000000Z"
+    (kim_root / "nb-1" / name).mkdir(parents=True)
+    manifest = {"format": core.FORMAT, "key": "nb-1", "name": name, "created": 1.7e9}
+    manifest.update(notebook="kim-secret.ipynb", kernel_id="k", saved=[], skipped=[])
+    (kim_root / "nb-1" / name / core.MANIFEST).write_text(json.dumps(manifest))
+    mallory = home / "mallory" / ".gpuhub"
+    mallory.mkdir(parents=True)
+    token = pages.token("mallory")
+
+    def attempts() -> list[int]:
+        return [
+            pages.api(token, "DELETE", f"me/snapshots/nb-1/{name}").status_code,
+            pages.api(token, "PUT", f"me/snapshots/nb-1/{name}/restore-next").status_code,
+            pages.api(token, "DELETE", "me/snapshots/nb-1/restore-next").status_code,
+        ]
+
+    (mallory / "snapshots").symlink_to(kim_root)  # the whole folder
+    listing = pages.api(token, "GET", "me/snapshots").json()
+    assert listing["items"] == [] and not listing["available"]
+    assert "~/.gpuhub/snapshots: refused, it is a symbolic link" in listing["note"]
+    assert attempts() == [400, 400, 400]
+    r = pages.api(token, "DELETE", f"me/snapshots/nb-1/{name}")
+    assert "symbolic link" in r.text
+
+    (mallory / "snapshots").unlink()
+    (mallory / "snapshots").mkdir()
+    (mallory / "snapshots" / "nb-1").symlink_to(kim_root / "nb-1")  # one notebook's folder
+    listing = pages.api(token, "GET", "me/snapshots").json()
+    assert listing["available"] and listing["items"] == []
+    assert attempts() == [400, 400, 400]
+
+    (mallory / "snapshots" / "nb-1").unlink()
+    (mallory / "snapshots" / "nb-1").mkdir()
+    (mallory / "snapshots" / "nb-1" / name).symlink_to(kim_root / "nb-1" / name)  # one snapshot
+    [item] = pages.api(token, "GET", "me/snapshots").json()["items"]
+    assert "refused, it is a symbolic link" in item["error"] and item["notebook"] is None
+    assert attempts()[:2] == [400, 400]
+
+    assert (kim_root / "nb-1" / name / core.MANIFEST).is_file()
+    assert not (kim_root / "nb-1" / core.RESTORE_NEXT).exists()
