@@ -10,6 +10,8 @@
 #   GPUHUB_CATALOG           catalogue file (default config/catalog.yaml)
 #   GPUHUB_QUOTAS            quota file (default config/quotas.yaml)
 #   GPUHUB_KEEP_SERVERS      1: servers keep running when the hub stops (default 0)
+#   GPUHUB_DEMO_ALLOWED_REGISTRIES  registries the admin pages may take environment images from
+#                            (comma-separated; default none)
 import os
 import sys
 from pathlib import Path
@@ -160,3 +162,10 @@ if service_mode != "off":
             f"--GpuhubPages.quotas_file={quotas_file}",
             f"--GpuhubPages.snapshot_home_template={state / 'home' / '{username}'}",
         ]
+        # Registries the admin pages may take environment images from (comma-separated;
+        # default none: images come from the catalogue file only).
+        for registry in env.get("GPUHUB_DEMO_ALLOWED_REGISTRIES", "").split(","):
+            if registry.strip():
+                gpuhub_service["command"].append(
+                    f"--GpuhubPages.allowed_registries={registry.strip()}"
+                )

@@ -130,7 +130,9 @@ def test_admin_manages_environments_and_the_spawn_form_follows(pages):
 
     # creating it twice is a conflict; the JSON API says the same as the page
     token = pages.token("admin-grace")
-    r = pages.api(token, "POST", "admin/environments", json={"id": "jax", "image": "python:3"})
+    r = pages.api(
+        token, "POST", "admin/environments", json={"id": "jax", "image": "quay.io/gpuhub/x"}
+    )
     assert r.status_code == 409 and "exists already" in r.json()["message"]
     r = pages.api(token, "PUT", "admin/environments/jax", json={"image": "not an image"})
     assert r.status_code == 400 and r.json()["message"].startswith("image: ")
@@ -158,6 +160,42 @@ def test_admin_manages_environments_and_the_spawn_form_follows(pages):
     r = pages.post_form(grace, "admin/environments/jax/reset", from_page="admin/environments")
     assert r.status_code == 302
     assert pages.api(token, "GET", "admin/environments/jax").status_code == 404
+
+
+def test_a_gpuhub_admin_cannot_make_servers_run_what_the_site_did_not_choose(pages):
+    """A gpuhub admin (below a hub admin) tries to make every user's next server run their own
+    image, interpreter or environment variables, or to replace the file's default environment."""
+    oscar = pages.hub.login("ops-oscar")  # (the demo's login sets groups: admin group after)
+    pages.make_group_member("ops-oscar", "gpuhub-admins")
+    token = pages.token("ops-oscar")
+    attempts = [
+        ("POST", "admin/environments", {"id": "x", "image": "docker.io/evil/miner:1"}, "image"),
+        ("POST", "admin/environments", {"id": "x", "image": "quay.io/evil/miner:1"}, "image"),
+        ("POST", "admin/environments", {"id": "x", "image": "ghcr.io/evil/miner:1"}, "image"),
+        ("POST", "admin/environments", {"id": "x", "local": {"python": "/bin/sh"}}, "local.python"),
+        (
+            "POST",
+            "admin/environments",
+            {"id": "x", "local": {"python": PYTORCH_PYTHON, "env": {"LD_PRELOAD": "/tmp/e.so"}}},
+            "local.env",
+        ),
+        ("PUT", "admin/environments/pytorch", {"image": "quay.io/gpuhub/evil:1"}, "id"),
+        ("PUT", "admin/environments/pytorch", {"local": {"python": PYTORCH_PYTHON}}, "id"),
+    ]
+    for method, path, body, field in attempts:
+        r = pages.api(token, method, path, json=body)
+        assert r.status_code == 400, (body, r.status_code, r.text)
+        assert r.json()["message"].startswith(f"{field}: "), (body, r.json())
+    assert pages.store.catalog_entries() == []
+    # the page says where images and interpreters may come from
+    form = pages.get(oscar, "admin/environments/new").text
+    assert "Allowed registries: quay.io/gpuhub, nvcr.io/nvidia." in form
+    assert f"<code>{os.path.normpath(PYTORCH_PYTHON)}</code>" in form
+    # what is allowed: the site's registry, the file's interpreter
+    ok = {"id": "x", "image": "quay.io/gpuhub/x:1", "local": {"python": PYTORCH_PYTHON}}
+    r = pages.api(token, "POST", "admin/environments", json=ok)
+    assert r.status_code == 201, r.text
+    assert pages.api(token, "DELETE", "admin/environments/x").status_code == 204
 
 
 def test_a_gpuhub_admin_group_member_manages_but_cannot_register_users(pages):

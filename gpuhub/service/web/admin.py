@@ -137,6 +137,7 @@ class EnvironmentsPage(AdminPageHandler):
             error=error,
             interfaces=self.pages.catalog().interfaces,
             registries=self.pages.settings.allowed_registries,
+            interpreters=self.pages.base_catalog().file_interpreters(),
             page="environments",
         )
 

@@ -34,7 +34,9 @@ class GpuhubPages(Configurable):
         default_value=list(DEFAULT_REGISTRIES),
         config=True,
         help="""Registries (or registry/namespace prefixes, such as `quay.io/gpuhub`) that
-        environments registered at runtime may take their images from. `*` allows any.""",
+        environments registered at runtime may take their images from. Empty (the default): no
+        image can be set at runtime, only the catalogue file's. `*` allows any registry (every
+        user's next server may then run any public image a gpuhub admin names).""",
     )
 
     check_local_python = Bool(
