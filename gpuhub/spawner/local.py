@@ -118,7 +118,12 @@ class LocalGPUSpawner(GPUQueueMixin, GPUSpawnerMixin, LocalProcessSpawner):
                 candidates = self.devices(catalog).get(gpu_type, [])
                 try:
                     return self.store.lease_devices(
-                        self.user.name, self.name, gpu_type, candidates, selection.gpus
+                        self.user.name,
+                        self.name,
+                        gpu_type,
+                        candidates,
+                        selection.gpus,
+                        max_user_gpus=self.gpu_limit(),
                     )
                 except NoGpuFree:
                     return None

@@ -24,14 +24,16 @@ from ..catalog import Catalog, CatalogError, catalog_from_dict, load_catalog
 from ..options import OptionsError, Selection, form_choices, options_from_form, parse
 from ..overrides import GroupQuota, merge_environments, merge_group_quotas
 from ..policy import (
+    Limit,
     QuotaConfig,
     QuotaExceeded,
     Usage,
     admit,
     effective_quota,
+    gpu_quota_exceeded,
     quota_config_from_dict,
 )
-from ..store import Store
+from ..store import GpuQuotaReached, Store
 
 _catalog_cache: dict[tuple[str, int], Catalog] = {}
 _reconciled_stores: set[str] = set()
@@ -233,6 +235,11 @@ class GPUSpawnerMixin(Configurable):
     def _default_apply_user_options(self):  # type: ignore[no-untyped-def]
         return lambda spawner, user_options: spawner.apply_gpuhub_options(user_options)
 
+    def gpu_limit(self) -> int | None:
+        """The user's GPU quota now (None: unlimited), checked again when GPUs are taken."""
+        quota = effective_quota(self.user.name, self.user_groups(), self.quota_config())
+        return quota.gpus.value
+
     def current_usage(self) -> Usage:
         """What the user holds in their other servers."""
         servers = sum(
@@ -271,7 +278,15 @@ class GPUSpawnerMixin(Configurable):
         self.selection = selection
         self.user_options = selection.as_user_options()
         self.default_url = catalog.interface(selection.interface).default_url  # type: ignore[union-attr]
-        await self.apply_selection(selection, catalog)
+        try:
+            await self.apply_selection(selection, catalog)
+        except GpuQuotaReached as e:
+            self.log.warning("gpuhub: %s refused when taking its GPUs: %s", self._log_name, e)
+            limit = effective_quota(self.user.name, self.user_groups(), self.quota_config()).gpus
+            if limit.value is None or limit.value > e.limit:  # changed again since: as counted
+                limit = Limit(e.limit, limit.source)
+            refusal = gpu_quota_exceeded(Usage(gpus=e.held), e.wanted, limit)
+            raise http_error(403, str(refusal)) from e
         self.log.info(
             "gpuhub: %s starts %s in %s with %d %s GPU(s)",
             self._log_name,
