@@ -50,7 +50,8 @@ c.JupyterHub.named_server_limit_per_user = 4
 c.JupyterHub.authenticator_class = demo.DemoAuthenticator
 c.DemoAuthenticator.password = env.get("GPUHUB_DEMO_PASSWORD", "")
 if not c.DemoAuthenticator.password and not env.get("GPUHUB_DEMO_OIDC_URL"):
-    print("gpuhub: GPUHUB_DEMO_PASSWORD is not set: nobody can log in", file=sys.stderr)
+    # DemoAuthenticator refuses every login then (an empty password is never accepted).
+    print("gpuhub: GPUHUB_DEMO_PASSWORD is empty: every login is refused", file=sys.stderr)
 
 # Or single sign-on with an OpenID Connect provider such as Dex (docs/pages.md): its groups claim
 # becomes the users' JupyterHub groups at each login, which drive environments and quotas.
