@@ -60,6 +60,7 @@ if not c.DemoAuthenticator.password and not env.get("GPUHUB_DEMO_OIDC_URL"):
 #   GPUHUB_DEMO_OIDC_CLIENT_SECRET   and its secret
 #   GPUHUB_DEMO_OIDC_ADMIN_GROUPS    groups whose members are hub admins (default hub-admins)
 #   GPUHUB_DEMO_OIDC_ALLOWED_GROUPS  groups allowed to log in (default: anyone the provider lets in)
+#   GPUHUB_DEMO_OIDC_USERNAME_CLAIM  email (default: the verified address, in full) or sub
 if env.get("GPUHUB_DEMO_OIDC_URL"):
     from gpuhub.oidc import OIDCConfigError, configure_oidc
 
@@ -75,6 +76,7 @@ if env.get("GPUHUB_DEMO_OIDC_URL"):
             callback_url=f"http://127.0.0.1:{port}/hub/oauth_callback",
             admin_groups=oidc_groups("GPUHUB_DEMO_OIDC_ADMIN_GROUPS", "hub-admins"),
             allowed_groups=oidc_groups("GPUHUB_DEMO_OIDC_ALLOWED_GROUPS"),
+            username_claim=env.get("GPUHUB_DEMO_OIDC_USERNAME_CLAIM", "email"),
         )
     except OIDCConfigError as e:
         sys.exit(f"gpuhub: single sign-on cannot be used: {e}")
