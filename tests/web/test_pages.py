@@ -246,8 +246,116 @@ def test_group_quota_edited_at_runtime_applies_to_the_next_spawn(pages):
     assert all(q.group != "researchers" for q in pages.store.group_quotas())
 
 
+def pages_tokens(pages, name: str) -> list[dict]:
+    """`name`'s OAuth tokens for the pages (the hub's token list says their scopes)."""
+    tokens = pages.hub.request("GET", f"/users/{name}/tokens").json()["api_tokens"]
+    return [t for t in tokens if (t.get("oauth_client") or "").endswith("gpuhub")]
+
+
+def allow_registering(pages, session) -> None:
+    r = pages.get(session, "admin/users/authorize")  # the hub's OAuth again, with more scopes
+    assert r.status_code == 200 and r.url == pages.page_url("admin/users"), r.url
+    assert "carries your hub admin rights for registering users" in r.text
+
+
+def test_a_hub_admin_token_with_few_scopes_is_no_gpuhub_admin(pages):
+    pages.hub.login("admin-hal")
+    assert pages.hub.user("admin-hal")["admin"] is True
+    r = pages.hub.request(
+        "POST",
+        "/users/admin-hal/tokens",
+        json={"note": "metrics script", "scopes": ["read:metrics", "access:services"]},
+    )
+    r.raise_for_status()
+    narrow = r.json()["token"]
+    for method, path in (("GET", "admin/gpus"), ("GET", "admin/environments")):
+        r = pages.api(narrow, method, path)
+        assert r.status_code == 403, (path, r.text)
+    r = pages.api(narrow, "PUT", "admin/quotas/students", json={"max_gpus": 9})
+    assert r.status_code == 403
+    assert pages.api(narrow, "GET", "me").json()["user"] == "admin-hal"
+    # the same person with a token that carries their rights is one
+    assert pages.api(pages.token("admin-hal"), "GET", "admin/gpus").status_code == 200
+
+
+def test_the_pages_ask_for_the_fewest_scopes_and_more_only_to_register(pages):
+    hal = pages.login("admin-hal")  # a hub admin opens the pages
+    assert pages.get(hal, "admin").status_code == 200  # a gpuhub admin
+    [token] = pages_tokens(pages, "admin-hal")
+    assert "admin-ui" in token["scopes"]
+    assert not {"admin:users", "admin:groups", "groups", "tokens"} & set(token["scopes"]), token
+    page = pages.get(hal, "admin/users").text
+    assert "Allow registering users" in page
+    r = pages.post_form(
+        hal, "admin/users", {"text": "username\nnew-zed\n"}, from_page="admin/users"
+    )
+    assert r.status_code == 403 and "does not carry them" in r.text
+    assert pages.hub.request("GET", "/users/new-zed").status_code == 404
+
+    allow_registering(pages, hal)
+    scopes = set().union(*(t["scopes"] for t in pages_tokens(pages, "admin-hal")))
+    assert {"admin:users", "admin:groups", "groups"} <= scopes
+    # a gpuhub admin who is no hub admin asks and gets nothing more
+    otto = pages.hub.login("ops-otto")  # (the demo's login sets groups: admin group after)
+    pages.make_group_member("ops-otto", "gpuhub-admins")
+    r = pages.get(otto, "admin/users/authorize")
+    assert r.status_code == 200 and "Allow registering users" in r.text
+    assert not any("admin:users" in t["scopes"] for t in pages_tokens(pages, "ops-otto"))
+
+
+def test_csv_import_into_a_privileged_group_needs_a_confirmation(pages, tmp_path):
+    grace = pages.login("admin-grace")
+    allow_registering(pages, grace)
+    csv = "username,groups\npriv-pat,gpuhub-admins lab-p\n"
+    r = pages.post_form(grace, "admin/users", {"text": csv}, from_page="admin/users")
+    assert r.status_code == 400
+    assert (
+        "privileged groups: gpuhub-admins (bound to the hub role &#39;gpuhub-admins&#39;)" in r.text
+    )
+    assert pages.hub.request("GET", "/users/priv-pat").status_code == 404
+    # a dry run says so without refusing
+    form = {"text": csv, "dry_run": "on"}
+    r = pages.post_form(grace, "admin/users", form, from_page="admin/users")
+    assert r.status_code == 200 and 'id="gpuhub-privileged-groups"' in r.text
+    # the API: refused, naming the group; confirmed: done
+    token = pages.token("admin-grace")
+    r = pages.api(token, "POST", "admin/users/import", data=csv)
+    assert r.status_code == 400 and r.json()["message"].startswith("groups: ")
+    assert r.json()["privileged_groups"] == {
+        "gpuhub-admins": "bound to the hub role 'gpuhub-admins'"
+    }
+    assert pages.hub.request("GET", "/users/priv-pat").status_code == 404
+    form = {"text": csv, "allow_privileged_groups": "on"}
+    r = pages.post_form(grace, "admin/users", form, from_page="admin/users")
+    assert r.status_code == 200, r.text
+    assert "priv-pat" in pages.hub.request("GET", "/groups/gpuhub-admins").json()["users"]
+    pages.hub.request("DELETE", "/groups/gpuhub-admins/users", json={"users": ["priv-pat"]})
+    # the shell says the same, and takes --allow-privileged-groups
+    path = tmp_path / "admins.csv"
+    path.write_text("username,groups\npriv-quin,gpuhub-admins\n")
+    env = {
+        **os.environ,
+        "JUPYTERHUB_API_TOKEN": pages.hub.admin_token,
+        "JUPYTERHUB_API_URL": pages.hub.api,
+    }
+    command = [sys.executable, "-m", "gpuhub.cli", "users", "import", str(path)]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "privileged groups: gpuhub-admins" in out.stderr, out
+    assert pages.hub.request("GET", "/users/priv-quin").status_code == 404
+    out = subprocess.run(
+        [*command, "--allow-privileged-groups"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and "privileged group gpuhub-admins" in out.stdout, out
+    pages.hub.request("DELETE", "/groups/gpuhub-admins/users", json={"users": ["priv-quin"]})
+
+
 def test_csv_registration_on_the_page_through_the_api_and_from_the_shell(pages, tmp_path):
     grace = pages.login("admin-grace")
+    allow_registering(pages, grace)
     # bad lines: every one reported, nothing created
     r = pages.post_form(
         grace,
@@ -270,7 +378,7 @@ def test_csv_registration_on_the_page_through_the_api_and_from_the_shell(pages, 
         from_page="admin/users",
     )
     assert r.status_code == 200, r.text
-    assert "created 2 user(s) and 2 group(s), added 4 group membership(s)" in r.text
+    assert "created 2 user(s) and 2 group(s), added 4 group membership(s)" in r.text, r.text[-3000:]
     groups = {
         g: sorted(pages.hub.request("GET", f"/groups/{g}").json()["users"])
         for g in ("lab-a", "lab-b")
