@@ -33,7 +33,7 @@ from ..policy import (
     gpu_quota_exceeded,
     quota_config_from_dict,
 )
-from ..store import GpuQuotaReached, Store
+from ..store import GpuLease, GpuQuotaReached, Store
 
 _catalog_cache: dict[tuple[str, int], Catalog] = {}
 _reconciled_stores: set[str] = set()
@@ -170,13 +170,19 @@ class GPUSpawnerMixin(Configurable):
             (s.user.name, s.name)
             for s in db.query(orm.Spawner).filter(orm.Spawner.server_id.isnot(None))
         }
-        for lease in store.reconcile(active):
+        freed = store.reconcile(active)
+        for lease in freed:
             self.log.warning(
                 "gpuhub: freed GPU %s of %s/%s: the hub runs no such server",
                 lease.device or lease.gpu_type,
                 lease.user,
                 lease.server,
             )
+        if freed:
+            self.gpus_freed(freed)
+
+    def gpus_freed(self, leases: list[GpuLease]) -> None:
+        """Leases that ended without their server's stop (a backend takes back what it gave)."""
 
     def quota_config(self) -> QuotaConfig:
         """The configured quotas, with the group quotas admins set at runtime (in the store)."""
