@@ -62,6 +62,7 @@ def test_ada_sees_only_her_own_snapshots(homes):
     assert ada_sees(ada)[0]["restore_next"]
     files.delete(ada / REL, "own", B, ada)
     assert ada_sees(ada) == []
+    bob_intact(bob)
 
 
 @pytest.mark.parametrize("linked", [".gpuhub", ".gpuhub/snapshots"])
@@ -117,9 +118,9 @@ def test_a_linked_manifest_is_never_read(homes, target):
     [entry] = [e for e in ada_sees(ada) if e["snapshot"] == A]
     assert "manifest.json: refused, it is a symbolic link" in entry["error"]
     assert "notebook" not in entry
-    with pytest.raises(files.UnsafePath, match="manifest.json: refused"):
+    with pytest.raises(files.UnsafePath, match=r"manifest\.json: refused"):
         files.pin(ada / REL, "own", A, ada)
-    with pytest.raises(files.UnsafePath, match="manifest.json: refused"):
+    with pytest.raises(files.UnsafePath, match=r"manifest\.json: refused"):
         files.delete(ada / REL, "own", A, ada)
     bob_intact(bob)
 
@@ -151,6 +152,7 @@ def test_a_linked_pin_file_is_replaced_not_written_through(homes, tmp_path):
     (ada / REL / "own" / core.RESTORE_NEXT).symlink_to(victim)
     files.pin(ada / REL, "own", None, ada)  # unpinning removes the link only
     assert victim.exists() and not (ada / REL / "own" / core.RESTORE_NEXT).exists()
+    bob_intact(bob)
 
 
 def test_the_snapshot_folder_setting_stays_inside_the_home(homes):
