@@ -13,6 +13,8 @@
 #                            SQLite file gpuhub.sqlite in GPUHUB_STATE_DIR; PostgreSQL:
 #                            postgresql+psycopg://user@host/db, docs/upgrades.md)
 #   GPUHUB_KEEP_SERVERS      1: servers keep running when the hub stops (default 0)
+#   GPUHUB_DEMO_ALLOWED_REGISTRIES  registries the admin pages may take environment images from
+#                            (comma-separated; default none)
 import os
 import sys
 from pathlib import Path
@@ -51,7 +53,8 @@ c.JupyterHub.named_server_limit_per_user = 4
 c.JupyterHub.authenticator_class = demo.DemoAuthenticator
 c.DemoAuthenticator.password = env.get("GPUHUB_DEMO_PASSWORD", "")
 if not c.DemoAuthenticator.password and not env.get("GPUHUB_DEMO_OIDC_URL"):
-    print("gpuhub: GPUHUB_DEMO_PASSWORD is not set: nobody can log in", file=sys.stderr)
+    # DemoAuthenticator refuses every login then (an empty password is never accepted).
+    print("gpuhub: GPUHUB_DEMO_PASSWORD is empty: every login is refused", file=sys.stderr)
 
 # Or single sign-on with an OpenID Connect provider such as Dex (docs/pages.md): its groups claim
 # becomes the users' JupyterHub groups at each login, which drive environments and quotas.
@@ -60,6 +63,7 @@ if not c.DemoAuthenticator.password and not env.get("GPUHUB_DEMO_OIDC_URL"):
 #   GPUHUB_DEMO_OIDC_CLIENT_SECRET   and its secret
 #   GPUHUB_DEMO_OIDC_ADMIN_GROUPS    groups whose members are hub admins (default hub-admins)
 #   GPUHUB_DEMO_OIDC_ALLOWED_GROUPS  groups allowed to log in (default: anyone the provider lets in)
+#   GPUHUB_DEMO_OIDC_USERNAME_CLAIM  email (default: the verified address, in full) or sub
 if env.get("GPUHUB_DEMO_OIDC_URL"):
     from gpuhub.oidc import OIDCConfigError, configure_oidc
 
@@ -75,6 +79,7 @@ if env.get("GPUHUB_DEMO_OIDC_URL"):
             callback_url=f"http://127.0.0.1:{port}/hub/oauth_callback",
             admin_groups=oidc_groups("GPUHUB_DEMO_OIDC_ADMIN_GROUPS", "hub-admins"),
             allowed_groups=oidc_groups("GPUHUB_DEMO_OIDC_ALLOWED_GROUPS"),
+            username_claim=env.get("GPUHUB_DEMO_OIDC_USERNAME_CLAIM", "email"),
         )
     except OIDCConfigError as e:
         sys.exit(f"gpuhub: single sign-on cannot be used: {e}")
@@ -169,6 +174,13 @@ if service_mode != "off":
             f"--GpuhubPages.quotas_file={quotas_file}",
             f"--GpuhubPages.snapshot_home_template={state / 'home' / '{username}'}",
         ]
+        # Registries the admin pages may take environment images from (comma-separated;
+        # default none: images come from the catalogue file only).
+        for registry in env.get("GPUHUB_DEMO_ALLOWED_REGISTRIES", "").split(","):
+            if registry.strip():
+                gpuhub_service["command"].append(
+                    f"--GpuhubPages.allowed_registries={registry.strip()}"
+                )
 
 # Every gpuhub setting checked now, the store opened (and upgraded: docs/upgrades.md): a bad value
 # stops the hub here, naming the setting and the field. The managed gpuhub service gets the

@@ -95,6 +95,16 @@ class Catalog:
     default_environment: str
     default_gpu_type: str | None
     source: str = "<catalog>"
+    #: Environments admins added at runtime (`gpuhub.overrides.merge_environments`); every other
+    #: environment comes from the catalogue file.
+    runtime_ids: frozenset[str] = frozenset()
+
+    def file_environments(self) -> list[Environment]:
+        return [e for e in self.environments if e.id not in self.runtime_ids]
+
+    def file_interpreters(self) -> list[str]:
+        """The kernel interpreters the catalogue file names (`local.python`)."""
+        return sorted({e.local.python for e in self.file_environments() if e.local.python})
 
     def environment(self, env_id: str) -> Environment | None:
         return next((e for e in self.environments if e.id == env_id), None)

@@ -13,6 +13,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
 from jupyterhub.auth import Authenticator
 from traitlets import Dict, Unicode, default
@@ -61,7 +62,19 @@ class DemoAuthenticator(Authenticator):
     """Any user name with the demo password. Names starting with `admin` are hub admins; groups
     come from name prefixes (`student-ada` is in `students`), so quotas can be tried out."""
 
-    password = Unicode(config=True, help="The password every demo user logs in with.")
+    password = Unicode(
+        config=True,
+        help="""The password every demo user logs in with. Empty (the default): every login is
+        refused (said in the log at start); never an empty password accepted.""",
+    )
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not self.password:
+            self.log.warning(
+                "gpuhub: DemoAuthenticator has no password (GPUHUB_DEMO_PASSWORD is empty): "
+                "every login is refused"
+            )
 
     admin_prefix = Unicode("admin", config=True, help="User names with this prefix are admins.")
 
@@ -92,6 +105,9 @@ class DemoAuthenticator(Authenticator):
     async def authenticate(self, handler, data):  # type: ignore[no-untyped-def]
         import hmac
 
+        if not self.password:
+            self.log.warning("gpuhub: login refused: the demo has no password set")
+            return None  # an empty password would match an empty one: fail closed
         username = self.normalize_username(data.get("username", ""))
         if not username or not hmac.compare_digest(
             data.get("password", "").encode(), self.password.encode()

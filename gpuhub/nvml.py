@@ -123,6 +123,19 @@ def inventory(lib: ModuleType | None = None) -> Inventory:
     return inv
 
 
+def device_minors(lib: ModuleType | None = None) -> dict[str, int]:
+    """UUID -> the minor number of its physical GPU (`/dev/nvidia<minor>`), where NVML says."""
+    inv, handles = _enumerate(lib)
+    if not inv.available:
+        return {}
+    lib = lib or load_library()
+    minors: dict[str, int] = {}
+    for device, (_handle, physical) in zip(inv.devices, handles, strict=True):
+        with contextlib.suppress(lib.NVMLError, AttributeError):
+            minors[device.uuid] = int(lib.nvmlDeviceGetMinorNumber(physical))
+    return minors
+
+
 def _enumerate(lib: ModuleType | None) -> tuple[Inventory, list[tuple[Any, Any]]]:
     """The inventory, and (NVML handle, handle of the physical GPU) for each of its devices."""
     lib, reason = init(lib)

@@ -4,7 +4,12 @@ Pure core. Admins submit an environment (from the admin page or the JSON API); `
 validates it (the catalogue's own rules, image reference syntax, an allow-list of registries, text
 that fits on a page) and returns the entry to store, in the shape of one `environments` entry of
 the catalogue file. `merge_environments` lays stored entries over the file's catalogue, which is
-how the spawn form sees a new environment without a hub restart. Group quotas work the same way:
+how the spawn form sees a new environment without a hub restart.
+
+What runs on the host stays the site's decision (docs/security.md): images only from the
+registries the site lists (none by default), `local.python` only an interpreter the catalogue
+file names, `local.env` only from the file, and a stored entry never replaces an environment of
+the file (it can only enable or disable it). Group quotas work the same way:
 `check_quota` validates, `merge_group_quotas` lays stored ones over the configured ones.
 """
 
@@ -23,8 +28,11 @@ MAX_DISPLAY_NAME = 100
 MAX_DESCRIPTION = 500
 MAX_GROUP_NAME = 255
 
-#: The registries a site trusts by default (see `docs/pages.md`); "*" allows any registry.
-DEFAULT_REGISTRIES = ("quay.io", "docker.io", "ghcr.io", "nvcr.io")
+#: The registries environments registered at runtime may use unless the site lists some
+#: (`c.GpuhubPages.allowed_registries`): none. "*" allows any registry.
+DEFAULT_REGISTRIES: tuple[str, ...] = ()
+REGISTRIES_SETTING = "c.GpuhubPages.allowed_registries"
+FILE_ONLY_ENV = "environment variables come from the catalogue file only"
 
 ENTRY_FIELDS = (
     "id",
@@ -181,6 +189,12 @@ def check_environment(
             f"{_shown(env_id)} is not a valid id (1-63 lower-case letters, digits, '.', '_', '-',"
             " starting and ending with a letter or digit)",
         )
+    if catalog.environment(env_id) is not None and env_id not in catalog.runtime_ids:
+        raise InputError(
+            "id",
+            f"{env_id!r} is an environment of the catalogue file: change it there "
+            "(here it can only be enabled or disabled)",
+        )
     entry: dict[str, Any] = {"id": env_id}
     entry["display_name"] = _text(
         data.get("display_name"), "display_name", MAX_DISPLAY_NAME, required=False
@@ -197,10 +211,12 @@ def check_environment(
         ref = parse_image(image)
         allowed = list(allowed_registries)
         if not registry_allowed(ref, allowed):
+            listed = (
+                ", ".join(allowed)
+                or "none; the site lists them in c.GpuhubPages.allowed_registries"
+            )
             raise InputError(
-                "image",
-                f"registry {ref.registry!r} is not allowed here (allowed: "
-                f"{', '.join(allowed) or 'none'})",
+                "image", f"registry {ref.registry!r} is not allowed here (allowed: {listed})"
             )
         entry["image"] = image
 
@@ -215,6 +231,13 @@ def check_environment(
     if python:
         if not python.startswith("/"):
             raise InputError("local.python", f"must be an absolute path, not {_shown(python)}")
+        interpreters = catalog.file_interpreters()
+        if python not in interpreters:
+            raise InputError(
+                "local.python",
+                f"{_shown(python)} is not an interpreter of the catalogue file (allowed: "
+                f"{', '.join(interpreters) or 'none'})",
+            )
         if python_exists is not None and not python_exists(python):
             raise InputError("local.python", f"no executable {_shown(python)} on the hub's host")
         local_entry["python"] = python
@@ -227,7 +250,7 @@ def check_environment(
     if kernel_name:
         local_entry["kernel_display_name"] = kernel_name
     if local.get("env"):
-        local_entry["env"] = local["env"]
+        raise InputError("local.env", FILE_ONLY_ENV)
     if local_entry:
         entry["local"] = local_entry
     if "image" not in entry and "python" not in local_entry:
@@ -290,15 +313,30 @@ class Merged:
     problems: tuple[tuple[str, str], ...] = ()
 
 
-def merge_environments(catalog: Catalog, entries: Iterable[Mapping[str, Any]]) -> Merged:
-    """`catalog` with the stored `entries` laid over it: an entry replaces the file's
-    environment of the same id in place, or comes after the file's environments.
+def _runtime_problem(environment: Environment, interpreters: list[str]) -> str | None:
+    """Why a stored environment may not run (stored before these rules, or written to the store
+    directly), or None."""
+    if environment.local.env:
+        return f"local.env: {FILE_ONLY_ENV}"
+    python = environment.local.python
+    if python and python not in interpreters:
+        return f"local.python: {python!r} is not an interpreter of the catalogue file"
+    return None
 
-    An entry the catalogue cannot use any more (an interface since removed from the file, say)
-    is left out and reported, so one stale entry never takes the spawn form down.
+
+def merge_environments(catalog: Catalog, entries: Iterable[Mapping[str, Any]]) -> Merged:
+    """`catalog` (the file's) with the stored `entries` laid over it: an entry with the id of a
+    file environment only enables or disables it (everything else stays the file's); any other
+    entry comes after the file's environments.
+
+    An entry the catalogue cannot use (an interface since removed from the file, an interpreter
+    or environment variables not from the file) is left out and reported, so one stale entry
+    never takes the spawn form down.
     """
     interface_ids = [i.id for i in catalog.interfaces]
     environments = list(catalog.environments)
+    in_file = {e.id for e in environments}
+    interpreters = catalog.file_interpreters()
     positions = {e.id: i for i, e in enumerate(environments)}
     problems: list[tuple[str, str]] = []
     for data in entries:
@@ -310,12 +348,22 @@ def merge_environments(catalog: Catalog, entries: Iterable[Mapping[str, Any]]) -
         except CatalogError as e:
             problems.append((env_id, str(e)))
             continue
+        if environment.id in in_file:
+            position = positions[environment.id]
+            environments[position] = replace(environments[position], enabled=environment.enabled)
+            continue
+        problem = _runtime_problem(environment, interpreters)
+        if problem is not None:
+            problems.append((env_id, problem))
+            continue
         if environment.id in positions:
             environments[positions[environment.id]] = environment
         else:
             positions[environment.id] = len(environments)
             environments.append(environment)
-    return Merged(replace(catalog, environments=tuple(environments)), tuple(problems))
+    runtime_ids = frozenset(e.id for e in environments if e.id not in in_file)
+    merged = replace(catalog, environments=tuple(environments), runtime_ids=runtime_ids)
+    return Merged(merged, tuple(problems))
 
 
 # -- group quotas -------------------------------------------------------------------------------

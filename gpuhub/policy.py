@@ -52,10 +52,12 @@ class EffectiveQuota:
 
 @dataclass(frozen=True)
 class Usage:
-    """What a user holds now, not counting the server being started."""
+    """What a user holds now, not counting the server being started, and the GPUs their other
+    servers wait for in the queue (they will hold them once a GPU is free)."""
 
     gpus: int = 0
     servers: int = 0
+    queued_gpus: int = 0
 
 
 class QuotaExceeded(Exception):
@@ -121,13 +123,20 @@ def admit(selection: Selection, usage: Usage, quota: EffectiveQuota) -> None:
             servers,
         )
     gpus = quota.gpus
-    if selection.gpus and gpus.value is not None and usage.gpus + selection.gpus > gpus.value:
-        raise QuotaExceeded(
-            f"you hold {usage.gpus} of the {gpus.value} {_plural(gpus.value, 'GPU')} "
-            f"{_allowed_to(gpus)}; {selection.gpus} more would go over the limit",
-            usage.gpus,
-            gpus,
-        )
+    counted = usage.gpus + usage.queued_gpus
+    if selection.gpus and gpus.value is not None and counted + selection.gpus > gpus.value:
+        raise gpu_quota_exceeded(usage, selection.gpus, gpus)
+
+
+def gpu_quota_exceeded(usage: Usage, wanted: int, limit: Limit) -> QuotaExceeded:
+    """The refusal of `wanted` more GPUs to a user with `usage` under `limit`."""
+    waiting = f" and wait for {usage.queued_gpus}" if usage.queued_gpus else ""
+    return QuotaExceeded(
+        f"you hold {usage.gpus}{waiting} of the {limit.value} {_plural(limit.value, 'GPU')} "
+        f"{_allowed_to(limit)}; {wanted} more would go over the limit",
+        usage.gpus + usage.queued_gpus,
+        limit,
+    )
 
 
 def quota_config_from_dict(data: Mapping[str, Any] | None) -> QuotaConfig:

@@ -250,6 +250,20 @@ class NoGpuFree(Exception):
         )
 
 
+class GpuQuotaReached(Exception):
+    """Taking GPUs would make a user hold more than their GPU quota (checked in the transaction
+    that takes them: a spawn admitted earlier, or waiting in the queue, cannot go over)."""
+
+    def __init__(self, user: str, held: int, wanted: int, limit: int) -> None:
+        self.user = user
+        self.held = held
+        self.wanted = wanted
+        self.limit = limit
+        super().__init__(
+            f"{user} holds {held} GPU(s) of a limit of {limit}; {wanted} more would go over it"
+        )
+
+
 class QueueRow(Base):
     """A spawn waiting for GPUs (see gpuhub.queue); one per server."""
 
@@ -482,10 +496,13 @@ class Store(CapacityStore):
         candidates: Iterable[str],
         count: int,
         attempts: int = 5,
+        max_user_gpus: int | None = None,
     ) -> list[str]:
         """Lease `count` of the `candidates` devices to `user`'s `server`, all or none.
 
-        Devices are taken in the order given. Raises `NoGpuFree` when too few are free.
+        Devices are taken in the order given. Raises `NoGpuFree` when too few are free, and
+        `GpuQuotaReached` when the user would then hold more than `max_user_gpus` (None: no
+        limit), counted in the same transaction.
         """
         candidates = list(candidates)
         for _ in range(attempts):
@@ -501,6 +518,7 @@ class Store(CapacityStore):
                     LeaseRow(user=user, server=server, gpu_type=gpu_type, device=d) for d in chosen
                 )
                 try:
+                    self._check_user_limit(s, user, count, max_user_gpus)
                     s.commit()
                 except IntegrityError:
                     s.rollback()
@@ -509,11 +527,33 @@ class Store(CapacityStore):
                 return chosen
         raise NoGpuFree(gpu_type, count, 0)
 
-    def lease_units(self, user: str, server: str, gpu_type: str, count: int) -> None:
-        """Record `count` GPUs of `gpu_type` held by a server whose devices the cluster assigns."""
+    def lease_units(
+        self,
+        user: str,
+        server: str,
+        gpu_type: str,
+        count: int,
+        max_user_gpus: int | None = None,
+    ) -> None:
+        """Record `count` GPUs of `gpu_type` held by a server whose devices the cluster assigns
+        (`GpuQuotaReached` as for `lease_devices`)."""
         with self.session() as s:
             s.add_all(LeaseRow(user=user, server=server, gpu_type=gpu_type) for _ in range(count))
+            self._check_user_limit(s, user, count, max_user_gpus)
             s.commit()
+
+    @staticmethod
+    def _check_user_limit(s: Session, user: str, count: int, limit: int | None) -> None:
+        """With the new leases added (not committed): roll back and raise `GpuQuotaReached` if
+        the user now holds more than `limit`. SQLite writes one transaction at a time, so no
+        other lease of the user can be committed between this count and the commit."""
+        if limit is None:
+            return
+        s.flush()
+        holding = int(s.scalar(select(func.count(LeaseRow.id)).where(LeaseRow.user == user)) or 0)
+        if holding > limit:
+            s.rollback()
+            raise GpuQuotaReached(user, holding - count, count, limit)
 
     def release(self, user: str, server: str) -> list[GpuLease]:
         """Free every GPU `user`'s `server` holds; returns what was freed."""
@@ -658,6 +698,19 @@ class Store(CapacityStore):
             if row is not None:
                 row.seen_at = now or utcnow()
                 s.commit()
+
+    def gpus_queued(
+        self, user: str, *, except_server: str | None = None, seen_since: datetime | None = None
+    ) -> int:
+        """GPUs `user`'s servers wait for in the queue (those seen since `seen_since`: a spawn
+        still waiting), not counting `except_server`."""
+        with self.session() as s:
+            query = select(func.coalesce(func.sum(QueueRow.gpus), 0)).where(QueueRow.user == user)
+            if except_server is not None:
+                query = query.where(QueueRow.server != except_server)
+            if seen_since is not None:
+                query = query.where(QueueRow.seen_at >= seen_since)
+            return int(s.scalar(query) or 0)
 
     def dequeue(self, user: str, server: str) -> bool:
         """Take `user`'s `server` out of the queue (started, cancelled or failed)."""

@@ -329,7 +329,13 @@ class GPUKubeSpawner(GPUQueueMixin, GPUSpawnerMixin, KubeSpawner):
 
             def take() -> bool:
                 # The queue lets this run only when the cluster has the GPUs free.
-                self.store.lease_units(self.user.name, self.name, gpu_type, selection.gpus)
+                self.store.lease_units(
+                    self.user.name,
+                    self.name,
+                    gpu_type,
+                    selection.gpus,
+                    max_user_gpus=self.gpu_limit(),
+                )
                 return True
 
             # Nothing free: wait in gpuhub's queue, not as a Pending pod in the scheduler's.

@@ -2,25 +2,29 @@
 
 The embedded default, and the real thing for one multi-GPU workstation. GPUs are discovered with
 NVML and leased exclusively through the store; the environment's kernel interpreter is registered
-as the server's default kernel.
+as the server's default kernel. Servers that run as their users' system accounts get the device
+files of their leased GPUs, and only those (`device_access`, `gpuhub.spawner.device_access`).
 """
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import time
 from pathlib import Path
 from typing import Any
 
 from jupyterhub.spawner import LocalProcessSpawner, SimpleLocalProcessSpawner
-from traitlets import Float, Unicode
+from traitlets import Bool, Dict, Float, Unicode
 
 from .. import nvml
 from ..catalog import Catalog, Environment, devices_by_type
 from ..options import Selection
-from ..store import NoGpuFree
-from .mixin import GPUSpawnerMixin
+from ..store import GpuLease, NoGpuFree
+from .device_access import DeviceAccessError, DeviceFiles, device_file_names
+from .mixin import GPUSpawnerMixin, http_error
 from .queueing import GPUQueueMixin
 
 _inventory_cache: dict[str, Any] = {"at": 0.0, "value": None}
@@ -93,6 +97,80 @@ class LocalGPUSpawner(GPUQueueMixin, GPUSpawnerMixin, LocalProcessSpawner):
         help="Seconds an NVML device inventory is reused before NVML is asked again.",
     )
 
+    device_access = Bool(
+        True,
+        config=True,
+        help="""Give each server the device file of its leased GPUs (`/dev/nvidiaN`: owner the
+        server's system user, mode 0600, or 0660 with `device_group`) and take it back when the
+        lease ends (owner root). Needs the hub to run as root and the host to keep every GPU's
+        device file closed otherwise (docs/security.md). Without it, CUDA_VISIBLE_DEVICES is
+        only advice: a server can open any GPU the host lets it.""",
+    )
+
+    device_dir = Unicode(
+        "/dev",
+        config=True,
+        help="Folder of the GPUs' device files (`device_access`).",
+    )
+
+    device_files = Dict(
+        key_trait=Unicode(),
+        value_trait=Unicode(),
+        config=True,
+        help="""GPU UUID or NVML index (as text) -> its device file's name in `device_dir`.
+        Unlisted GPUs: `nvidia<minor>` with NVML's minor number, else `nvidia<index>`.""",
+    )
+
+    device_group = Unicode(
+        "",
+        config=True,
+        help="""A group kept on the GPUs' device files (mode 0660), e.g. for a monitoring agent;
+        users must not be in it. Empty: root only (mode 0600) besides the lease holder.""",
+    )
+
+    def device_file_table(self) -> DeviceFiles:
+        gid = grp.getgrnam(self.device_group).gr_gid if self.device_group else None
+        return DeviceFiles(Path(self.device_dir), gid)
+
+    def device_names(self, uuids: list[str]) -> list[str]:
+        """The device files of the GPUs `uuids` (`DeviceAccessError` for one without)."""
+        inventory = local_inventory(self.inventory_max_age)
+        names = device_file_names(inventory.devices, self.device_files, nvml.device_minors())
+        missing = [u for u in uuids if u not in names]
+        if missing:
+            raise DeviceAccessError(
+                f"no device file known for {', '.join(missing)} (a MIG instance?): "
+                "device access cannot be given per lease"
+            )
+        return [names[u] for u in uuids]
+
+    def grant_devices(self, uuids: list[str]) -> None:
+        """Give the device files of `uuids` to the server's system user."""
+        try:
+            uid = pwd.getpwnam(self.user.name).pw_uid
+        except KeyError:
+            raise DeviceAccessError(f"no system user {self.user.name!r}") from None
+        self.device_file_table().grant(self.device_names(uuids), uid)
+        self.log.info("gpuhub: gave %s the device files of %s", self._log_name, ", ".join(uuids))
+
+    def close_devices(self, leases: list[GpuLease]) -> None:
+        """Take back the device files of ended leases (logged, never raised: a stop goes on)."""
+        uuids = [lease.device for lease in leases if lease.device]
+        if not self.device_access or not uuids:
+            return
+        try:
+            self.device_file_table().close(self.device_names(uuids))
+        except (DeviceAccessError, KeyError) as e:
+            self.log.error("gpuhub: could not take back the device files of %s: %s", uuids, e)
+
+    def gpus_freed(self, leases: list[GpuLease]) -> None:
+        super().gpus_freed(leases)
+        self.close_devices(leases)
+
+    def release_gpus(self) -> None:
+        self.close_devices(self.store.leases_of(self.user.name, self.name))
+        super().release_gpus()
+
     def devices(self, catalog: Catalog) -> dict[str, list[str]]:
         inventory = local_inventory(self.inventory_max_age)
         names = {d.uuid: d.name for d in inventory.devices}
@@ -118,13 +196,25 @@ class LocalGPUSpawner(GPUQueueMixin, GPUSpawnerMixin, LocalProcessSpawner):
                 candidates = self.devices(catalog).get(gpu_type, [])
                 try:
                     return self.store.lease_devices(
-                        self.user.name, self.name, gpu_type, candidates, selection.gpus
+                        self.user.name,
+                        self.name,
+                        gpu_type,
+                        candidates,
+                        selection.gpus,
+                        max_user_gpus=self.gpu_limit(),
                     )
                 except NoGpuFree:
                     return None
 
             # No GPU free: wait in the fair queue (the spawn page shows the place in line).
             devices = await self.wait_for_gpus(selection, catalog, take)
+            if self.device_access and devices:
+                try:
+                    self.grant_devices(devices)
+                except (DeviceAccessError, KeyError) as e:
+                    self.log.error("gpuhub: %s: %s", self._log_name, e)
+                    self.release_gpus()
+                    raise http_error(500, f"the GPU cannot be given to your server: {e}") from e
         environment = catalog.environment(selection.environment)
         assert environment is not None
         self._gpuhub_env = self._selection_env(selection, environment, devices)
@@ -160,3 +250,10 @@ class LocalGPUSpawner(GPUQueueMixin, GPUSpawnerMixin, LocalProcessSpawner):
 class SharedUserLocalGPUSpawner(LocalGPUSpawner, SimpleLocalProcessSpawner):
     """LocalGPUSpawner that runs every server as the hub's own system user, homes under
     `home_dir_template`. For the demo and tests only: users are not isolated from each other."""
+
+    device_access = Bool(
+        False,
+        config=True,
+        help="""Off: every server runs as the hub's own system user, so a device file given to
+        one server is open to all of them (CUDA_VISIBLE_DEVICES is only advice here).""",
+    )

@@ -27,15 +27,17 @@ from ..catalog_cache import cached_catalog
 from ..options import OptionsError, Selection, form_choices, options_from_form, parse
 from ..overrides import GroupQuota, merge_environments, merge_group_quotas
 from ..policy import (
+    Limit,
     QuotaConfig,
     QuotaExceeded,
     Usage,
     admit,
     effective_quota,
+    gpu_quota_exceeded,
     quota_config_from_dict,
 )
 from ..settings import GpuhubConfig
-from ..store import Store
+from ..store import GpuLease, GpuQuotaReached, Store
 
 _reconciled_stores: set[str] = set()
 #: the `quotas` and `catalog` settings, parsed once per value (not at each spawn)
@@ -228,13 +230,19 @@ class GPUSpawnerMixin(Configurable):
             (s.user.name, s.name)
             for s in db.query(orm.Spawner).filter(orm.Spawner.server_id.isnot(None))
         }
-        for lease in store.reconcile(active):
+        freed = store.reconcile(active)
+        for lease in freed:
             self.log.warning(
                 "gpuhub: freed GPU %s of %s/%s: the hub runs no such server",
                 lease.device or lease.gpu_type,
                 lease.user,
                 lease.server,
             )
+        if freed:
+            self.gpus_freed(freed)
+
+    def gpus_freed(self, leases: list[GpuLease]) -> None:
+        """Leases that ended without their server's stop (a backend takes back what it gave)."""
 
     def quota_config(self) -> QuotaConfig:
         """The configured quotas, with the group quotas admins set at runtime (in the store)."""
@@ -304,6 +312,11 @@ class GPUSpawnerMixin(Configurable):
     def _default_apply_user_options(self):  # type: ignore[no-untyped-def]
         return lambda spawner, user_options: spawner.apply_gpuhub_options(user_options)
 
+    def gpu_limit(self) -> int | None:
+        """The user's GPU quota now (None: unlimited), checked again when GPUs are taken."""
+        quota = effective_quota(self.user.name, self.user_groups(), self.quota_config())
+        return quota.gpus.value
+
     def current_usage(self) -> Usage:
         """What the user holds in their other servers."""
         servers = sum(
@@ -343,7 +356,15 @@ class GPUSpawnerMixin(Configurable):
         self.user_options = selection.as_user_options()
         self.persist_user_options()
         self.default_url = catalog.interface(selection.interface).default_url  # type: ignore[union-attr]
-        await self.apply_selection(selection, catalog)
+        try:
+            await self.apply_selection(selection, catalog)
+        except GpuQuotaReached as e:
+            self.log.warning("gpuhub: %s refused when taking its GPUs: %s", self._log_name, e)
+            limit = effective_quota(self.user.name, self.user_groups(), self.quota_config()).gpus
+            if limit.value is None or limit.value > e.limit:  # changed again since: as counted
+                limit = Limit(e.limit, limit.source)
+            refusal = gpu_quota_exceeded(Usage(gpus=e.held), e.wanted, limit)
+            raise http_error(403, str(refusal)) from e
         self.log.info(
             "gpuhub: %s starts %s in %s with %s",
             self._log_name,

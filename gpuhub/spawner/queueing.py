@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ from traitlets.config import Configurable
 from .. import queue
 from ..catalog import Catalog
 from ..options import Selection
+from ..policy import Usage
 from ..store import utcnow
 
 T = TypeVar("T")
@@ -86,6 +87,17 @@ class GPUQueueMixin(Configurable):
 
     _wait_status: WaitStatus | None = None
     _waiting_phase: str = "idle"  # idle -> applying -> (queued ->) done
+
+    def current_usage(self) -> Usage:
+        """What the user holds, plus the GPUs their other servers wait for in the queue: two
+        servers admitted one after the other while both wait must fit the quota together."""
+        usage: Usage = super().current_usage()  # type: ignore[misc]
+        queued = self.store.gpus_queued(  # type: ignore[attr-defined]
+            self.user.name,  # type: ignore[attr-defined]
+            except_server=self.name,  # type: ignore[attr-defined]
+            seen_since=utcnow() - timedelta(seconds=self.queue_stale_after),
+        )
+        return replace(usage, queued_gpus=queued)
 
     def queue_priority(self) -> int:
         return queue.priority_for(self.user_groups(), self.queue_priorities)  # type: ignore[attr-defined]

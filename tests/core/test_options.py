@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gpuhub.catalog import catalog_from_dict
@@ -73,6 +75,15 @@ def test_invalid_options_name_the_field(options, field):
     with pytest.raises(OptionsError) as e:
         parse(options, CATALOG, [])
     assert e.value.field == field
+
+
+def test_null_means_the_default_as_the_readme_says():
+    nulls = {"interface": None, "environment": None, "gpus": None, "gpu_type": None}
+    assert parse(nulls, CATALOG, []) == parse({}, CATALOG, [])
+    for key in nulls:
+        assert parse({key: None}, CATALOG, []) == parse({}, CATALOG, [])
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "given as JSON `null`, takes its default" in readme
 
 
 def test_capacity_limits_requests_to_the_pool():

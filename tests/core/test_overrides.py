@@ -23,7 +23,12 @@ from gpuhub.policy import QuotaConfig, effective_quota, quota_config_from_dict
 CATALOG = catalog_from_dict(
     {
         "environments": [
-            {"id": "pytorch", "display_name": "PyTorch", "image": "quay.io/gpuhub/pytorch:1"},
+            {
+                "id": "pytorch",
+                "display_name": "PyTorch",
+                "image": "quay.io/gpuhub/pytorch:1",
+                "local": {"python": "/opt/envs/torch/bin/python", "env": {"TORCH_HOME": "/t"}},
+            },
             {"id": "tensorflow", "image": "quay.io/gpuhub/tensorflow:1", "groups": ["staff"]},
         ],
         "gpu_types": [{"id": "gpu"}],
@@ -93,7 +98,8 @@ def test_registry_allow_list_by_registry_namespace_or_wildcard():
     assert not registry_allowed(pytorch, ["docker.io", "ghcr.io"])
     assert not registry_allowed(pytorch, [])
     assert registry_allowed(pytorch, ["*"])
-    assert registry_allowed(parse_image("python:3"), DEFAULT_REGISTRIES)
+    assert registry_allowed(parse_image("python:3"), ["docker.io"])
+    assert not registry_allowed(parse_image("python:3"), DEFAULT_REGISTRIES)
     assert not registry_allowed(parse_image("evil.example.com/x"), DEFAULT_REGISTRIES)
 
 
@@ -144,7 +150,10 @@ def test_a_hostile_display_name_is_kept_as_text():
         (entry(enabled="yes"), "enabled"),
         (entry(local={"python": "relative/python"}), "local.python"),
         (entry(local={"shell": "/bin/sh"}), "local.shell"),
-        (entry(local={"env": {"A": ["list"]}}), "local.env.A"),
+        (entry(local={"env": {"A": ["list"]}}), "local.env"),
+        (entry(local={"env": {"LD_PRELOAD": "/tmp/x.so"}}), "local.env"),
+        (entry(local={"python": "/tmp/evil/python"}), "local.python"),
+        (entry(id="pytorch"), "id"),  # the file's environment cannot be replaced
         (entry(local=[1]), "local"),
     ],
 )
@@ -155,12 +164,36 @@ def test_bad_environments_are_refused_naming_the_field(data, field):
 
 
 def test_local_python_is_checked_with_the_given_predicate():
-    data = entry(image=None, local={"python": "/opt/envs/jax/bin/python"})
+    data = entry(image=None, local={"python": "/opt/envs/torch/bin/python"})
     with pytest.raises(InputError) as info:
         check_environment(data, CATALOG, [], python_exists=lambda p: False)
     assert info.value.field == "local.python"
     stored = check_environment(data, CATALOG, [], python_exists=lambda p: True)
-    assert stored["local"] == {"python": "/opt/envs/jax/bin/python"}
+    assert stored["local"] == {"python": "/opt/envs/torch/bin/python"}  # not the file's env vars
+
+
+def test_by_default_no_image_can_be_set_at_runtime():
+    assert DEFAULT_REGISTRIES == ()
+    for image in ("quay.io/gpuhub/jax:1", "docker.io/library/python:3", "ghcr.io/x/y:1"):
+        with pytest.raises(InputError) as info:
+            check_environment(entry(image=image), CATALOG, DEFAULT_REGISTRIES)
+        assert info.value.field == "image"
+        assert "allowed: none; the site lists them in c.GpuhubPages.allowed_registries" in str(
+            info.value
+        )
+    assert check_environment(entry(image="python:3"), CATALOG, ["*"])["image"] == "python:3"
+
+
+def test_a_local_interpreter_comes_from_the_catalogue_file_only():
+    with pytest.raises(InputError, match=r"not an interpreter of the catalogue file \(allowed: "):
+        check_environment(entry(local={"python": "/usr/bin/python3"}), CATALOG, ["quay.io"])
+    # an interpreter of an environment added at runtime does not count as the file's
+    added = entry(id="mine", image=None, local={"python": "/opt/envs/torch/bin/python"})
+    merged = merge_environments(CATALOG, [check_environment(added, CATALOG, [])]).catalog
+    assert merged.runtime_ids == {"mine"}
+    assert merged.file_interpreters() == ["/opt/envs/torch/bin/python"]
+    # ... and it can be edited again (it is not a file environment)
+    check_environment({**added, "display_name": "Mine"}, merged, [])
 
 
 def test_stored_entries_replace_in_place_or_come_after_the_files():
@@ -192,11 +225,37 @@ def test_a_stale_stored_entry_is_left_out_and_reported():
     assert "vscode" in merged.problems[0][1]
 
 
-def test_an_environment_from_the_file_round_trips_through_its_entry():
-    env = CATALOG.environment("tensorflow")
-    again = check_environment(environment_entry(env), CATALOG, ["quay.io"])
-    merged = merge_environments(CATALOG, [again]).catalog
-    assert merged.environment("tensorflow") == env
+def test_a_stored_entry_never_replaces_a_file_environment():
+    env = CATALOG.environment("pytorch")
+    with pytest.raises(InputError) as info:
+        check_environment(environment_entry(env), CATALOG, ["*"])
+    assert info.value.field == "id" and "catalogue file" in info.value.message
+    # an entry written to the store anyway (or before these rules) only enables or disables it
+    hostile = {
+        **environment_entry(env),
+        "image": "docker.io/evil/miner:1",
+        "local": {"python": "/tmp/evil/python", "env": {"LD_PRELOAD": "/tmp/evil.so"}},
+        "groups": ["nobody"],
+        "enabled": False,
+    }
+    merged = merge_environments(CATALOG, [hostile])
+    assert merged.problems == ()
+    assert merged.catalog.environment("pytorch") == env.__class__(
+        **{**env.__dict__, "enabled": False}
+    )
+
+
+def test_a_stored_runtime_entry_with_local_settings_not_from_the_file_is_left_out():
+    stale = [
+        entry(id="a", local={"python": "/tmp/evil/python"}),
+        entry(id="b", local={"python": "/opt/envs/torch/bin/python", "env": {"X": "1"}}),
+    ]
+    merged = merge_environments(CATALOG, stale)
+    assert [e.id for e in merged.catalog.environments] == ["pytorch", "tensorflow"]
+    assert [(i, p.split(":")[0]) for i, p in merged.problems] == [
+        ("a", "local.python"),
+        ("b", "local.env"),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,16 @@ def test_group_limit_message():
     )
 
 
+def test_gpus_waited_for_in_the_queue_count_as_held():
+    quota = effective_quota("nobody", [], CONFIG)  # default: 1 GPU, 2 servers
+    with pytest.raises(QuotaExceeded) as e:
+        admit(gpus(1), Usage(gpus=0, servers=1, queued_gpus=1), quota)
+    assert str(e.value) == (
+        "you hold 0 and wait for 1 of the 1 GPU allowed; 1 more would go over the limit"
+    )
+    admit(gpus(0), Usage(servers=1, queued_gpus=1), quota)  # a CPU-only server still fits
+
+
 def test_most_generous_group_wins_per_limit():
     quota = effective_quota("bob", ["students", "researchers"], CONFIG)
     assert (quota.gpus.value, quota.gpus.source) == (2, "group researchers")

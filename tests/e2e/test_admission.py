@@ -185,3 +185,56 @@ def n_plus_one_concurrent_spawns(hub, store):  # type: ignore[no-untyped-def]
     assert store.queue() == []
     for name in [*started[1:], waiting]:
         hub.stop_server(name)
+
+
+def test_the_gpu_quota_holds_through_the_wait_queue(hub):
+    """A user with a 1-GPU quota (the default: no group) asks for a GPU in two named servers
+    while none is free: the first waits in the queue, the second is refused at once. And a quota
+    lowered while a spawn waits is checked again when the spawn takes its GPU."""
+    store = Store.at(f"sqlite:///{hub.state_dir / 'gpuhub.sqlite'}")
+    filler = "admin-filler"  # staff: 4 GPUs
+    hub.login(filler)
+    assert hub.spawn(filler, {"gpus": 4}).status_code in (201, 202)
+    hub.wait_ready(filler)
+
+    name = "queue-quota"
+    hub.ensure_user(name)  # no group: the default quota, 1 GPU and 2 servers
+    assert hub.spawn(name, {"gpus": 1}, server="a").status_code == 202
+    wait_for(lambda: [e.server for e in store.queue()] == ["a"], 60, what="a in the queue")
+    r = hub.spawn(name, {"gpus": 1}, server="b")
+    assert r.status_code == 403, r.text
+    assert r.json()["message"] == (
+        "you hold 0 and wait for 1 of the 1 GPU allowed; 1 more would go over the limit"
+    )
+    assert [e.server for e in store.queue()] == ["a"]
+
+    # checked again when the GPU is taken: a quota lowered while the spawn waited
+    other = "queue-recheck"
+    hub.ensure_user(other)
+    assert hub.request("POST", "/groups/recheck").status_code in (201, 409)
+    hub.request("POST", "/groups/recheck/users", json={"users": [other]}).raise_for_status()
+    store.put_group_quota("recheck", 2, None, "test")
+    hub.stop_server(filler)
+    hub.wait_ready(name, "a")
+    assert hub.spawn(filler, {"gpus": 2}).status_code in (201, 202)  # 3 of 4 GPUs taken now
+    hub.wait_ready(filler)
+    assert hub.spawn(other, {"gpus": 1}, server="one").status_code in (201, 202)
+    hub.wait_ready(other, "one")
+    assert hub.spawn(other, {"gpus": 1}, server="two").status_code == 202  # none free: waits
+    wait_for(lambda: [e.server for e in store.queue()] == ["two"], 60, what="two in the queue")
+    store.put_group_quota("recheck", 1, None, "test")
+    try:
+        hub.stop_server(filler)
+        wait_for(lambda: "two" not in hub.user(other)["servers"], 60, what="two refused")
+        assert [lease.server for lease in store.leases(other)] == ["one"]
+        assert store.queue() == []
+        assert "queue-recheck:two refused when taking its GPUs" in hub.log()
+        assert (
+            "HTTP 403: Forbidden (you hold 1 of the 1 GPU allowed to group recheck; "
+            "1 more would go over the limit)" in hub.log()
+        )
+    finally:
+        store.delete_group_quota("recheck")
+        for user, server in ((name, "a"), (other, "one"), (other, "two"), (filler, "")):
+            hub.stop_server(user, server)
+    assert [lease.user for lease in store.leases()] == []

@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gpuhub.store import NoGpuFree, Store
+from gpuhub.store import GpuQuotaReached, NoGpuFree, Store
 
 DEVICES = [f"GPU-{i}" for i in range(4)]
 
@@ -20,6 +20,38 @@ def test_lease_release_and_usage(db_url):
         store.lease_devices("cy", "", "gpu", DEVICES, 2)
     assert [lease.device for lease in store.release("ada", "")] == ["GPU-0", "GPU-1"]
     assert store.lease_devices("cy", "", "gpu", DEVICES, 2) == ["GPU-0", "GPU-1"]
+
+
+def test_the_quota_is_checked_again_in_the_transaction_that_takes_the_gpus(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 's.sqlite'}")
+    assert store.lease_devices("ada", "a", "gpu", DEVICES, 1, max_user_gpus=1) == ["GPU-0"]
+    with pytest.raises(GpuQuotaReached) as e:
+        store.lease_devices("ada", "b", "gpu", DEVICES, 1, max_user_gpus=1)
+    assert (e.value.held, e.value.wanted, e.value.limit) == (1, 1, 1)
+    with pytest.raises(GpuQuotaReached):
+        store.lease_units("ada", "c", "shared", 1, max_user_gpus=1)
+    assert [(lease.server, lease.device) for lease in store.leases("ada")] == [("a", "GPU-0")]
+    # others are not limited by ada's quota, and nothing of the refused leases is left behind
+    assert store.lease_devices("bob", "", "gpu", DEVICES, 2, max_user_gpus=2) == ["GPU-1", "GPU-2"]
+    assert store.lease_devices("ada", "b", "gpu", DEVICES, 1, max_user_gpus=2) == ["GPU-3"]
+
+
+def test_gpus_queued_counts_waiting_spawns_of_other_servers(tmp_path):
+    from datetime import timedelta
+
+    from gpuhub.store import utcnow
+
+    store = Store(f"sqlite:///{tmp_path / 's.sqlite'}")
+    now = utcnow()
+    store.enqueue("ada", "a", "gpu", 1, now=now)
+    store.enqueue("ada", "b", "gpu", 2, now=now)
+    store.enqueue("ada", "old", "gpu", 4, now=now - timedelta(hours=1))  # no longer waiting
+    store.enqueue("bob", "", "gpu", 1, now=now)
+    since = now - timedelta(minutes=1)
+    assert store.gpus_queued("ada", seen_since=since) == 3
+    assert store.gpus_queued("ada", except_server="b", seen_since=since) == 1
+    assert store.gpus_queued("ada") == 7
+    assert store.gpus_queued("cy") == 0
 
 
 def test_reconcile_frees_unknown_servers(db_url):

@@ -20,6 +20,7 @@ def pages(tmp_path_factory, run_marker):
             # the tests release GPUs themselves; the service's own rules must not interfere
             "GPUHUB_DEMO_GPU_IDLE_TIMEOUT": "100000",
             "GPUHUB_DEMO_ADMIN_GROUPS": "gpuhub-admins",
+            "GPUHUB_DEMO_ALLOWED_REGISTRIES": "quay.io/gpuhub,nvcr.io/nvidia",
         },
     ).start()
 

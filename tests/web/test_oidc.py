@@ -21,9 +21,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 PEOPLE = [
     {"sub": "u-1001", "preferred_username": "olga", "email": "olga@example.org",
-     "groups": ["hub-admins", "ml-lab"]},
-    {"sub": "u-1002", "email": "sam@example.org", "groups": ["students"]},
+     "email_verified": True, "groups": ["hub-admins", "ml-lab"]},
+    {"sub": "u-1002", "email": "sam@example.org", "email_verified": True, "groups": ["students"]},
+    # at the same provider, claiming olga's name and (unverified) address
+    {"sub": "u-666", "preferred_username": "olga", "email": "olga@example.org",
+     "email_verified": False, "groups": ["hub-admins"]},
 ]  # fmt: skip
+OLGA, SAM = "olga@example.org", "sam@example.org"
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +94,10 @@ def sign_in(browser, hub: Hub, sub: str):
 def test_discovery_and_user_names():
     with pytest.raises(OIDCConfigError, match="not reachable"):
         discover(f"http://127.0.0.1:{free_port_block(1)}", timeout=2)
-    assert username_from({"preferred_username": "olga", "sub": "u"}) == "olga"
-    assert username_from({"email": "sam@example.org", "sub": "u"}) == "sam"
-    assert username_from({"sub": "u-9"}) == "u-9"
-    with pytest.raises(ValueError):
-        username_from({})
+    assert username_from(PEOPLE[0]) == OLGA
+    for claims in ({"preferred_username": "olga", "sub": "u"}, PEOPLE[2], {}):
+        with pytest.raises(ValueError):
+            username_from(claims)
 
 
 def test_login_through_the_provider_groups_and_admins(sso_hub, provider, browser):
@@ -110,7 +113,7 @@ def test_login_through_the_provider_groups_and_admins(sso_hub, provider, browser
     )
 
     olga = sign_in(browser, sso_hub, "u-1001")
-    model = sso_hub.user("olga")
+    model = sso_hub.user(OLGA)
     assert model["admin"] is True  # in the provider's hub-admins group
     assert sorted(model["groups"]) == ["hub-admins", "ml-lab"]
     olga.goto(f"{sso_hub.url}/hub/home")
@@ -119,7 +122,7 @@ def test_login_through_the_provider_groups_and_admins(sso_hub, provider, browser
     assert olga.get_by_role("heading", name="Every GPU").count() == 1
 
     sam = sign_in(browser, sso_hub, "u-1002")
-    model = sso_hub.user("sam")
+    model = sso_hub.user(SAM)
     assert model["admin"] is False and model["groups"] == ["students"]
     sam.goto(f"{sso_hub.url}/hub/spawn")
     assert sam.get_by_label("Course kit").count() == 1  # the group's environment
@@ -130,14 +133,30 @@ def test_login_through_the_provider_groups_and_admins(sso_hub, provider, browser
     # the provider moves sam to the GPU admins: the next login says so
     r = requests.put(
         f"{provider}/users/u-1002",
-        json={"email": "sam@example.org", "groups": ["students", "gpuhub-admins"]},
+        json={
+            "email": SAM,
+            "email_verified": True,
+            "groups": ["students", "gpuhub-admins"],
+        },
         timeout=10,
     )
     assert r.status_code < 300, r.text
     sam.context.clear_cookies()
     sam = sign_in(browser, sso_hub, "u-1002")
-    assert sorted(sso_hub.user("sam")["groups"]) == ["gpuhub-admins", "students"]
-    assert sso_hub.user("sam")["admin"] is False  # a gpuhub admin, not a hub admin
+    assert sorted(sso_hub.user(SAM)["groups"]) == ["gpuhub-admins", "students"]
+    assert sso_hub.user(SAM)["admin"] is False  # a gpuhub admin, not a hub admin
     assert sam.goto(f"{sso_hub.url}{PREFIX}admin").status == 200
     olga.goto(f"{sso_hub.url}/hub/spawn")
     assert olga.get_by_label("Course kit").count() == 0
+
+
+def test_a_name_claimed_with_an_unverified_address_is_refused(sso_hub, browser):
+    """u-666 at the same provider claims olga's preferred_username and her (unverified) e-mail
+    address, and is in the provider's admin group: the hub lets them in as nobody."""
+    page = sign_in(browser, sso_hub, "u-666")
+    assert "login refused: the provider has not verified the e-mail address" in page.content()
+    assert sso_hub.request("GET", "/users/olga").status_code == 404
+    users = [u["name"] for u in sso_hub.request("GET", "/users").json()]
+    assert "u-666" not in users and "olga" not in users
+    page.goto(f"{sso_hub.url}/hub/home")
+    assert "/hub/login" in page.url  # no session

@@ -130,7 +130,9 @@ def test_admin_manages_environments_and_the_spawn_form_follows(pages):
 
     # creating it twice is a conflict; the JSON API says the same as the page
     token = pages.token("admin-grace")
-    r = pages.api(token, "POST", "admin/environments", json={"id": "jax", "image": "python:3"})
+    r = pages.api(
+        token, "POST", "admin/environments", json={"id": "jax", "image": "quay.io/gpuhub/x"}
+    )
     assert r.status_code == 409 and "exists already" in r.json()["message"]
     r = pages.api(token, "PUT", "admin/environments/jax", json={"image": "not an image"})
     assert r.status_code == 400 and r.json()["message"].startswith("image: ")
@@ -158,6 +160,42 @@ def test_admin_manages_environments_and_the_spawn_form_follows(pages):
     r = pages.post_form(grace, "admin/environments/jax/reset", from_page="admin/environments")
     assert r.status_code == 302
     assert pages.api(token, "GET", "admin/environments/jax").status_code == 404
+
+
+def test_a_gpuhub_admin_cannot_make_servers_run_what_the_site_did_not_choose(pages):
+    """A gpuhub admin (below a hub admin) tries to make every user's next server run their own
+    image, interpreter or environment variables, or to replace the file's default environment."""
+    oscar = pages.hub.login("ops-oscar")  # (the demo's login sets groups: admin group after)
+    pages.make_group_member("ops-oscar", "gpuhub-admins")
+    token = pages.token("ops-oscar")
+    attempts = [
+        ("POST", "admin/environments", {"id": "x", "image": "docker.io/evil/miner:1"}, "image"),
+        ("POST", "admin/environments", {"id": "x", "image": "quay.io/evil/miner:1"}, "image"),
+        ("POST", "admin/environments", {"id": "x", "image": "ghcr.io/evil/miner:1"}, "image"),
+        ("POST", "admin/environments", {"id": "x", "local": {"python": "/bin/sh"}}, "local.python"),
+        (
+            "POST",
+            "admin/environments",
+            {"id": "x", "local": {"python": PYTORCH_PYTHON, "env": {"LD_PRELOAD": "/tmp/e.so"}}},
+            "local.env",
+        ),
+        ("PUT", "admin/environments/pytorch", {"image": "quay.io/gpuhub/evil:1"}, "id"),
+        ("PUT", "admin/environments/pytorch", {"local": {"python": PYTORCH_PYTHON}}, "id"),
+    ]
+    for method, path, body, field in attempts:
+        r = pages.api(token, method, path, json=body)
+        assert r.status_code == 400, (body, r.status_code, r.text)
+        assert r.json()["message"].startswith(f"{field}: "), (body, r.json())
+    assert pages.store.catalog_entries() == []
+    # the page says where images and interpreters may come from
+    form = pages.get(oscar, "admin/environments/new").text
+    assert "Allowed registries: quay.io/gpuhub, nvcr.io/nvidia." in form
+    assert f"<code>{os.path.normpath(PYTORCH_PYTHON)}</code>" in form
+    # what is allowed: the site's registry, the file's interpreter
+    ok = {"id": "x", "image": "quay.io/gpuhub/x:1", "local": {"python": PYTORCH_PYTHON}}
+    r = pages.api(token, "POST", "admin/environments", json=ok)
+    assert r.status_code == 201, r.text
+    assert pages.api(token, "DELETE", "admin/environments/x").status_code == 204
 
 
 def test_a_gpuhub_admin_group_member_manages_but_cannot_register_users(pages):
@@ -208,8 +246,116 @@ def test_group_quota_edited_at_runtime_applies_to_the_next_spawn(pages):
     assert all(q.group != "researchers" for q in pages.store.group_quotas())
 
 
+def pages_tokens(pages, name: str) -> list[dict]:
+    """`name`'s OAuth tokens for the pages (the hub's token list says their scopes)."""
+    tokens = pages.hub.request("GET", f"/users/{name}/tokens").json()["api_tokens"]
+    return [t for t in tokens if (t.get("oauth_client") or "").endswith("gpuhub")]
+
+
+def allow_registering(pages, session) -> None:
+    r = pages.get(session, "admin/users/authorize")  # the hub's OAuth again, with more scopes
+    assert r.status_code == 200 and r.url == pages.page_url("admin/users"), r.url
+    assert "carries your hub admin rights for registering users" in r.text
+
+
+def test_a_hub_admin_token_with_few_scopes_is_no_gpuhub_admin(pages):
+    pages.hub.login("admin-hal")
+    assert pages.hub.user("admin-hal")["admin"] is True
+    r = pages.hub.request(
+        "POST",
+        "/users/admin-hal/tokens",
+        json={"note": "metrics script", "scopes": ["read:metrics", "access:services"]},
+    )
+    r.raise_for_status()
+    narrow = r.json()["token"]
+    for method, path in (("GET", "admin/gpus"), ("GET", "admin/environments")):
+        r = pages.api(narrow, method, path)
+        assert r.status_code == 403, (path, r.text)
+    r = pages.api(narrow, "PUT", "admin/quotas/students", json={"max_gpus": 9})
+    assert r.status_code == 403
+    assert pages.api(narrow, "GET", "me").json()["user"] == "admin-hal"
+    # the same person with a token that carries their rights is one
+    assert pages.api(pages.token("admin-hal"), "GET", "admin/gpus").status_code == 200
+
+
+def test_the_pages_ask_for_the_fewest_scopes_and_more_only_to_register(pages):
+    hal = pages.login("admin-hal")  # a hub admin opens the pages
+    assert pages.get(hal, "admin").status_code == 200  # a gpuhub admin
+    [token] = pages_tokens(pages, "admin-hal")
+    assert "admin-ui" in token["scopes"]
+    assert not {"admin:users", "admin:groups", "groups", "tokens"} & set(token["scopes"]), token
+    page = pages.get(hal, "admin/users").text
+    assert "Allow registering users" in page
+    r = pages.post_form(
+        hal, "admin/users", {"text": "username\nnew-zed\n"}, from_page="admin/users"
+    )
+    assert r.status_code == 403 and "does not carry them" in r.text
+    assert pages.hub.request("GET", "/users/new-zed").status_code == 404
+
+    allow_registering(pages, hal)
+    scopes = set().union(*(t["scopes"] for t in pages_tokens(pages, "admin-hal")))
+    assert {"admin:users", "admin:groups", "groups"} <= scopes
+    # a gpuhub admin who is no hub admin asks and gets nothing more
+    otto = pages.hub.login("ops-otto")  # (the demo's login sets groups: admin group after)
+    pages.make_group_member("ops-otto", "gpuhub-admins")
+    r = pages.get(otto, "admin/users/authorize")
+    assert r.status_code == 200 and "Allow registering users" in r.text
+    assert not any("admin:users" in t["scopes"] for t in pages_tokens(pages, "ops-otto"))
+
+
+def test_csv_import_into_a_privileged_group_needs_a_confirmation(pages, tmp_path):
+    grace = pages.login("admin-grace")
+    allow_registering(pages, grace)
+    csv = "username,groups\npriv-pat,gpuhub-admins lab-p\n"
+    r = pages.post_form(grace, "admin/users", {"text": csv}, from_page="admin/users")
+    assert r.status_code == 400
+    assert (
+        "privileged groups: gpuhub-admins (bound to the hub role &#39;gpuhub-admins&#39;)" in r.text
+    )
+    assert pages.hub.request("GET", "/users/priv-pat").status_code == 404
+    # a dry run says so without refusing
+    form = {"text": csv, "dry_run": "on"}
+    r = pages.post_form(grace, "admin/users", form, from_page="admin/users")
+    assert r.status_code == 200 and 'id="gpuhub-privileged-groups"' in r.text
+    # the API: refused, naming the group; confirmed: done
+    token = pages.token("admin-grace")
+    r = pages.api(token, "POST", "admin/users/import", data=csv)
+    assert r.status_code == 400 and r.json()["message"].startswith("groups: ")
+    assert r.json()["privileged_groups"] == {
+        "gpuhub-admins": "bound to the hub role 'gpuhub-admins'"
+    }
+    assert pages.hub.request("GET", "/users/priv-pat").status_code == 404
+    form = {"text": csv, "allow_privileged_groups": "on"}
+    r = pages.post_form(grace, "admin/users", form, from_page="admin/users")
+    assert r.status_code == 200, r.text
+    assert "priv-pat" in pages.hub.request("GET", "/groups/gpuhub-admins").json()["users"]
+    pages.hub.request("DELETE", "/groups/gpuhub-admins/users", json={"users": ["priv-pat"]})
+    # the shell says the same, and takes --allow-privileged-groups
+    path = tmp_path / "admins.csv"
+    path.write_text("username,groups\npriv-quin,gpuhub-admins\n")
+    env = {
+        **os.environ,
+        "JUPYTERHUB_API_TOKEN": pages.hub.admin_token,
+        "JUPYTERHUB_API_URL": pages.hub.api,
+    }
+    command = [sys.executable, "-m", "gpuhub.cli", "users", "import", str(path)]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "privileged groups: gpuhub-admins" in out.stderr, out
+    assert pages.hub.request("GET", "/users/priv-quin").status_code == 404
+    out = subprocess.run(
+        [*command, "--allow-privileged-groups"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and "privileged group gpuhub-admins" in out.stdout, out
+    pages.hub.request("DELETE", "/groups/gpuhub-admins/users", json={"users": ["priv-quin"]})
+
+
 def test_csv_registration_on_the_page_through_the_api_and_from_the_shell(pages, tmp_path):
     grace = pages.login("admin-grace")
+    allow_registering(pages, grace)
     # bad lines: every one reported, nothing created
     r = pages.post_form(
         grace,
@@ -232,7 +378,7 @@ def test_csv_registration_on_the_page_through_the_api_and_from_the_shell(pages, 
         from_page="admin/users",
     )
     assert r.status_code == 200, r.text
-    assert "created 2 user(s) and 2 group(s), added 4 group membership(s)" in r.text
+    assert "created 2 user(s) and 2 group(s), added 4 group membership(s)" in r.text, r.text[-3000:]
     groups = {
         g: sorted(pages.hub.request("GET", f"/groups/{g}").json()["users"])
         for g in ("lab-a", "lab-b")
@@ -374,3 +520,52 @@ def test_admin_sees_the_cluster_capacity_the_hub_publishes(pages):
         assert pages.api(ada, "GET", "admin/capacity").status_code == 403
     finally:
         pages.store.clear_capacity()
+
+
+def test_links_planted_in_a_home_never_reach_another_users_snapshots(pages):
+    """No server runs, so the service reads the homes itself: mallory links parts of her
+    snapshot folder to kim's, and can neither see, choose nor delete kim's snapshot."""
+    from gpuhub import snapshot as core
+
+    home = pages.hub.state_dir / "home"
+    kim_root = home / "kim" / ".gpuhub" / "snapshots"
+    name = "20260101T000000.000000Z"
+    (kim_root / "nb-1" / name).mkdir(parents=True)
+    manifest = {"format": core.FORMAT, "key": "nb-1", "name": name, "created": 1.7e9}
+    manifest.update(notebook="kim-secret.ipynb", kernel_id="k", saved=[], skipped=[])
+    (kim_root / "nb-1" / name / core.MANIFEST).write_text(json.dumps(manifest))
+    mallory = home / "mallory" / ".gpuhub"
+    mallory.mkdir(parents=True)
+    token = pages.token("mallory")
+
+    def attempts() -> list[int]:
+        return [
+            pages.api(token, "DELETE", f"me/snapshots/nb-1/{name}").status_code,
+            pages.api(token, "PUT", f"me/snapshots/nb-1/{name}/restore-next").status_code,
+            pages.api(token, "DELETE", "me/snapshots/nb-1/restore-next").status_code,
+        ]
+
+    (mallory / "snapshots").symlink_to(kim_root)  # the whole folder
+    listing = pages.api(token, "GET", "me/snapshots").json()
+    assert listing["items"] == [] and not listing["available"]
+    assert "~/.gpuhub/snapshots: refused, it is a symbolic link" in listing["note"]
+    assert attempts() == [400, 400, 400]
+    r = pages.api(token, "DELETE", f"me/snapshots/nb-1/{name}")
+    assert "symbolic link" in r.text
+
+    (mallory / "snapshots").unlink()
+    (mallory / "snapshots").mkdir()
+    (mallory / "snapshots" / "nb-1").symlink_to(kim_root / "nb-1")  # one notebook's folder
+    listing = pages.api(token, "GET", "me/snapshots").json()
+    assert listing["available"] and listing["items"] == []
+    assert attempts() == [400, 400, 400]
+
+    (mallory / "snapshots" / "nb-1").unlink()
+    (mallory / "snapshots" / "nb-1").mkdir()
+    (mallory / "snapshots" / "nb-1" / name).symlink_to(kim_root / "nb-1" / name)  # one snapshot
+    [item] = pages.api(token, "GET", "me/snapshots").json()["items"]
+    assert "refused, it is a symbolic link" in item["error"] and item["notebook"] is None
+    assert attempts()[:2] == [400, 400]
+
+    assert (kim_root / "nb-1" / name / core.MANIFEST).is_file()
+    assert not (kim_root / "nb-1" / core.RESTORE_NEXT).exists()

@@ -11,8 +11,6 @@ import os
 import time
 from typing import Any
 
-from jupyterhub.services.auth import HubOAuth
-
 from ... import paths
 from ...policy import QuotaConfig, quota_config_from_dict
 from . import admin, user
@@ -20,6 +18,7 @@ from .activity import ActivityLog
 from .base import OAuthCallback
 from .config import GpuhubPages
 from .context import Pages
+from .oauth import HUB_ADMIN_SCOPE, PagesHubOAuth
 
 __all__ = ["GpuhubPages", "Pages", "handlers", "make_pages", "routes", "settings"]
 
@@ -42,6 +41,7 @@ def handlers(pages: Pages) -> list[tuple[str, type, dict[str, Any]]]:
         (rf"admin/environments/{_ID}/(enable|disable|reset)", admin.EnvironmentActionForm),
         ("admin/quotas", admin.QuotasPage),
         ("admin/users", admin.UsersPage),
+        ("admin/users/authorize", admin.UsersAuthorize),
         # JSON API
         ("api/me", user.MeApi),
         ("api/me/gpu-again", user.MeGpuAgainApi),
@@ -139,9 +139,14 @@ def routes(service: Any) -> list[tuple[str, type, dict[str, Any]]]:
 
 def settings(service: Any) -> dict[str, Any]:
     """Tornado settings for the pages: the hub's OAuth, and the secret that signs its cookies."""
+    config = GpuhubPages(parent=service)
     return {
-        "hub_auth": HubOAuth(
-            api_url=service.hub_api_url, api_token=service.api_token, cache_max_age=60
+        # at login the pages ask only for gpuhub's admin scope and the hub's admin-ui (oauth.py)
+        "hub_auth": PagesHubOAuth(
+            api_url=service.hub_api_url,
+            api_token=service.api_token,
+            cache_max_age=60,
+            login_scopes=[config.admin_scope, HUB_ADMIN_SCOPE],
         ),
         "cookie_secret": cookie_secret(),
     }

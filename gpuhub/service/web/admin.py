@@ -4,14 +4,20 @@ group quotas and user registration. gpuhub admins only: everyone else gets 403."
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from tornado import web
 
 from ...overrides import InputError
-from ...registration import RegistrationError
+from ...registration import RegistrationError, parse_csv
+from ..hubapi import HubClient
 from .base import ApiHandler, BaseHandler
 from .context import ActionRefused
+from .oauth import REGISTRATION_SCOPES, has_scopes, step_up_url
+from .registration import PrivilegedGroups, privileged_groups
+
+log = logging.getLogger("gpuhub.service")
 
 MAX_REASON = 500
 
@@ -137,6 +143,7 @@ class EnvironmentsPage(AdminPageHandler):
             error=error,
             interfaces=self.pages.catalog().interfaces,
             registries=self.pages.settings.allowed_registries,
+            interpreters=self.pages.base_catalog().file_interpreters(),
             page="environments",
         )
 
@@ -216,9 +223,24 @@ class QuotasPage(AdminPageHandler):
 
 
 class UsersPage(AdminPageHandler):
+    """GET/POST `admin/users`: register users and groups from a CSV file. It takes the hub
+    admin's own rights, which the pages ask for only here ("Allow registering users"), and a
+    confirmation for groups that give rights."""
+
+    def render_users(self, status: int = 200, **context: Any) -> None:
+        values: dict[str, Any] = {"report": None, "errors": None, "privileged": None}
+        values.update(context)
+        self.render_page(
+            "users.html",
+            status=status,
+            can_register=has_scopes(self.current_user, REGISTRATION_SCOPES),
+            page="users",
+            **values,
+        )
+
     @web.authenticated
     async def get(self) -> None:
-        self.render_page("users.html", report=None, errors=None, page="users")
+        self.render_users()
 
     @web.authenticated
     async def post(self) -> None:
@@ -229,36 +251,71 @@ class UsersPage(AdminPageHandler):
         elif text.strip():
             data = text.encode()
         else:
-            self.render_page(
-                "users.html",
-                status=400,
-                report=None,
-                errors=["csv: choose a file (or paste its lines)"],
-                page="users",
-            )
+            self.render_users(400, errors=["csv: choose a file (or paste its lines)"])
             return
         if len(data) > self.pages.settings.max_upload_bytes:
             raise web.HTTPError(
                 413, "csv: larger than %d bytes", self.pages.settings.max_upload_bytes
             )
+        if not has_scopes(self.current_user, REGISTRATION_SCOPES):
+            self.render_users(403, errors=[NO_REGISTRATION_RIGHTS])
+            return
         dry_run = self.get_body_argument("dry_run", "") == "on"
+        confirmed = self.get_body_argument("allow_privileged_groups", "") == "on"
         try:
-            report = await self.pages.register_users(
-                data, self.user_name, self.hub_auth.get_token(self), dry_run=dry_run
-            )
+            report = await register_checked(self, data, dry_run=dry_run, confirmed=confirmed)
         except RegistrationError as e:
-            self.render_page(
-                "users.html",
-                status=400,
-                report=None,
-                errors=[str(err) for err in e.errors],
-                page="users",
-            )
+            self.render_users(400, errors=[str(err) for err in e.errors])
+            return
+        except PrivilegedGroups as e:
+            self.render_users(400, errors=[str(e)], privileged=e.found)
             return
         except ActionRefused as e:
-            self.render_page("users.html", status=403, report=None, errors=[str(e)], page="users")
+            self.render_users(403, errors=[str(e)])
             return
-        self.render_page("users.html", report=report, errors=None, page="users")
+        self.render_users(report=report, privileged=report["privileged_groups"] or None)
+
+
+class UsersAuthorize(AdminPageHandler):
+    """GET `admin/users/authorize`: ask the hub (again) for this login, with the registration
+    scopes added; the hub grants them only to those who hold them (hub admins)."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        scopes = [*self.hub_auth.login_scopes, *REGISTRATION_SCOPES]
+        next_url = self.pages.prefix + "admin/users"
+        self.redirect(step_up_url(self, self.hub_auth, scopes, next_url))
+
+
+NO_REGISTRATION_RIGHTS = (
+    "registering users needs the hub's admin rights (admin:users, admin:groups, groups): "
+    "this login to the pages does not carry them; a hub admin allows it on this page first"
+)
+
+
+async def register_checked(
+    handler: BaseHandler, data: bytes, *, dry_run: bool, confirmed: bool
+) -> dict[str, Any]:
+    """Register the file's users with the admin's own token, refusing privileged groups the
+    admin has not confirmed (a dry run reports them)."""
+    registration = parse_csv(data)
+    token = handler.hub_auth.get_token(handler)
+    pages = handler.pages
+    hub = HubClient(pages.hub.api_url, token, retries=0)
+    try:
+        found = await privileged_groups(hub, registration, pages.settings.privileged_groups)
+    finally:
+        hub.close()
+    if found and not dry_run and not confirmed:
+        raise PrivilegedGroups(found)
+    report = await pages.register_users(data, handler.user_name, token, dry_run=dry_run)
+    if found and not dry_run:
+        log.warning(
+            "gpuhub: %s added users to privileged groups (confirmed): %s",
+            handler.user_name,
+            ", ".join(found),
+        )
+    return {**report, "privileged_groups": found}
 
 
 # -- JSON API ------------------------------------------------------------------------------------
@@ -394,7 +451,8 @@ class QuotaApi(AdminApiHandler):
 
 
 class UsersImportApi(AdminApiHandler):
-    """POST `api/admin/users/import[?dry_run=1]` with the CSV file as the body."""
+    """POST `api/admin/users/import[?dry_run=1][&allow_privileged_groups=1]` with the CSV file as
+    the body (the token's own rights register them)."""
 
     @web.authenticated
     async def post(self) -> None:
@@ -404,10 +462,14 @@ class UsersImportApi(AdminApiHandler):
                 413, "csv: larger than %d bytes", self.pages.settings.max_upload_bytes
             )
         dry_run = self.get_query_argument("dry_run", "0") in ("1", "true", "yes")
+        confirmed = self.get_query_argument("allow_privileged_groups", "0") in ("1", "true", "yes")
         try:
-            report = await self.pages.register_users(
-                data, self.user_name, self.hub_auth.get_token(self), dry_run=dry_run
+            report = await register_checked(self, data, dry_run=dry_run, confirmed=confirmed)
+        except PrivilegedGroups as e:
+            self.write_json(
+                {"status": 400, "message": str(e), "privileged_groups": e.found}, status=400
             )
+            return
         except RegistrationError as e:
             self.set_status(400)
             self.write_json(

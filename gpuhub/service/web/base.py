@@ -21,6 +21,7 @@ from markupsafe import Markup
 from tornado import web
 
 from .context import ActionRefused, Pages
+from .oauth import HUB_ADMIN_SCOPE
 from .snapshots import SnapshotError
 from .sparkline import sparkline_svg
 
@@ -201,11 +202,16 @@ def error_message(status_code: int, exc_info: Any) -> str:
 
 
 def is_admin(user: dict[str, Any] | None, settings: Any) -> bool:
+    """A gpuhub admin: the token (or OAuth login) carries gpuhub's admin scope, or, for a hub
+    admin (`hub_admins_are_admins`), the hub's `admin-ui` scope. The `admin` flag of the user
+    model alone never is enough: it is the person's, not the token's (a hub admin's token made
+    for a script with a few scopes would otherwise administer gpuhub)."""
     if not user:
         return False
-    if settings.admin_scope in (user.get("scopes") or ()):
+    scopes = user.get("scopes") or ()
+    if settings.admin_scope in scopes:
         return True
-    return bool(settings.hub_admins_are_admins and user.get("admin"))
+    return bool(settings.hub_admins_are_admins and user.get("admin") and HUB_ADMIN_SCOPE in scopes)
 
 
 class ApiHandler(BaseHandler):

@@ -26,8 +26,10 @@ class GpuhubPages(Configurable):
     hub_admins_are_admins = Bool(
         True,
         config=True,
-        help="""Hub admins are gpuhub admins too. (JupyterHub does not let a deployment add
-        scopes to its `admin` role, so the pages check the user's `admin` flag as well.)""",
+        help="""Hub admins are gpuhub admins too, when their token carries the hub's `admin-ui`
+        scope (JupyterHub does not let a deployment add scopes to its `admin` role; the pages ask
+        for `admin-ui` at login). The `admin` flag alone is never enough: a hub admin's token
+        with fewer scopes is not a gpuhub admin's.""",
     )
 
     allowed_registries = List(
@@ -35,7 +37,9 @@ class GpuhubPages(Configurable):
         default_value=list(DEFAULT_REGISTRIES),
         config=True,
         help="""Registries (or registry/namespace prefixes, such as `quay.io/gpuhub`) that
-        environments registered at runtime may take their images from. `*` allows any.""",
+        environments registered at runtime may take their images from. Empty (the default): no
+        image can be set at runtime, only the catalogue file's. `*` allows any registry (every
+        user's next server may then run any public image a gpuhub admin names).""",
     )
 
     check_local_python = Bool(
@@ -81,6 +85,15 @@ class GpuhubPages(Configurable):
 
     history_limit = Int(
         50, config=True, help="Releases and stops shown in a user's history and the admin's."
+    )
+
+    privileged_groups = List(
+        Unicode(),
+        default_value=["gpuhub-admins", "hub-admins", "admins"],
+        config=True,
+        help="""Groups that give their members rights (besides every group bound to a hub role
+        other than `user`, read from the hub). Registering users into one of them from a CSV
+        file is refused unless the admin confirms it (`allow_privileged_groups`).""",
     )
 
     max_upload_bytes = Int(

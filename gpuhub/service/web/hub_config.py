@@ -7,9 +7,10 @@
 - the custom scope `custom:gpuhub:admin` is defined and granted to `admin_groups` (hub admins
   are gpuhub admins too: JupyterHub does not let a deployment add scopes to its `admin` role, so
   the pages also check the user's `admin` flag);
-- the service asks for that scope in the OAuth tokens of the people using its pages, and for the
-  scopes that registering users takes (the hub grants each person only what they hold: only hub
-  admins can register users);
+- the service may ask for that scope (and the hub's `admin-ui`, which marks a hub admin) in the
+  OAuth tokens of the people using its pages, and for the scopes that registering users takes;
+  it asks for the latter only when a hub admin registers users (`oauth.py`), and the hub grants
+  each person only what they hold;
 - the service is listed in the hub's Services menu, and the hub's navigation bar links the pages
   (gpuhub's `templates/hub/page.html`).
 """
@@ -21,19 +22,9 @@ from typing import Any
 
 from ... import paths
 from .config import ADMIN_SCOPE
+from .oauth import HUB_ADMIN_SCOPE, REGISTRATION_SCOPES
 
 ADMIN_ROLE = "gpuhub-admins"
-
-#: The scopes of registering users and groups from the admin page (held by hub admins).
-REGISTRATION_SCOPES = (
-    "admin:users",
-    "admin:groups",
-    "groups",
-    "list:users",
-    "read:users",
-    "list:groups",
-    "read:groups",
-)
 
 
 def hub_templates() -> str:
@@ -51,7 +42,9 @@ def configure_pages(
     """Configure the hub (`c`) and the service's entry of `c.JupyterHub.services` (`service`)."""
     service["display"] = True
     service["oauth_no_confirm"] = True
-    service["oauth_client_allowed_scopes"] = [ADMIN_SCOPE, *REGISTRATION_SCOPES]
+    # What the pages may ask for; they ask at login only for the first two (`oauth.py`), the
+    # registration scopes only when a hub admin registers users.
+    service["oauth_client_allowed_scopes"] = [ADMIN_SCOPE, HUB_ADMIN_SCOPE, *REGISTRATION_SCOPES]
     c.JupyterHub.custom_scopes.update(
         {
             ADMIN_SCOPE: {

@@ -12,13 +12,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
 
 from ...registration import Plan, Registration, RegistrationError, parse_csv, plan
 from ..hubapi import PAGINATION, HubAPIError, HubClient
+
+log = logging.getLogger("gpuhub.service")
 
 BATCH = 200
 
@@ -81,6 +85,41 @@ async def apply(hub: HubClient, todo: Plan) -> None:
         )
 
 
+#: Roles every user holds: a group bound to one of them gives nothing more.
+UNPRIVILEGED_ROLES = frozenset({"user"})
+
+
+async def privileged_groups(
+    hub: HubClient, registration: Registration, configured: Iterable[str]
+) -> dict[str, str]:
+    """The groups of the file that give their members rights, and why: listed in `configured`,
+    or bound to a hub role other than `user` (the group model's `roles`, read with
+    `read:roles`; without it, the listed ones only)."""
+    wanted = set(registration.groups)
+    found = {g: "a privileged group of this site" for g in sorted(wanted & set(configured))}
+    try:
+        groups = await _all(hub, "/groups")
+    except HubAPIError as e:
+        log.warning("gpuhub: cannot read the hub's groups (%s %s)", e.status, e.message)
+        groups = []
+    for group in groups:
+        name = group.get("name")
+        if name not in wanted:
+            continue
+        roles = [r for r in group.get("roles") or () if r not in UNPRIVILEGED_ROLES]
+        if roles:
+            found[name] = f"bound to the hub role {', '.join(map(repr, sorted(roles)))}"
+    return dict(sorted(found.items()))
+
+
+def privileged_refusal(found: dict[str, str]) -> str:
+    listed = "; ".join(f"{group} ({why})" for group, why in found.items())
+    return (
+        f"groups: the file adds users to privileged groups: {listed}. Nothing was changed; "
+        "confirm with allow_privileged_groups to register them anyway"
+    )
+
+
 def summary(todo: Plan, dry_run: bool) -> str:
     memberships = sum(len(m) for m in todo.add_members.values())
     verb = "would create" if dry_run else "created"
@@ -100,6 +139,14 @@ async def register(hub: HubClient, registration: Registration, *, dry_run: bool)
 
 
 # -- gpuhub users import FILE.csv ----------------------------------------------------------------
+
+CLI_PRIVILEGED_GROUPS = ("gpuhub-admins", "hub-admins", "admins")
+
+
+class PrivilegedGroups(Exception):
+    def __init__(self, found: dict[str, str]) -> None:
+        self.found = found
+        super().__init__(privileged_refusal(found))
 
 
 def main(argv: list[str]) -> int:
@@ -123,6 +170,12 @@ def main(argv: list[str]) -> int:
         "list:users, read:users, list:groups and read:groups (default: JUPYTERHUB_API_TOKEN)",
     )
     imp.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
+    imp.add_argument(
+        "--allow-privileged-groups",
+        action="store_true",
+        help="also add users to groups that give rights (bound to a hub role other than `user`, "
+        "or named gpuhub-admins, hub-admins, admins); refused without it",
+    )
     imp.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
 
@@ -146,7 +199,11 @@ def main(argv: list[str]) -> int:
     async def run() -> dict[str, Any]:
         hub = HubClient(args.hub_api, token)
         try:
-            return await register(hub, registration, dry_run=args.dry_run)
+            found = await privileged_groups(hub, registration, CLI_PRIVILEGED_GROUPS)
+            if found and not args.dry_run and not args.allow_privileged_groups:
+                raise PrivilegedGroups(found)
+            report = await register(hub, registration, dry_run=args.dry_run)
+            return {**report, "privileged_groups": found}
         finally:
             hub.close()
 
@@ -155,6 +212,12 @@ def main(argv: list[str]) -> int:
     except HubAPIError as e:
         print(f"gpuhub users: the hub refused: {e}", file=sys.stderr)
         return 1
+    except PrivilegedGroups as e:
+        print(
+            f"gpuhub users: {privileged_refusal(e.found)} (--allow-privileged-groups)",
+            file=sys.stderr,
+        )
+        return 1
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -162,4 +225,6 @@ def main(argv: list[str]) -> int:
         for key in ("create_users", "create_groups"):
             if report[key]:
                 print(f"  {key.replace('_', ' ')}: {', '.join(report[key])}")
+        for group, why in report["privileged_groups"].items():
+            print(f"  privileged group {group}: {why}")
     return 0

@@ -5,7 +5,9 @@ While one of the user's servers runs, the pages send it a command (`gpuhub.proto
 lists, deletes or chooses snapshots for its own user and reports the result; no credential goes
 to the server). While none runs, and only where the service sees the homes
 (`GpuhubPages.snapshot_home_template`, the local backend), the pages read the folder themselves
-with the same on-disk rules.
+with the same on-disk rules; the user may have planted
+links there, so only the home itself is trusted and nothing below it is followed
+(`gpuhub.snapshot_files`).
 """
 
 from __future__ import annotations
@@ -78,11 +80,14 @@ class SnapshotAccess:
         self.board = board
         self.settings = settings
 
-    def home_root(self, user: str) -> Path | None:
+    def home(self, user: str) -> Path | None:
+        """The user's home on the service's machine (None: not visible from here)."""
         template = self.settings.snapshot_home_template
         if not template:
             return None
-        return Path(template.replace("{username}", user)) / self.settings.snapshot_dir
+        if not user or "/" in user or "\0" in user or user in (".", ".."):
+            raise SnapshotError(400, f"user: not a user name for a home folder: {user!r}")
+        return Path(template.replace("{username}", user))
 
     @staticmethod
     def running(servers: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]] | None:
@@ -113,9 +118,18 @@ class SnapshotAccess:
                 "items": [_entry(i, name) for i in items],
                 "note": "",
             }
-        root = self.home_root(user)
-        if root is not None:
-            items = await asyncio.to_thread(files.list_folder, root)
+        home = self.home(user)
+        if home is not None:
+            root = home / self.settings.snapshot_dir
+            try:
+                items = await asyncio.to_thread(files.list_folder, root, home)
+            except ValueError as e:
+                return {
+                    "available": False,
+                    "source": "home",
+                    "items": [],
+                    "note": f"Your snapshots cannot be listed: {e}",
+                }
             return {
                 "available": True,
                 "source": "home",
@@ -135,8 +149,9 @@ class SnapshotAccess:
             args = {"key": check_key(key), "name": check_name(name)}
             await self._command(user, running[0], protocol.SNAPSHOTS_DELETE, args)
             return
-        root = self._root_or_refuse(user)
-        await asyncio.to_thread(_in_folder, files.delete, root, key, name)
+        home = self._home_or_refuse(user)
+        root = home / self.settings.snapshot_dir
+        await asyncio.to_thread(_in_folder, files.delete, root, key, name, home)
 
     async def restore_next(
         self, user: str, servers: Mapping[str, Any], key: str, name: str | None
@@ -146,14 +161,15 @@ class SnapshotAccess:
             args = {"key": check_key(key), "name": None if name is None else check_name(name)}
             await self._command(user, running[0], protocol.SNAPSHOTS_RESTORE_NEXT, args)
             return
-        root = self._root_or_refuse(user)
-        await asyncio.to_thread(_in_folder, files.pin, root, key, name)
+        home = self._home_or_refuse(user)
+        root = home / self.settings.snapshot_dir
+        await asyncio.to_thread(_in_folder, files.pin, root, key, name, home)
 
-    def _root_or_refuse(self, user: str) -> Path:
-        root = self.home_root(user)
-        if root is None:
+    def _home_or_refuse(self, user: str) -> Path:
+        home = self.home(user)
+        if home is None:
             raise SnapshotError(409, "start one of your servers first: your snapshots live there")
-        return root
+        return home
 
     async def _command(self, user: str, server: str, kind: str, args: dict[str, Any]) -> Any:
         """Have the user's running server carry out `kind`; its result's data, or
