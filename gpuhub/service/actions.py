@@ -261,16 +261,24 @@ class Executor:
                 self.run_for(server.key, self.act(action, server))
 
     def close_abandoned(
-        self, actions: Iterable[Action], running: Mapping[tuple[str, str], RunningServer]
+        self,
+        actions: Iterable[Action],
+        running: Mapping[tuple[str, str], RunningServer],
+        undecided: Iterable[tuple[str, str]] = (),
     ) -> None:
         """Close open rows that changed nothing on the server and that this cycle's decisions do
-        not take up again (same server run, same kind of action)."""
+        not take up again (same server run, same kind of action). Servers in `undecided` (their
+        GPUs' activity or their report not known yet, e.g. just after a restart of the service)
+        keep their rows for a later cycle."""
+        undecided = set(undecided)
         decided = {
             ((a.user, a.server), notices.kind_of(a)) for a in actions if not isinstance(a, Warn)
         }
         for row in self.ledger.open_rows():
             key = (row.user, row.server)
             if row.status not in ("planned", "snapshotting", "snapshotted") or self.busy(key):
+                continue
+            if key in undecided:
                 continue
             server = running.get(key)
             if (

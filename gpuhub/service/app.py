@@ -665,7 +665,8 @@ class GpuhubService(Application):
             limits = self.learning.update(views, now, self.policy_rules.gpu_idle_timeout)
         actions = policy.decide(views, demand_from(queued, pool), now, self.policy_rules, limits)
         if not self.dry_run:
-            self.executor.close_abandoned(actions, by_key)
+            undecided = [v.key for v in views if not v.status_readable or v.gpu_unknown()]
+            self.executor.close_abandoned(actions, by_key, undecided)
         self.executor.submit(actions, by_key)
         self.ledger.prune(run_key(s) for s in running)
         self.update_metrics(views, pool, queued, now)

@@ -73,6 +73,8 @@ def post(body, server="", token=TOKEN, wait=0):
 
 
 def forge():
+    while post({"version": 1, "status": status()})[0] != 200:  # the service is up
+        time.sleep(0.5)
     codes = {}
     codes["huge"] = post(b'{"version": 1, "status": {"x": "' + b"x" * (2 * 1024 * 1024) + b'"}}')[0]
     doc = json.dumps({"version": 1, "status": status()}).replace('"busy": true', '"busy": Infinity')
