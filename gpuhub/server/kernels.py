@@ -21,7 +21,7 @@ from typing import Any
 from jupyter_client.asynchronous import AsyncKernelClient
 
 from .. import snapshot as core
-from . import kernel_side
+from . import kernel_io, kernel_side
 
 RESULT = f"__import__('sys').modules[{kernel_side.MODULE!r}].last_json"
 
@@ -31,9 +31,10 @@ class KernelCommandError(Exception):
 
 
 @cache
-def _sources() -> tuple[str, str]:
+def _sources() -> tuple[str, str, str]:
     return (
         Path(core.__file__).read_text(encoding="utf-8"),
+        Path(kernel_io.__file__).read_text(encoding="utf-8"),
         Path(kernel_side.__file__).read_text(encoding="utf-8"),
     )
 
@@ -41,7 +42,7 @@ def _sources() -> tuple[str, str]:
 def bootstrap(config: dict[str, Any]) -> str:
     """Code that (re)loads gpuhub's kernel-side modules and configures them, leaving no name
     behind in the user's namespace."""
-    core_source, kernel_source = _sources()
+    core_source, io_source, kernel_source = _sources()
     boot = (
         "import sys, types, hashlib\n"
         "def load(name, source):\n"
@@ -57,6 +58,7 @@ def bootstrap(config: dict[str, Any]) -> str:
         "        module.adopt(old)  # another version was loaded: take over its state\n"
         "    return module\n"
         f"load({kernel_side.CORE_MODULE!r}, {core_source!r})\n"
+        f"load({kernel_side.IO_MODULE!r}, {io_source!r})\n"
         f"load({kernel_side.MODULE!r}, {kernel_source!r}).configure(**{config!r})\n"
     )
     return f"exec(compile({boot!r}, '<gpuhub>', 'exec'), {{}})"
