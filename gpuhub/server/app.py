@@ -219,8 +219,11 @@ class GpuhubExtension(ExtensionApp):
         await asyncio.to_thread(self.monitor.tick)
         if not self.report_activity:
             return
-        status = self.monitor.status(
-            time.time(), self.kernel_models(), self.external_processes_count_as_busy
+        status = await asyncio.to_thread(  # /proc reads: off the event loop
+            self.monitor.status,
+            time.time(),
+            self.kernel_models(),
+            self.external_processes_count_as_busy,
         )
         if status["busy"]:
             now = datetime.now(timezone.utc)
