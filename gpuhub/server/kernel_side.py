@@ -925,9 +925,9 @@ def _reuse(
     out = io_.ChecksumFile(None, None)
     try:
         pickler = _dump(pickler_class, out, name, value, refs, dry)
-    except _Changed:
-        return None
-    except (_NeedsDill, pickle.PicklingError, TypeError, AttributeError):
+    except _Unsaveable:
+        raise
+    except Exception:  # changed, or not comparable this way: written in full
         return None
     if (
         f"{out.crc:08x}" != old.checksum
