@@ -1,27 +1,36 @@
-"""Snapshot and restore throughput for large arrays, against a raw `numpy.save` / `torch.save`
-(and `numpy.load` / `torch.load`) of the same data, to the same disk, in the same kernel.
+"""Snapshot and restore throughput against a raw save and load of the same object (`numpy.save`
+/ `numpy.load`, `torch.save` / `torch.load`, `pandas.to_pickle` / `pandas.read_pickle`), to the
+same disk, in the same kernel.
 
 The kernel is a real ipykernel of the `pytorch` catalogue environment (`.envs/pytorch`), started
 the way the single-user server starts kernels: a notebook session through jupyter_server's
 `SessionManager` and `AsyncMappingKernelManager`. Snapshots and restores go through the
 extension's own `SnapshotManager` with the extension's default settings, so the kernel receives
-exactly the code the server sends (`kernels.bootstrap` + `run_snapshot` / `run_restore`): dill,
-one file per variable, fsync of every file and folder, the manifest, the atomic rename. The raw
-side is one silent cell in the same kernel that writes the same object with `numpy.save` (or
-`torch.save`) to a file next to the snapshots, then flushes and fsyncs it; loading assigns the
+exactly the code the server sends (`KernelClients.command` + `run_snapshot` / `run_restore`):
+the pickle stream and data file per variable, checksums, fsync of every file and folder, the
+manifest, the atomic rename. The raw side is one silent cell in the same kernel that writes the
+same object to a file next to the snapshots, then flushes and fsyncs it; loading assigns the
 loaded object to the same variable, as a restore does.
 
-For each kind and size, the user namespace holds just one variable (`data`: random float64 for
-numpy, float32 for torch), so a snapshot's bytes are that object's. Every figure is the wall time
-the caller waits (the request to the kernel included), the median of `--repeat` rounds after one
-round that is not counted; gpuhub goes first in even rounds and second in odd ones. Every restore
-and load is checked against the original's checksum.
+Objects (`--kinds`): `numpy` (random float64), `torch` (float32), `state_dict` (the weights and
+biases of a stack of linear layers), `tensors` (a dict of a thousand float32 tensors) and `pandas`
+(a frame of one int64 and four float64 columns), each of the given size. For each kind and size,
+the user namespace holds just one variable (`data`), so a snapshot's bytes are that object's.
+Every figure is the wall time the caller waits (the request to the kernel included), the median
+of `--repeat` rounds after one round that is not counted; gpuhub goes first in even rounds and
+second in odd ones. Every restore and load is checked against the original's checksum.
+
+Per operation the kernel's peak resident memory is measured from a reset (`/proc/self/clear_refs`
+5) to the end of the operation: "extra peak" is that peak less the memory before it, and for a
+restore or load (which start without the object) less the object it brings back. After each
+snapshot a second one of the unchanged kernel is taken ("unchanged again", and its share of the
+first one's time). Finally, per kernel, the median time of a snapshot request with nothing to
+save: the fixed cost of a request.
 
     .venv/bin/python benchmarks/snapshot_throughput.py                      # 10, 100, 1000 MB
     .venv/bin/python benchmarks/snapshot_throughput.py --sizes 1 --repeat 1  # a quick check
 
-The kernel needs up to three times the largest size in memory for a moment (restoring a tensor:
-the tensor being replaced, the bytes read, the storage built from them).
+The kernel needs up to twice the largest size in memory (the object and its raw load).
 """
 
 from __future__ import annotations
@@ -515,7 +524,9 @@ def _operation(r: Row, code: str = "") -> str:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:,.0f} MB"
+    """Memory beyond what the operation keeps; below zero (memory the process had already,
+    used again) shows as none."""
+    return f"{max(0, n) / 1e6:,.0f} MB"
 
 
 def _resave(r: Row) -> str:

@@ -319,7 +319,7 @@ async def _settles_idle(kernel: Any, within: float = 2.0) -> bool:
     while getattr(kernel, "execution_state", None) == "busy":
         if time.monotonic() >= deadline:
             return False
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.01)  # a request right after a cell: its "idle" is on its way
     return True
 
 
