@@ -789,7 +789,9 @@ def _write(
             try:
                 entry = None
                 if old is not None and old.type == type_name:
-                    entry = _reuse(core, picklers, tmp, previous[0], old, n, value, refs, workers)
+                    entry = _reuse(
+                        core, picklers, tmp, previous[0], old, i, n, value, refs, workers
+                    )
                 if entry is None:
                     entry = _save_one(core, picklers, vars_dir, i, n, value, refs, left, workers)
                     written += [os.path.join(tmp, f) for f in (entry.file, entry.data_file) if f]
@@ -900,14 +902,19 @@ def _reuse(
     tmp: str,
     previous: str,
     old: Any,
+    index: int,
     name: str,
     value: Any,
     refs: dict[int, Any],
     workers: Any,
 ) -> Any:
-    """The previous snapshot's files for `name` linked into this one when the variable is the
-    same as then (same pickle stream, same bytes in every buffer, compared by CRC-32 chunk by
-    chunk without writing anything); None when it changed or cannot be compared."""
+    """The previous snapshot's files for `name` linked into this one, under this snapshot's own
+    names for variable `index` (never a name another variable of this snapshot writes to), when
+    the variable is the same as then (same pickle stream, same bytes in every buffer, compared by
+    CRC-32 chunk by chunk without writing anything); None when it changed or cannot be
+    compared. A file written later is always a new file (`open` truncates a name, and no name
+    here is a link to an earlier snapshot's file but these), so the earlier snapshot's files are
+    never written to."""
     io_ = _io()
     pickler_class = picklers[0] if old.pickler == "pickle" else picklers[1]
     if pickler_class is None or old.bytes < REUSE_MIN_BYTES:
@@ -936,15 +943,19 @@ def _reuse(
         or dry.offset != old.data_bytes
     ):
         return None
-    targets = [os.path.join(tmp, f) for f in (old.file, old.data_file) if f]
+    stream = f"{core.VARS_DIR}/{index:05d}.pkl"
+    data = f"{core.VARS_DIR}/{index:05d}.bin" if old.data_file else None
+    targets = [os.path.join(tmp, f) for f in (stream, data) if f]
     for source, target in zip(sources, targets, strict=True):
         try:
             os.link(source, target)
-        except OSError:
+        except OSError:  # a file system without hard links: a copy
             shutil.copyfile(source, target)
     return core.SavedVariable(
         **{
             **{f: getattr(old, f) for f in old.__dataclass_fields__},
+            "file": stream,
+            "data_file": data,
             "refs": tuple(sorted(pickler.used_refs)),
             "devices": tuple(sorted(pickler.devices)),
             "reused": old.reused or previous,

@@ -152,3 +152,35 @@ def test_snapshot_and_restore_take_little_memory_beyond_the_objects(tmp_path):
     allowed = got["size"] // 10 + 64 * 1024 * 1024
     for key in ("numpy_snapshot", "numpy_restore", "torch_snapshot", "torch_restore"):
         assert got[key] <= allowed, (key, got[key] / 1e6)
+
+
+REUSE = r"""
+import json, os, sys
+sys.path.insert(0, os.environ["REPO"])
+from gpuhub.server import kernel_side as ks
+import numpy as np
+
+ks.CONFIG.update(root=os.environ["ROOT"], key="reuse")
+x = list(range(10))
+big = np.arange(1_000_000, dtype=np.float64)  # 8 MB
+first = ks.snapshot()
+del x  # `big` moves to the first place, and a new variable takes the second
+y = np.ones(500_000)
+second = ks.snapshot()
+report_first = ks.restore(first["name"])
+report_second = ks.restore(second["name"])
+entry = {v["name"]: v for v in second["saved"]}
+print(json.dumps({
+    "reused": entry["big"]["reused"] == first["name"],
+    "failed": [list(report_first.failed), list(report_second.failed)],
+    "big": float(big.sum()),
+    "y": float(y.sum()),
+}))
+"""
+
+
+def test_a_reused_file_is_never_written_over_by_another_variable(tmp_path):
+    got = _run(REUSE, tmp_path)
+    assert got["reused"]
+    assert got["failed"] == [[], []]  # both snapshots' files still match their checksums
+    assert got["big"] == sum(range(1_000_000)) and got["y"] == 500_000
