@@ -304,6 +304,7 @@ class Bench:
         self.snapshots = SnapshotManager(self.km, self.sessions, settings)
         self.kernel_id = ""
         self.client: Any = None
+        self.cold = False  # evict the files from the page cache before each restore and load
 
     async def start(self) -> None:
         if not KERNEL_PYTHON.exists():
@@ -424,6 +425,8 @@ class Bench:
                 )
         for way in (first, "raw" if first == "gpuhub" else "gpuhub"):
             await self.helper("drop")
+            if self.cold:
+                evict(Path(result["path"]) if way == "gpuhub" else path)
             if way == "gpuhub":
 
                 async def gpuhub_load() -> float:
@@ -455,8 +458,20 @@ class Bench:
         return statistics.median(times)
 
 
+def evict(path: Path) -> None:
+    """Drop a file's (or a folder's files') pages from the page cache, as if written long ago:
+    the next read comes from the disk. Only these files; nothing else of the machine's cache."""
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 async def measure(
-    workdir: Path, sizes_mb: list[float], kinds: list[str], repeat: int
+    workdir: Path, sizes_mb: list[float], kinds: list[str], repeat: int, cold: bool = False
 ) -> tuple[list[Row], dict[str, float]]:
     """Rows for every kind and size (ascending), one fresh kernel per kind; and per kind, the
     median time of a snapshot request on that idle kernel with nothing to save."""
@@ -464,6 +479,7 @@ async def measure(
     fixed: dict[str, float] = {}
     for kind in kinds:
         bench = Bench(workdir / kind)
+        bench.cold = cold
         await bench.start()
         try:
             # Warm-up: gpuhub's modules loaded into the kernel, the saving paths imported.
@@ -588,6 +604,11 @@ def main() -> int:
     parser.add_argument(
         "--dir", type=Path, help="where snapshots and raw files go (default: a temporary folder)"
     )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="restore and load from the disk: the files' pages dropped from the page cache first",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args()
@@ -595,7 +616,7 @@ def main() -> int:
         parser.error("--repeat and --sizes must be positive")
     workdir = Path(tempfile.mkdtemp(prefix="gpuhub-snapshot-bench-", dir=args.dir))
     try:
-        rows, fixed = asyncio.run(measure(workdir, args.sizes, args.kinds, args.repeat))
+        rows, fixed = asyncio.run(measure(workdir, args.sizes, args.kinds, args.repeat, args.cold))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
