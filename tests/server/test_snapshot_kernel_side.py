@@ -184,3 +184,32 @@ def test_a_reused_file_is_never_written_over_by_another_variable(tmp_path):
     assert got["reused"]
     assert got["failed"] == [[], []]  # both snapshots' files still match their checksums
     assert got["big"] == sum(range(1_000_000)) and got["y"] == 500_000
+
+
+FORMAT_1 = r"""
+import json, os, sys
+sys.path.insert(0, os.environ["REPO"])
+from gpuhub.server import kernel_side as ks
+import dill, numpy as np
+
+ks.CONFIG.update(root=os.environ["ROOT"], key="old")
+name = "20260101T000000.000000Z"
+folder = os.path.join(os.environ["ROOT"], "old", name)
+os.makedirs(os.path.join(folder, "vars"))
+with open(os.path.join(folder, "vars", "00000.pkl"), "wb") as f:
+    dill.dump({"a": np.arange(5)}, f)
+manifest = {"format": 1, "key": "old", "name": name, "created": 1767225600.0,
+            "saved": [{"name": "old", "type": "builtins.dict", "kind": "pickle", "bytes": 1,
+                       "file": "vars/00000.pkl", "module": None, "refs": [], "devices": []}],
+            "skipped": []}
+with open(os.path.join(folder, "manifest.json"), "w") as f:
+    json.dump(manifest, f)
+report = ks.restore()
+print(json.dumps({"restored": list(report.restored), "failed": list(report.failed),
+                  "value": old["a"].tolist()}))
+"""
+
+
+def test_a_snapshot_of_the_first_format_is_still_restored(tmp_path):
+    got = _run(FORMAT_1, tmp_path)
+    assert got == {"restored": ["old"], "failed": [], "value": [0, 1, 2, 3, 4]}
