@@ -594,6 +594,44 @@ def markdown(rows: list[Row], fixed: dict[str, float] | None = None) -> str:
     return out
 
 
+def plot(rows: list[Row], path: Path) -> Path:
+    """gpuhub's speed relative to the raw save and load, per object and size: snapshots left,
+    restores right, with the 0.8 and 1.0 lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(r.kind for r in rows))
+    sizes = sorted({round(r.nbytes / 1e6, -1) or r.nbytes / 1e6 for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    width = 0.8 / max(1, len(sizes))
+    for ax, op, title in zip(axes, OPS, ("snapshot / raw save", "restore / raw load"), strict=True):
+        for j, size in enumerate(sizes):
+            values = []
+            for kind in kinds:
+                match = [
+                    r
+                    for r in rows
+                    if r.kind == kind
+                    and r.op == op
+                    and (round(r.nbytes / 1e6, -1) or r.nbytes / 1e6) == size
+                ]
+                values.append(match[0].ratio if match else 0.0)
+            positions = [i + (j - (len(sizes) - 1) / 2) * width for i in range(len(kinds))]
+            ax.bar(positions, values, width, label=_size(int(size * 1e6)))
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(0.8, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(kinds)), kinds)
+        ax.set_title(title)
+    axes[0].set_ylabel("gpuhub speed / raw speed (same run)")
+    axes[1].legend(title="object size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -611,14 +649,30 @@ def main() -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--plot", type=Path, help="also draw the ratios into this PNG file")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="read the results of an earlier --json run instead of measuring",
+    )
     args = parser.parse_args()
     if args.repeat < 1 or any(s <= 0 for s in args.sizes):
         parser.error("--repeat and --sizes must be positive")
-    workdir = Path(tempfile.mkdtemp(prefix="gpuhub-snapshot-bench-", dir=args.dir))
-    try:
-        rows, fixed = asyncio.run(measure(workdir, args.sizes, args.kinds, args.repeat, args.cold))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    if args.results:
+        saved = json.loads(args.results.read_text())
+        fields = Row.__dataclass_fields__
+        rows = [Row(**{k: v for k, v in r.items() if k in fields}) for r in saved["rows"]]
+        fixed = saved["fixed_cost_s"]
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="gpuhub-snapshot-bench-", dir=args.dir))
+        try:
+            rows, fixed = asyncio.run(
+                measure(workdir, args.sizes, args.kinds, args.repeat, args.cold)
+            )
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.plot:
+        plot(rows, args.plot)
     if args.json:
         print(json.dumps({"rows": [r.to_dict() for r in rows], "fixed_cost_s": fixed}, indent=1))
     elif args.markdown:
