@@ -69,6 +69,8 @@ def test_snapshot_throughput_against_numpy_and_torch(tmp_path):
     ]
     assert "| torch | 2 MB | restore vs `torch.load` |" in bench.markdown(rows)
     assert "| pandas | 2 MB | snapshot vs `pandas.to_pickle` |" in bench.markdown(rows)
+    drawn = bench.plot(rows, tmp_path / "ratios.png")
+    assert drawn.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def bench_ops() -> tuple[str, str]:
