@@ -225,6 +225,12 @@ class KernelClients:
         try:
             await _drain(client)
             return await _execute(kernel, client, code, timeout)
+        except KernelCommandError:
+            self.forget(kernel_id)
+            raise
+        except Exception as e:  # the client was closed under us: a restart or a shutdown
+            self.forget(kernel_id)
+            raise KernelCommandError(f"the connection to the kernel failed: {e!r}") from None
         except BaseException:
             self.forget(kernel_id)
             raise
