@@ -128,12 +128,6 @@ class GpuMonitor:
             for sample in samples:
                 self._record(uuid, sample, now)
 
-    def readings(self, uuid: str) -> int:
-        """How many readings of a GPU are kept."""
-        with self._lock:
-            tracker = self._trackers.get(uuid)
-            return len(tracker.samples) if tracker else 0
-
     # -- event loop -----------------------------------------------------------------------------
 
     def activities(self, now: float) -> dict[str, idle.Activity]:
