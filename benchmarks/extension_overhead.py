@@ -36,6 +36,7 @@ as it is.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -47,7 +48,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,7 @@ class Measurement:
     ticks: int
     tick_cpu_s: float  # inside GpuMonitor.tick (worker thread CPU time)
     processes_on_machine: int  # what a /proc scan walks
+    max_loop_lag_ms: float = 0.0  # the longest the event loop was late for a 50 ms timer
 
     @property
     def core_pct(self) -> float:
@@ -140,9 +141,18 @@ def child(spec: dict[str, Any]) -> None:
     monitor = extension.monitor
     if spec["history"] == "full":
         fill_history(monitor, spec["uuids"], spec["interval"])
-    marks: dict[str, Any] = {}
+    marks: dict[str, Any] = {"lag": 0.0, "measuring": False}
+
+    async def probe() -> None:
+        """How late the event loop runs a 50 ms timer: what a blocked loop makes users wait."""
+        while True:
+            asked = time.perf_counter()
+            await asyncio.sleep(0.05)
+            if marks["measuring"]:
+                marks["lag"] = max(marks["lag"], time.perf_counter() - asked - 0.05)
 
     def start() -> None:
+        marks["measuring"] = True
         marks.update(
             cpu=time.process_time(),
             wall=time.perf_counter(),
@@ -161,10 +171,12 @@ def child(spec: dict[str, Any]) -> None:
             ticks=monitor.ticks - marks["ticks"],
             tick_cpu_s=monitor.tick_cpu_s - marks["tick_cpu"],
             processes_on_machine=sum(1 for e in os.listdir("/proc") if e.isdigit()),
+            max_loop_lag_ms=1000 * marks["lag"],
         )
         Path(spec["out"]).write_text(json.dumps(asdict(result)))
         app.stop()
 
+    app.io_loop.add_callback(lambda: asyncio.ensure_future(probe()))
     app.io_loop.call_later(spec["warmup"], start)
     app.io_loop.call_later(spec["warmup"] + spec["seconds"], stop)
     app.start()
@@ -172,20 +184,18 @@ def child(spec: dict[str, Any]) -> None:
 
 def fill_history(monitor: Any, uuids: list[str], interval: float) -> None:
     """The readings `monitor` would hold after sampling for its whole `history_s`: one every
-    `interval` seconds, 10 minutes busy and 20 idle in turn. (The monitor has no way to be
-    given readings; its history is written directly, under its lock.)"""
+    `interval` seconds, 10 minutes busy and 20 idle in turn, given to it as ticks would."""
     from gpuhub import idle
 
     now = time.time()
     count = int(monitor.history_s // interval)
-    with monitor._lock:
-        for uuid_ in uuids:
-            history = monitor._history.setdefault(uuid_, deque())
-            history.clear()
-            for k in range(count, 0, -1):
-                t = now - k * interval
-                busy = (t // 60) % 30 < 10
-                history.append(idle.Sample(t, 60.0 if busy else 0.0, 30.0 if busy else 0.0))
+    for uuid_ in uuids:
+        samples = []
+        for k in range(count, 0, -1):
+            t = now - k * interval
+            busy = (t // 60) % 30 < 10
+            samples.append(idle.Sample(t, 60.0 if busy else 0.0, 30.0 if busy else 0.0))
+        monitor.record(uuid_, samples, now)
 
 
 # -- the driver -------------------------------------------------------------------------------
@@ -310,7 +320,7 @@ def _ms(value: float | None) -> str:
 def table(rows: list[Row], seconds: float) -> str:
     head = (
         f"{'GPUs':>5}{'interval s':>12}{'history':>9}{'ticks':>7}{'tick CPU ms':>13}"
-        f"{'cycle CPU ms':>14}{'process % core':>16}{'sampling % core':>17}"
+        f"{'cycle CPU ms':>14}{'process % core':>16}{'sampling % core':>17}{'loop lag ms':>13}"
     )
     lines = [
         f"extension sampling overhead: {seconds:g} s of wall time per row, one process each",
@@ -325,6 +335,7 @@ def table(rows: list[Row], seconds: float) -> str:
         lines.append(
             f"{m.gpus:>5}{interval:>12}{m.history:>9}{m.ticks:>7}{_ms(r.tick_cpu_ms):>13}"
             f"{_ms(r.cycle_cpu_ms if m.interval_s else None):>14}{m.core_pct:>16.3f}{net:>17}"
+            f"{m.max_loop_lag_ms:>13.1f}"
         )
     processes = rows[-1].measurement.processes_on_machine
     lines.append(f"(processes on the machine, walked by each /proc scan: about {processes})")
@@ -334,20 +345,22 @@ def table(rows: list[Row], seconds: float) -> str:
 def markdown(rows: list[Row]) -> str:
     lines = [
         "| GPUs | sample interval | history | ticks | CPU per tick (worker) "
-        "| CPU per cycle (process) | process, % of a core | sampling, % of a core |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| CPU per cycle (process) | process, % of a core | sampling, % of a core "
+        "| longest event-loop delay |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         m = r.measurement
         if m.interval_s is None:
             lines.append(
                 f"| {m.gpus} | off (baseline) | {m.history} | {m.ticks} | - | - "
-                f"| {m.core_pct:.3f} | - |"
+                f"| {m.core_pct:.3f} | - | {m.max_loop_lag_ms:.1f} ms |"
             )
             continue
         lines.append(
             f"| {m.gpus} | {m.interval_s:g} s | {m.history} | {m.ticks} | {_ms(r.tick_cpu_ms)} ms "
-            f"| {_ms(r.cycle_cpu_ms)} ms | {m.core_pct:.3f} | {r.net_pct:.3f} |"
+            f"| {_ms(r.cycle_cpu_ms)} ms | {m.core_pct:.3f} | {r.net_pct:.3f} "
+            f"| {m.max_loop_lag_ms:.1f} ms |"
         )
     return "\n".join(lines)
 

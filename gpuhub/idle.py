@@ -43,8 +43,10 @@ Defaults, and why:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 BUSY = "busy"
 IDLE = "idle"
@@ -205,3 +207,137 @@ def activity(samples: Sequence[Sample], rule: IdleRule, now: float) -> Activity:
     if state != IDLE:
         return Activity(state=state, busy_fraction=fraction, idle_since=None)
     return Activity(state=IDLE, busy_fraction=fraction, idle_since=idle_since(segs, rule))
+
+
+class ActivityTracker:
+    """`activity()` of one GPU kept up to date one reading at a time, for a sampler that keeps
+    the readings of the last `keep_s` seconds: each reading costs a constant amount of work,
+    and asking for the activity costs what the merged stretches in the last `window_s` (and,
+    for `idle_since`, the short busy spikes back to the start of the idle period) cost, not the
+    number of readings kept. The answers are `activity(readings kept, rule, now)`'s.
+
+    Readings are expected in time order; one older than the latest makes the tracker rebuild
+    its stretches from the readings it keeps (a clock that stepped back)."""
+
+    def __init__(self, rule: IdleRule, keep_s: float) -> None:
+        self.rule = rule
+        self.keep_s = keep_s
+        self.samples: deque[Sample] = deque()
+        self._closed: deque[Segment] = deque()  # the readings before the latest, merged
+
+    def add(self, sample: Sample, now: float | None = None) -> None:
+        """Record a reading; readings older than `now - keep_s` are forgotten (now: the
+        reading's time when not given)."""
+        last = self.samples[-1] if self.samples else None
+        self.samples.append(sample)
+        if last is not None and sample.t < last.t:
+            self._rebuild()
+        elif last is not None:
+            self._close(last, sample.t)
+        self._prune((sample.t if now is None else now) - self.keep_s)
+
+    def _close(self, sample: Sample, next_t: float) -> None:
+        held_until = min(next_t, sample.t + self.rule.max_gap_s)
+        _merge(self._closed, sample.t, held_until, classify(sample, self.rule))
+        if held_until < next_t:
+            _merge(self._closed, held_until, next_t, UNKNOWN)
+
+    def _rebuild(self) -> None:
+        ordered = sorted(self.samples, key=lambda s: s.t)
+        self.samples = deque(ordered)
+        self._closed = deque()
+        for i in range(len(ordered) - 1):
+            self._close(ordered[i], ordered[i + 1].t)
+
+    def _prune(self, cutoff: float) -> None:
+        samples = self.samples
+        if not samples or samples[0].t >= cutoff:
+            return
+        while samples and samples[0].t < cutoff:
+            samples.popleft()
+        if not samples:
+            self._closed.clear()
+            return
+        first = samples[0].t
+        closed = self._closed
+        while closed and closed[0].end <= first:
+            closed.popleft()
+        if closed and closed[0].start < first:
+            closed[0] = Segment(first, closed[0].end, closed[0].state)
+
+    def activity(self, now: float) -> Activity:
+        samples = self.samples
+        if not samples:
+            return Activity(state=UNKNOWN, busy_fraction=None, idle_since=None)
+        last = samples[-1]
+        if now < last.t:  # asked about the past: the general computation
+            return activity(list(samples), self.rule, now)
+        closed = self._closed
+        tail: deque[Segment] = deque([closed[-1]]) if closed else deque()
+        held_until = min(now, last.t + self.rule.max_gap_s)
+        _merge(tail, last.t, held_until, classify(last, self.rule), keep_empty=True)
+        if held_until < now:
+            _merge(tail, held_until, now, UNKNOWN)
+        state = tail[-1].state if tail else UNKNOWN
+
+        def backwards() -> Iterator[Segment]:
+            yield from reversed(tail)
+            yield from islice(reversed(closed), 1, None)
+
+        fraction = self._busy_fraction(backwards(), now)
+        if state != IDLE:
+            return Activity(state=state, busy_fraction=fraction, idle_since=None)
+        return Activity(state=IDLE, busy_fraction=fraction, idle_since=self.idle_since(backwards()))
+
+    def _busy_fraction(self, segs: Iterator[Segment], now: float) -> float | None:
+        lo = now - self.rule.window_s
+        busy = known = 0.0
+        for seg in segs:
+            if seg.end <= lo:
+                break
+            if seg.state == UNKNOWN:
+                continue
+            length = max(0.0, min(seg.end, now) - max(seg.start, lo))
+            known += length
+            if seg.state == BUSY:
+                busy += length
+        if known > 0:
+            return busy / known
+        known_states = []
+        for s in reversed(self.samples):
+            if s.t < lo:
+                break
+            state = classify(s, self.rule)
+            if state != UNKNOWN:
+                known_states.append(state)
+        if not known_states:
+            return None
+        return sum(1 for s in known_states if s == BUSY) / len(known_states)
+
+    def idle_since(self, segs: Iterator[Segment]) -> float:
+        current = next(segs)
+        since = current.start
+        while True:
+            spike = next(segs, None)
+            before = next(segs, None) if spike is not None else None
+            if spike is None or before is None:
+                return since
+            if (
+                spike.state == BUSY
+                and spike.duration < self.rule.min_busy_s
+                and before.state == IDLE
+            ):
+                since = before.start
+            else:
+                return since
+
+
+def _merge(
+    out: deque[Segment], start: float, end: float, state: str, keep_empty: bool = False
+) -> None:
+    """`segments`' rule for adding a stretch: merged into the previous one when they touch and
+    are in the same state."""
+    if out and out[-1].state == state and out[-1].end >= start:
+        out[-1] = Segment(out[-1].start, max(out[-1].end, end), state)
+    elif end > start or keep_empty:
+        out.append(Segment(start, end, state))

@@ -21,7 +21,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-FORMAT = 1
+FORMAT = 2
+#: manifest formats this code restores: 1 (one dill pickle per variable) and 2 (a pickle stream
+#: and a data file of large buffers per variable, with checksums)
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 VARS_DIR = "vars"
 TMP_PREFIX = ".tmp-"
@@ -151,7 +154,14 @@ def human_bytes(n: int | float) -> str:
 class SavedVariable:
     """A variable in a snapshot. `kind` is "pickle" (its value, in `file`) or "module" (an
     imported module, imported again on restore). `refs` names other variables it refers to
-    (restored first); `devices` lists the GPU devices its tensors were on."""
+    (restored first); `devices` lists the GPU devices its tensors were on.
+
+    Format 2: `file` is a pickle stream of `file_bytes` bytes with CRC-32 `checksum` (8 hex
+    digits), written by `pickler` ("pickle": Python's C pickler, or "dill"); its large buffers
+    are in `data_file` (`data_bytes` bytes, one CRC-32 per 16 MiB chunk in `data_crcs`).
+    `bytes` is both files together. `reused` names the earlier snapshot whose identical files
+    were linked into this one instead of being written again (the files are this snapshot's
+    own all the same: removing the earlier snapshot does not affect them)."""
 
     name: str
     type: str
@@ -161,6 +171,13 @@ class SavedVariable:
     module: str | None = None
     refs: tuple[str, ...] = ()
     devices: tuple[str, ...] = ()
+    pickler: str = ""
+    file_bytes: int = 0
+    checksum: str | None = None
+    data_file: str | None = None
+    data_bytes: int = 0
+    data_crcs: str = ""
+    reused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -208,17 +225,24 @@ def manifest_from_dict(data: Mapping[str, Any]) -> Manifest:
     """A Manifest from its JSON form; ValueError naming the field when it is malformed."""
     if not isinstance(data, Mapping):
         raise ValueError("manifest: not an object")
-    if data.get("format") != FORMAT:
+    if data.get("format") not in READABLE_FORMATS:
         raise ValueError(f"manifest.format: unsupported {data.get('format')!r}")
+    # format 1 wrote every variable with dill, and did not say so
+    pickler = {"pickler": "dill"} if data.get("format") == 1 else {}
     try:
         saved = tuple(
             SavedVariable(
-                **{**v, "refs": tuple(v.get("refs", ())), "devices": tuple(v.get("devices", ()))}
+                **{
+                    **(pickler if v.get("kind") == "pickle" else {}),
+                    **v,
+                    "refs": tuple(v.get("refs", ())),
+                    "devices": tuple(v.get("devices", ())),
+                }
             )
             for v in data.get("saved", ())
         )
         skipped = tuple(SkippedVariable(**v) for v in data.get("skipped", ()))
-    except TypeError as e:
+    except (TypeError, AttributeError) as e:
         raise ValueError(f"manifest.saved/skipped: {e}") from None
     for name in ("key", "name"):
         if not isinstance(data.get(name), str):
@@ -235,6 +259,7 @@ def manifest_from_dict(data: Mapping[str, Any]) -> Manifest:
         skipped=skipped,
         limit_bytes=data.get("limit_bytes"),
         duration_s=float(data.get("duration_s", 0.0)),
+        format=int(data["format"]),
     )
 
 

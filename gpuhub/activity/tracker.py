@@ -44,8 +44,9 @@ def _reading(sample: GpuSample) -> idle.Sample:
     return idle.Sample(sample.at, util, mem)
 
 
-class ActivityTracker:
-    """Readings per (server, device), bounded by `history_s` and `max_devices`."""
+class TrustedActivity:
+    """Readings per (server, device), folded into run-length stretches as they come (memory grows
+    with changes of state, not with readings), bounded by `history_s` and `max_devices`."""
 
     def __init__(
         self, rule: idle.IdleRule, history_s: float = 4 * 3600.0, max_devices: int = 50000
@@ -156,9 +157,6 @@ class ActivityTracker:
         keep = set(keep)
         for key in [k for k in self._devices if k not in keep]:
             self._count -= len(self._devices.pop(key))
-
-    def keys(self) -> Sequence[ServerKey]:
-        return list(self._devices)
 
     def devices(self) -> Mapping[ServerKey, Sequence[str]]:
         return {k: sorted(v) for k, v in self._devices.items()}

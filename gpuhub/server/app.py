@@ -258,7 +258,9 @@ class GpuhubExtension(ExtensionApp):
     async def sample_once(self) -> None:
         await asyncio.to_thread(self.monitor.tick)
         kernels = self.kernel_models()
-        status = self.monitor.status(time.time(), kernels, self.external_processes_count_as_busy)
+        status = await asyncio.to_thread(  # /proc reads: off the event loop
+            self.monitor.status, time.time(), kernels, self.external_processes_count_as_busy
+        )
         if self.reporter is not None:
             self.reporter.note_status({**status, "kernels": kernels})
         if not self.report_activity:

@@ -2,7 +2,9 @@
 GPUs, and the status document served at `/api/gpuhub/status`.
 
 `GpuMonitor.tick` runs in a worker thread every few seconds; everything else reads what the last
-tick left, under a lock, on the server's event loop.
+tick left, under a lock, on the server's event loop. Each GPU's activity is kept up to date
+reading by reading (`idle.ActivityTracker`), so what the event loop does per status document does
+not grow with the history kept.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -84,7 +85,7 @@ class GpuMonitor:
         self.sampler = sampler or nvml.Sampler(selector(self.wanted))
         self.clock = clock
         self._lock = threading.Lock()
-        self._history: dict[str, deque[idle.Sample]] = {}
+        self._trackers: dict[str, idle.ActivityTracker] = {}
         self._poll: nvml.Poll | None = None
         self._holders: dict[int, set[int]] = {}
         self._scanned_at: float | None = None
@@ -108,22 +109,30 @@ class GpuMonitor:
         with self._lock:
             self._poll = poll
             for r in poll.readings:
-                history = self._history.setdefault(r.uuid, deque())
-                history.append(idle.Sample(r.t, r.util, r.mem_util))
-                while history and history[0].t < now - self.history_s:
-                    history.popleft()
+                self._record(r.uuid, idle.Sample(r.t, r.util, r.mem_util), now)
             if holders is not None:
                 self._holders, self._scanned_at = holders, now
         self.tick_cpu_s += time.thread_time() - cpu0
         self.ticks += 1
         return poll
 
+    def _record(self, uuid: str, sample: idle.Sample, now: float) -> None:
+        tracker = self._trackers.get(uuid)
+        if tracker is None:
+            tracker = self._trackers[uuid] = idle.ActivityTracker(self.rule, self.history_s)
+        tracker.add(sample, now)
+
+    def record(self, uuid: str, samples: list[idle.Sample], now: float) -> None:
+        """Add readings of one GPU taken elsewhere (in time order), as ticks would."""
+        with self._lock:
+            for sample in samples:
+                self._record(uuid, sample, now)
+
     # -- event loop -----------------------------------------------------------------------------
 
     def activities(self, now: float) -> dict[str, idle.Activity]:
         with self._lock:
-            histories = {uuid: list(h) for uuid, h in self._history.items()}
-        return {uuid: idle.activity(h, self.rule, now) for uuid, h in histories.items()}
+            return {uuid: t.activity(now) for uuid, t in self._trackers.items()}
 
     def status(
         self,

@@ -45,6 +45,8 @@ class SnapshotManager:
         self.settings = settings
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
+        #: one kernel client per kernel, kept between requests
+        self.clients = kernels.KernelClients()
         #: kernel id -> the last restore report (automatic or requested)
         self.restores: dict[str, dict[str, Any]] = {}
 
@@ -126,11 +128,12 @@ class SnapshotManager:
                 "status": "busy",
                 "error": "the kernel is running code; a snapshot would wait for it to finish",
             }
-        code = kernels.bootstrap(self._config(key, kernel_id, notebook))
-        code += "\n" + kernels.call("run_snapshot")
+        config = self._config(key, kernel_id, notebook)
         async with self._lock(kernel_id):
             try:
-                result = await kernels.run(kernel, code, self.settings.timeout_s)
+                result = await self.clients.command(
+                    kernel_id, kernel, config, kernels.call("run_snapshot"), self.settings.timeout_s
+                )
             except kernels.KernelCommandError as e:
                 return {**base, "status": "failed", "error": str(e)}
         if not isinstance(result, dict):
@@ -187,8 +190,8 @@ class SnapshotManager:
             elif latest is None or latest <= (
                 await asyncio.to_thread(self._restored_mark, key) or ""
             ):  # names sort by time: only a snapshot newer than the last restored one
-                code = kernels.bootstrap(self._config(key, kernel_id, notebook))
-                await self._quiet_run(kernel, code)  # the magics only: nothing to restore
+                # the magics only: nothing to restore
+                await self._quiet_run(kernel_id, self._config(key, kernel_id, notebook))
                 result = {**base, "status": "none", "snapshot": None}
                 self.restores[kernel_id] = {
                     **result,
@@ -198,12 +201,14 @@ class SnapshotManager:
                 return result
             else:
                 name = latest
-        code = kernels.bootstrap(self._config(key, kernel_id, notebook))
+        config = self._config(key, kernel_id, notebook)
         function = "run_auto_restore" if auto else "run_restore"
-        code += "\n" + kernels.call(function, name, notify)
+        code = kernels.call(function, name, notify)
         async with self._lock(kernel_id):
             try:
-                report = await kernels.run(kernel, code, self.settings.restore_timeout_s)
+                report = await self.clients.command(
+                    kernel_id, kernel, config, code, self.settings.restore_timeout_s
+                )
             except kernels.KernelCommandError as e:
                 return {**base, "status": "failed", "error": str(e)}
         status = _restore_status(report)
@@ -217,9 +222,14 @@ class SnapshotManager:
             await asyncio.to_thread(snapshot_files.pin, self.root, key, None)
         return result
 
-    async def _quiet_run(self, kernel: Any, code: str) -> None:
+    async def _quiet_run(self, kernel_id: str, config: dict[str, Any]) -> None:
+        """Load (or configure) the helpers in a kernel: its magics work from then on."""
+        kernel = self.kernel(kernel_id)
+        if kernel is None:
+            return
         try:
-            await kernels.run(kernel, code, 60)
+            async with self._lock(kernel_id):
+                await self.clients.command(kernel_id, kernel, config, "None", 60)
         except kernels.KernelCommandError as e:
             log.warning("gpuhub: could not load the snapshot helpers into a kernel: %s", e)
 
@@ -251,8 +261,11 @@ class SnapshotManager:
         if action == "start":
             task = asyncio.create_task(self._started(data["kernel_id"], restore=True))
         elif action == "restart":
+            self.clients.forget(data["kernel_id"])
             task = asyncio.create_task(self._started(data["kernel_id"], restore=False))
         else:
+            if action == "shutdown":
+                self.clients.forget(data["kernel_id"])
             return
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -274,14 +287,14 @@ class SnapshotManager:
                     )
             else:
                 key, notebook = await self.key(kernel_id, self.settings.session_wait_s)
-                code = kernels.bootstrap(self._config(key, kernel_id, notebook))
-                await self._quiet_run(self.kernel(kernel_id), code)
+                await self._quiet_run(kernel_id, self._config(key, kernel_id, notebook))
         except Exception:
             log.exception("gpuhub: preparing kernel %s for snapshots failed", kernel_id)
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        self.clients.close()
 
     # -- listing --------------------------------------------------------------------------------
 
@@ -306,7 +319,7 @@ async def _settles_idle(kernel: Any, within: float = 2.0) -> bool:
     while getattr(kernel, "execution_state", None) == "busy":
         if time.monotonic() >= deadline:
             return False
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.01)  # a request right after a cell: its "idle" is on its way
     return True
 
 

@@ -41,7 +41,7 @@ from traitlets.config import Application, catch_config_error
 from .. import idle, policy, protocol
 from ..activity import ServerTarget
 from ..activity.prometheus import PrometheusActivitySource
-from ..activity.tracker import ActivityTracker
+from ..activity.tracker import TrustedActivity
 from ..schema import SchemaError
 from ..settings import GpuhubConfig
 from ..store import Store
@@ -502,7 +502,7 @@ class GpuhubService(Application):
             min_busy_s=self.min_busy_seconds,
             max_gap_s=self.max_gap_seconds,
         )
-        self.tracker = ActivityTracker(self.idle_rule)
+        self.tracker = TrustedActivity(self.idle_rule)
         self.activity = self.make_activity_source()
         self.targets: list[ServerTarget] = []
         try:

@@ -30,6 +30,7 @@ from gpuhub.testing import execute_cell
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 PYTORCH_PYTHON = REPO / ".envs" / "pytorch" / "bin" / "python"
+TENSORFLOW_PYTHON = REPO / ".envs" / "tensorflow" / "bin" / "python"
 
 
 # -- the `gpu` marker ----------------------------------------------------------------------------
@@ -119,24 +120,24 @@ def free_port() -> int:
 
 
 def write_kernelspec(folder: Path) -> Path:
-    """A Jupyter data folder with the `pytorch` environment's interpreter as kernel `pytorch`."""
-    spec = folder / "kernels" / "pytorch"
-    spec.mkdir(parents=True, exist_ok=True)
-    (spec / "kernel.json").write_text(
-        json.dumps(
-            {
-                "argv": [
-                    str(PYTORCH_PYTHON),
-                    "-m",
-                    "ipykernel_launcher",
-                    "-f",
-                    "{connection_file}",
-                ],
-                "display_name": "PyTorch",
-                "language": "python",
-            }
+    """A Jupyter data folder with the `pytorch` and `tensorflow` environments' interpreters as
+    kernels `pytorch` and `tensorflow`."""
+    for name, python, display in (
+        ("pytorch", PYTORCH_PYTHON, "PyTorch"),
+        ("tensorflow", TENSORFLOW_PYTHON, "TensorFlow"),
+    ):
+        spec = folder / "kernels" / name
+        spec.mkdir(parents=True, exist_ok=True)
+        (spec / "kernel.json").write_text(
+            json.dumps(
+                {
+                    "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                    "display_name": display,
+                    "language": "python",
+                    "env": {"TF_CPP_MIN_LOG_LEVEL": "2"},
+                }
+            )
         )
-    )
     return folder
 
 

@@ -44,32 +44,37 @@ def table_rows(text: str) -> list[list[str]]:
 
 
 def test_snapshot_throughput_against_numpy_and_torch(tmp_path):
-    results = run("snapshot_throughput", "--sizes", "2", "--repeat", "1", "--dir", str(tmp_path))
-    assert [(r["kind"], r["op"]) for r in results] == [
-        ("numpy", "save"),
-        ("numpy", "load"),
-        ("torch", "save"),
-        ("torch", "load"),
-    ]
+    out = run("snapshot_throughput", "--sizes", "2", "--repeat", "1", "--dir", str(tmp_path))
+    results, fixed = out["rows"], out["fixed_cost_s"]
+    kinds = ["numpy", "torch", "state_dict", "tensors", "pandas"]
+    assert [(r["kind"], r["op"]) for r in results] == [(k, op) for k in kinds for op in bench_ops()]
+    assert sorted(fixed) == sorted(kinds) and all(s > 0 for s in fixed.values())
     for r in results:
-        assert r["nbytes"] == 2_000_000
+        assert 1_900_000 <= r["nbytes"] <= 2_000_000
         assert r["gpuhub_s"] > 0 and r["raw_s"] > 0 and r["ratio"] > 0
         assert r["file_bytes"] >= r["nbytes"] and r["raw_file_bytes"] >= r["nbytes"]
         assert r["kernel_peak_rss"] > r["nbytes"]
-    assert all(r["gpuhub_kernel_s"] > 0 for r in results if r["op"] == "save")
+    assert all(r["gpuhub_kernel_s"] > 0 and r["resave_s"] > 0 for r in results if r["op"] == "save")
     assert list(tmp_path.iterdir()) == []  # snapshots and raw files removed
 
     bench = load("snapshot_throughput")
     fields = bench.Row.__dataclass_fields__
     rows = [bench.Row(**{k: v for k, v in r.items() if k in fields}) for r in results]
-    text = bench.table(rows, repeat=1)
-    assert [row[:4] for row in table_rows(text)] == [
+    text = bench.table(rows, repeat=1, fixed=fixed)
+    assert [row[:4] for row in table_rows(text)][:4] == [
         ["numpy", "2", "MB", "snapshot"],
         ["numpy", "2", "MB", "restore"],
         ["torch", "2", "MB", "snapshot"],
         ["torch", "2", "MB", "restore"],
     ]
     assert "| torch | 2 MB | restore vs `torch.load` |" in bench.markdown(rows)
+    assert "| pandas | 2 MB | snapshot vs `pandas.to_pickle` |" in bench.markdown(rows)
+    drawn = bench.plot(rows, tmp_path / "ratios.png")
+    assert drawn.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def bench_ops() -> tuple[str, str]:
+    return ("save", "load")
 
 
 def test_extension_overhead_with_simulated_gpus():
