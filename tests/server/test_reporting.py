@@ -94,10 +94,11 @@ def service():
     s.stop()
 
 
-def test_the_server_reports_and_carries_out_commands(jupyter_server, tmp_path, service, gpu):
+def reporting_server(jupyter_server, tmp_path, service, gpu):
+    """A server with one idle simulated GPU that reports to `service` as ada's default server."""
     path = tmp_path / "gpus.json"
     nvml_fake.write_scenario(path, {"gpus": [gpu("GPU-0")]})
-    server = jupyter_server(
+    return jupyter_server(
         env={
             "GPUHUB_FAKE_NVML": str(path),
             "GPUHUB_GPUS": "GPU-0",
@@ -106,6 +107,10 @@ def test_the_server_reports_and_carries_out_commands(jupyter_server, tmp_path, s
             "JUPYTERHUB_SERVER_NAME": "",
         }
     )
+
+
+def test_the_server_reports_and_carries_out_commands(jupyter_server, tmp_path, service, gpu):
+    server = reporting_server(jupyter_server, tmp_path, service, gpu)
     server.wait_for(lambda: service.board.latest(("ada", ""), 60) is not None, timeout=30)
     kernel = server.open_notebook("work.ipynb")
     server.run_ok(kernel, "weights = [1, 2, 3]")
@@ -136,16 +141,7 @@ def test_the_server_reports_and_carries_out_commands(jupyter_server, tmp_path, s
 
 
 def test_a_running_cell_is_reported_at_once(jupyter_server, tmp_path, service, gpu):
-    path = tmp_path / "gpus.json"
-    nvml_fake.write_scenario(path, {"gpus": [gpu("GPU-0")]})
-    server = jupyter_server(
-        env={
-            "GPUHUB_FAKE_NVML": str(path),
-            "GPUHUB_GPUS": "GPU-0",
-            "GPUHUB_SERVICE_URL": service.url,
-            "JUPYTERHUB_API_TOKEN": TOKEN,
-        }
-    )
+    server = reporting_server(jupyter_server, tmp_path, service, gpu)
     kernel = server.open_notebook("work.ipynb")
     server.wait_for(lambda: service.board.latest(("ada", ""), 60) is not None, timeout=30)
 
