@@ -505,6 +505,7 @@ class GpuhubService(Application):
         self.tracker = TrustedActivity(self.idle_rule)
         self.activity = self.make_activity_source()
         self.targets: list[ServerTarget] = []
+        self.silent: set[tuple[str, str]] = set()  # servers without a recent report
         try:
             self.store = Store.at(self.store_url)
         except SchemaError as e:
@@ -635,10 +636,19 @@ class GpuhubService(Application):
             key = (lease.user, lease.server)
             lease_starts[key] = min(t, lease_starts.get(key, t))
         views = []
+        silent: set[tuple[str, str]] = set()
         for server in candidates:
             report = self.report_of(server)
             if report is None:
                 self.metrics.status_errors.inc()
+                if server.gpus and server.key not in self.silent:
+                    self.log.info(
+                        "gpuhub: %s has not reported for %g s: its GPU is kept, at most until "
+                        "the maximum GPU lease",
+                        server.label,
+                        self.report_max_age,
+                    )
+                silent.add(server.key)
             activity = self.gpu_activity(server, devices.get(server.key), now)
             if report is not None:
                 document = self.display_status(server, report, now)
@@ -657,6 +667,7 @@ class GpuhubService(Application):
                     last_snapshot_failure=last_failure,
                 )
             )
+        self.silent = silent
         entries = self.store.queue() if hasattr(self.store, "queue") else []
         queued = waiting_entries(entries, datetime.now(timezone.utc), self.queue_stale_after)
         pool = Pool(total=self.pool_totals(), allocated=allocated_by_type(leases))

@@ -351,10 +351,11 @@ class ReportHandler(web.RequestHandler):
     async def prepare(self) -> None:
         if self.request.method != "POST":
             raise web.HTTPError(405, "only POST")
+        # A body over the limit is read and dropped (never parsed), so that a proxy in between
+        # passes the 413 on; bodies over the server's own limit end the connection.
         length = self.request.headers.get("Content-Length")
         if length is not None and (not length.isdigit() or int(length) > protocol.MAX_REPORT_BYTES):
-            raise web.HTTPError(413, f"body: at most {protocol.MAX_REPORT_BYTES} bytes")
-        self.request.connection.set_max_body_size(protocol.MAX_REPORT_BYTES)
+            self.too_large = True
         token = bearer_token(self.request.headers.get("Authorization"))
         if token is None:
             raise web.HTTPError(401, "a report needs the server's token")
@@ -369,7 +370,7 @@ class ReportHandler(web.RequestHandler):
 
     def data_received(self, chunk: bytes) -> None:
         self.size += len(chunk)
-        if self.size > protocol.MAX_REPORT_BYTES:
+        if self.too_large or self.size > protocol.MAX_REPORT_BYTES:
             self.too_large = True
             self.chunks = []
             return
