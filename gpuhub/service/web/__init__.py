@@ -120,6 +120,7 @@ def make_pages(service: Any) -> Pages:
         base_catalog=lambda: cached_catalog(catalog_file),
         base_quotas=_cached(10, base_quotas),
         executor=getattr(service, "executor", None),
+        keeps=getattr(service, "keeps", None),
         devices=_cached(30, devices),
         activity=ActivityLog(window=config.activity_window),
         prefix=service.service_prefix,
