@@ -66,10 +66,7 @@ class UserRequests:
                 return False, f"no GPU to give back: {e}"
             except RuntimeError as e:
                 return False, str(e)
-            self.notices.setdefault(key, {})["give_back"] = {
-                "status": row.status,
-                "reason": row.reason,
-            }
+            log.info("gpuhub: %s/%s: give-back %s", key[0], key[1], row.status)
             return True, "the server restarts with its GPU; your variables come back"
         if running is None:
             return False, "the service has not seen this server running yet; try again shortly"
@@ -175,26 +172,31 @@ class UserRequests:
                     "at": protocol.iso(release.updated_at.timestamp()),
                     "reason": release.reason,
                 }
-        give_back = self._give_back(server)
-        if give_back is not None:
-            notices["give_back"] = give_back
         return notices
 
-    def _give_back(self, server: RunningServer) -> dict[str, Any] | None:
+    def _give_back(self, key: Key) -> dict[str, Any] | None:
+        """A give-back of `key` under way (or failed in the last 10 minutes), from the history."""
         rows = [
             r
             for r in self.service.ledger.rows.values()
-            if r.kind == GIVE_BACK and r.user == server.user and r.server == server.server
+            if r.kind == GIVE_BACK and (r.user, r.server) == key
         ]
         if not rows:
             return None
         row = max(rows, key=lambda r: r.id)
-        if not row.open and time.time() - row.updated_at.timestamp() > 600:
+        if row.status == "done" or (
+            not row.open and time.time() - row.updated_at.timestamp() > 600
+        ):
             return None
-        return {"status": row.status, "reason": row.reason}
+        return {"status": row.status, "reason": row.error or row.reason}
 
     def answer(self, key: Key) -> dict[str, Any]:
-        """The notices for the answer to `key`'s report (plain JSON)."""
+        """The notices for the answer to `key`'s report (plain JSON); a give-back's progress as
+        it is now."""
         notices = dict(self.notices.get(key) or {})
         notices.pop("release_at_s", None)
+        notices.pop("give_back", None)
+        give_back = self._give_back(key)
+        if give_back is not None:
+            notices["give_back"] = give_back
         return notices

@@ -47,6 +47,9 @@ class GpuStatus extends Widget {
       this.node.textContent = this.pending ? `GPU again: ${this.pending}` : 'GPU: server unreachable';
       return;
     }
+    if ((this.status.gpus || []).length) {
+      this.pending = null;
+    }
     const now = Date.now();
     const shown = describe(this.status, now);
     this.node.textContent = shown.text;

@@ -49,7 +49,7 @@ export function describe(status, now) {
   const notices = (status.service && status.service.notices) || {};
   const gpus = status.gpus || [];
   const progress = notices.give_back;
-  if (progress && progress.status && progress.status !== 'done' && progress.status !== 'failed') {
+  if (!gpus.length && progress && progress.status && progress.status !== 'failed') {
     return { text: `GPU again: ${progress.status}…`, state: 'queued', title: progress.reason || '' };
   }
   if (notices.queue && notices.queue.place) {
