@@ -704,8 +704,8 @@ def planned_release(
         at = round(now - idle_for + seconds)
         if view.kept_until is not None:
             at = max(at, view.kept_until)
-        why = f"idle for {_minutes(idle_for)}, the limit is {_minutes(seconds)}" + (
-            " while someone waits for a GPU" if rule == RULE_GPU_DEMAND else ""
+        why = f"an idle GPU goes back after {_minutes(seconds)}" + (
+            " while someone waits for one" if rule == RULE_GPU_DEMAND else ""
         )
         plans.append(Plan(at, rule, why))
     return min(plans, key=lambda p: p.at) if plans else None

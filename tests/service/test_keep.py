@@ -271,7 +271,7 @@ def test_the_planned_release_is_what_the_user_is_warned_of():
     )
     plan = policy.planned_release(view, NOW, RULES)
     assert plan is not None and plan.rule == policy.RULE_GPU_IDLE
-    assert plan.at == NOW - 600 + 1800 and "idle for 10 min" in plan.reason
+    assert plan.at == NOW - 600 + 1800 and "after 30 min" in plan.reason
     # someone waits for an a100: the shorter limit, said so
     plan = policy.planned_release(view, NOW, RULES, under_demand=True)
     assert plan.at == NOW - 600 + 300 and plan.rule == policy.RULE_GPU_DEMAND
