@@ -249,11 +249,13 @@ class GpuhubExtension(ExtensionApp):
         from pathlib import Path
 
         from . import code_server
+        from .terminals import shell_command
 
         python = os.environ.get("GPUHUB_KERNEL_PYTHON") or sys.executable
+        wanted = code_server.defaults(python, shell_command(os.environ))
         try:
             path = code_server.settings_file(Path.home())
-            if code_server.apply_defaults(path, code_server.defaults(python)):
+            if code_server.apply_defaults(path, wanted):
                 self.log.info("gpuhub: VS Code defaults written to %s", path)
         except OSError as e:
             self.log.warning("gpuhub: no VS Code defaults: %s", e)

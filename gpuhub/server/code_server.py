@@ -1,6 +1,7 @@
 """VS Code (code-server) defaults for a gpuhub server's user, written into their settings once:
 the home folder trusted (no "Restricted Mode" for their own files) and the server's environment
-interpreter as the default Python for Python tooling. A setting the user has already chosen is
+interpreter as the default Python for Python tooling, and terminals that keep the environment first
+on PATH. A setting the user has already chosen is
 never changed; a settings file that is not plain JSON (comments, a typo) is left alone."""
 
 from __future__ import annotations
@@ -21,11 +22,21 @@ def settings_file(home: Path) -> Path:
     return Path(data) / "code-server" / "User" / "settings.json"
 
 
-def defaults(python: str | None) -> dict[str, Any]:
+PROFILE = "gpuhub environment"
+
+
+def defaults(python: str | None, shell_command: list[str] | None = None) -> dict[str, Any]:
+    """The settings gpuhub adds. `shell_command`: the terminal that puts the environment first
+    on PATH again after the login shell's /etc/profile (`gpuhub.server.terminals`)."""
     out: dict[str, Any] = {"security.workspace.trust.enabled": False}
     if python:
         out["python.defaultInterpreterPath"] = python
         out["python.terminal.activateEnvironment"] = False  # PATH already has the environment
+    if shell_command:
+        out["terminal.integrated.profiles.linux"] = {
+            PROFILE: {"path": shell_command[0], "args": shell_command[1:]}
+        }
+        out["terminal.integrated.defaultProfile.linux"] = PROFILE
     return out
 
 
