@@ -25,6 +25,12 @@ def notices(sh, name: str) -> dict:
     return (sh.status(name).get("service") or {}).get("notices") or {}
 
 
+async def _keeps(service) -> list:
+    from gpuhub.service.web import make_pages
+
+    return make_pages(service).active_keeps()
+
+
 def test_keep_postpones_the_release_give_back_now_and_gpu_again(service_hub):
     sh = service_hub
     sh.start("keeper", gpus=1)
@@ -64,6 +70,9 @@ def test_keep_postpones_the_release_give_back_now_and_gpu_again(service_hub):
     plan = wait_until(lambda: notices(sh, "keeper").get("keep_until"), 60, "the keep in notices")
     assert plan == notices(sh, "keeper")["release_at"]
     assert [k["user"] for k in service.keeps.active()] == ["keeper"]
+    # the admin page's data (what `admin/keeps` and the page's "GPUs kept" table show)
+    [shown] = sh.live.call(lambda: _keeps(service))
+    assert shown["user"] == "keeper" and shown["left"] and "1 h" in shown["reason"]
 
     # "Give it back now": variables saved, restarted without the GPU
     r = ask(sh, "keeper", {"kind": "release"})

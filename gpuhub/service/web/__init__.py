@@ -49,7 +49,7 @@ def handlers(pages: Pages) -> list[tuple[str, type, dict[str, Any]]]:
         (rf"api/me/snapshots/{_SEGMENT}/restore-next", user.MeRestoreLatestApi),
         (rf"api/me/snapshots/{_SEGMENT}/{_SEGMENT}", user.MeSnapshotApi),
         (rf"api/me/snapshots/{_SEGMENT}/{_SEGMENT}/(restore-next)", user.MeSnapshotApi),
-        ("api/admin/(gpus|capacity|servers|queue|actions)", admin.AdminOverviewApi),
+        ("api/admin/(gpus|capacity|servers|queue|keeps|actions)", admin.AdminOverviewApi),
         ("api/admin/(release|stop)", admin.ServerActionApi),
         ("api/admin/environments", admin.EnvironmentsApi),
         (rf"api/admin/environments/{_ID}", admin.EnvironmentApi),
