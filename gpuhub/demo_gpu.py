@@ -1,8 +1,10 @@
 """`gpuhub demo-gpu`: make a simulated GPU of a running demo busy or idle.
 
-Edits the scenario file named by `GPUHUB_FAKE_NVML` (atomically: readers see the old file or the
-new one, never half of one). Every process of the demo that reads simulated GPUs (the hub, the
-single-user servers' samplers) picks the change up at its next NVML call.
+Edits the scenario file named by `--scenario`, else `GPUHUB_FAKE_NVML`, else the running
+demo's (`simulated-gpus.json` in `GPUHUB_STATE_DIR`, else in the checkout's `.demo/`), atomically:
+readers see the old file or the new one, never half of one. Every process of the demo that
+reads simulated GPUs (the hub, the single-user servers' samplers) picks the change up at its
+next NVML call.
 """
 
 from __future__ import annotations
@@ -99,17 +101,28 @@ def apply(
     return out
 
 
+def running_demo_scenario() -> Path | None:
+    """The simulated GPUs of the demo on this machine: `simulated-gpus.json` in its state folder
+    ($GPUHUB_STATE_DIR, else the checkout's `.demo/`), if the demo simulates GPUs there."""
+    from . import paths
+
+    state = os.environ.get("GPUHUB_STATE_DIR") or str(paths.config_dir().parent / ".demo")
+    scenario = Path(state) / "simulated-gpus.json"
+    return scenario if scenario.is_file() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     path_text = args.scenario or os.environ.get(nvml_fake.ENV)
-    if not path_text:
+    path = Path(path_text) if path_text else running_demo_scenario()
+    if path is None:
         print(
-            f"gpuhub demo-gpu: ${nvml_fake.ENV} is not set; pass --scenario FILE "
-            "(the demo prints the file it uses)",
+            f"gpuhub demo-gpu: no simulated GPUs found: ${nvml_fake.ENV} is not set and no "
+            "demo state folder ($GPUHUB_STATE_DIR, else .demo/) has simulated-gpus.json; "
+            "start `gpuhub demo` first, or pass --scenario FILE",
             file=sys.stderr,
         )
         return 2
-    path = Path(path_text)
     # one writer at a time: two commands at once must not lose one of the changes
     with open(path.with_name(f".{path.name}.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

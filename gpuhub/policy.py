@@ -210,7 +210,9 @@ class ServerView:
     `last_activity` is the user's last activity as the hub sees it (None when unknown; `started`
     stands in for it then). `snapshot_failures` counts consecutive failed snapshots, the latest at
     `last_snapshot_failure`. `lease_warned_at` is when the user was warned that the maximum GPU
-    lease is running out (None: not warned yet).
+    lease is running out (None: not warned yet). `kept_until`: the user asked to keep the GPU
+    until then (a keep within the service's policy, `gpuhub.service.keeps`): no idle rule takes
+    it before; the maximum lease still does.
     """
 
     user: str
@@ -228,10 +230,14 @@ class ServerView:
     lease_warned_at: float | None = None
     snapshot_failures: int = 0
     last_snapshot_failure: float | None = None
+    kept_until: float | None = None
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.user, self.server)
+
+    def kept(self, now: float) -> bool:
+        return self.kept_until is not None and now < self.kept_until
 
     @property
     def label(self) -> str:
@@ -523,15 +529,17 @@ def _server_decision(
 
     user_idle = _user_idle_for(view, now)
     gpu_idle = view.gpu_idle_for(now)
+    kept = view.kept(now)
     server_idle = (
-        rules.server_idle_timeout > 0
+        not kept
+        and rules.server_idle_timeout > 0
         and user_idle is not None
         and user_idle >= rules.server_idle_timeout
         and not view.gpu_busy()
         and not view.gpu_unknown()
     )
     limit = rules.gpu_idle_timeout if timeout is None else timeout.seconds
-    gpu_idle_long = view.gpus > 0 and gpu_idle is not None and gpu_idle >= limit
+    gpu_idle_long = view.gpus > 0 and gpu_idle is not None and gpu_idle >= limit and not kept
 
     if view.work_in_progress:
         lease = _lease_actions(view, now, rules)
@@ -603,7 +611,12 @@ def _reclaim(
     # Candidates: idle past the shorter grace, not protected, no action yet.
     candidates = []
     for view in servers:
-        if view.gpus <= 0 or view.work_in_progress or decided.get(view.key) is not None:
+        if (
+            view.gpus <= 0
+            or view.work_in_progress
+            or view.kept(now)
+            or decided.get(view.key) is not None
+        ):
             continue
         idle = view.gpu_idle_for(now)
         if idle is None or idle < rules.gpu_idle_timeout_under_demand:
@@ -651,6 +664,51 @@ def _reclaim(
                 wanted -= used
                 if got > used:
                     supply[view.gpu_type] = supply.get(view.gpu_type, 0) + got - used
+
+
+@dataclass(frozen=True)
+class Plan:
+    """When a server's GPUs go back if nothing changes (`at`, Unix seconds), by which rule."""
+
+    at: float
+    rule: str
+    reason: str
+
+
+def planned_release(
+    view: ServerView,
+    now: float,
+    rules: Rules,
+    timeout: IdleLimit | None = None,
+    under_demand: bool = False,
+) -> Plan | None:
+    """The earliest release of `view`'s GPUs the rules foresee now: the maximum lease's end, or,
+    while all its GPUs are idle and no work is in progress, the end of the idle limit (the
+    shorter one `under_demand`, when someone waits for its GPU type), not before a keep ends.
+    None when none is foreseen (busy, unknown, no GPU). What the user is warned of."""
+    if view.gpus <= 0:
+        return None
+    plans: list[Plan] = []
+    limit = rules.max_lease_for(view.groups)
+    if limit is not None and view.lease_start is not None:
+        warned = view.lease_warned_at
+        end = view.lease_start + limit
+        end = max(end, (warned if warned is not None else now) + rules.max_gpu_lease_warning)
+        plans.append(Plan(end, RULE_MAX_LEASE, f"the maximum GPU lease is {_minutes(limit)}"))
+    idle_for = view.gpu_idle_for(now)
+    if idle_for is not None and not view.work_in_progress:
+        seconds = rules.gpu_idle_timeout if timeout is None else timeout.seconds
+        rule = RULE_GPU_IDLE
+        if under_demand and rules.gpu_idle_timeout_under_demand < seconds:
+            seconds, rule = rules.gpu_idle_timeout_under_demand, RULE_GPU_DEMAND
+        at = round(now - idle_for + seconds)
+        if view.kept_until is not None:
+            at = max(at, view.kept_until)
+        why = f"an idle GPU goes back after {_minutes(seconds)}" + (
+            " while someone waits for one" if rule == RULE_GPU_DEMAND else ""
+        )
+        plans.append(Plan(at, rule, why))
+    return min(plans, key=lambda p: p.at) if plans else None
 
 
 def decide(

@@ -11,14 +11,22 @@ status to the service with its own `JUPYTERHUB_API_TOKEN`:
 
     POST <service prefix>api/v1/servers/report?server=<server name>&wait=<seconds>
     Authorization: token <the server's own token>
-    {"version": 1, "status": {...status document...}, "results": [{...command result...}]}
+    {"version": 1, "status": {...status document...}, "results": [{...command result...}],
+     "requests": [{"id": "...", "kind": "keep", "seconds": 3600}]}
+
+`requests` carry what the server's user asked for in JupyterLab (gpuhub's labextension, through
+the server's own `POST /api/gpuhub/requests`): "keep" the GPU for `seconds`, "release" it now,
+"gpu-again" after a release. The service honours them only for the reporting server, within its
+policy (docs/keep.md).
 
 The service authenticates the token with the hub (its owner is the user, its scopes reach that
 server), keeps the status, and answers with the commands waiting for this server (holding the
 request up to `wait` seconds while there are none):
 
     {"version": 1, "commands": [{"id": "...", "kind": "snapshot", "args": {...}}],
-     "hold": <seconds the next report may be held>}
+     "hold": <seconds the next report may be held>,
+     "notices": {...what the server's user should know: the planned release, keep...},
+     "request_results": [{"id": "...", "ok": true, "message": "..."}]}
 
 The server carries the commands out for its own user and reports their results in its next
 report. No credential of the service, of an admin or of another user is ever sent to a server.
@@ -48,6 +56,15 @@ MAX_SNAPSHOT_ENTRIES = 1000
 MAX_STRING = 1024
 MAX_ID = 255
 MAX_NOTICE_BYTES = 64 * 1024
+MAX_REQUESTS = 4
+#: the longest keep a request may name at all (the service's policy bounds it further)
+MAX_KEEP_SECONDS = 7 * 24 * 3600
+
+# what a server's user may ask for (`requests` in a report)
+KEEP = "keep"
+RELEASE_NOW = "release"
+GPU_AGAIN = "gpu-again"
+REQUEST_KINDS = (KEEP, RELEASE_NOW, GPU_AGAIN)
 
 GPU_STATES = ("busy", "idle", "unknown", "unavailable")
 
@@ -493,10 +510,58 @@ class CommandResult:
 
 
 @dataclass(frozen=True)
+class UserRequest:
+    """Something the server's user asked for: keep the GPU `seconds` longer, release it now, or
+    get it again. The user's word: the service bounds it by its policy."""
+
+    id: str
+    kind: str
+    seconds: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "kind": self.kind}
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
+        return out
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    id: str
+    ok: bool
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "ok": self.ok, "message": self.message}
+
+
+def parse_request(data: Any, where: str = "request") -> UserRequest:
+    """One request (from a report, or the body of the server's `POST /api/gpuhub/requests`)."""
+    r = _obj(data, where)
+    unknown = sorted(set(r) - {"id", "kind", "seconds"})
+    if unknown:
+        raise ProtocolError(f"{where}.{unknown[0]}", "unknown field")
+    kind = _str(r.get("kind"), f"{where}.kind", limit=32, optional=False)
+    if kind not in REQUEST_KINDS:
+        raise ProtocolError(f"{where}.kind", f"must be one of {', '.join(REQUEST_KINDS)}")
+    seconds = _num(r.get("seconds"), f"{where}.seconds", low=1, high=MAX_KEEP_SECONDS)
+    if kind == KEEP and seconds is None:
+        raise ProtocolError(f"{where}.seconds", "a keep needs its seconds")
+    if kind != KEEP and seconds is not None:
+        raise ProtocolError(f"{where}.seconds", f"only a keep takes seconds, not a {kind}")
+    return UserRequest(
+        id=_str(r.get("id"), f"{where}.id", limit=64) or "",
+        kind=kind or "",
+        seconds=seconds,
+    )
+
+
+@dataclass(frozen=True)
 class Report:
     server: str
     status: ServerStatus
     results: tuple[CommandResult, ...] = ()
+    requests: tuple[UserRequest, ...] = ()
 
 
 def report_url(service_url: str, server: str, wait: float) -> str:
@@ -537,6 +602,62 @@ def parse_commands(data: Any) -> tuple[list[Command], float | None]:
     return out, _num(doc.get("hold"), "answer.hold", low=0, high=3600)
 
 
+def parse_answer_notices(data: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The server's side: the `notices` and `request_results` of the service's answer, checked
+    (what JupyterLab shows the user)."""
+    doc = _obj(data, "answer")
+    raw = _obj(doc.get("notices"), "answer.notices", optional=True)
+    notices: dict[str, Any] = {}
+    for name in ("release_at", "keep_until"):
+        at = _time(raw.get(name), f"answer.notices.{name}")
+        notices[name] = iso(at)
+    notices["release_rule"] = _str(raw.get("release_rule"), "answer.notices.release_rule", limit=64)
+    notices["release_reason"] = _str(raw.get("release_reason"), "answer.notices.release_reason")
+    notices["warn_before_s"] = _num(
+        raw.get("warn_before_s"), "answer.notices.warn_before_s", low=0, high=MAX_KEEP_SECONDS
+    )
+    notices["warnings"] = list(_strings(raw.get("warnings"), "answer.notices.warnings", 8))
+    keep = _obj(raw.get("keep"), "answer.notices.keep", optional=True)
+    notices["keep"] = {
+        "allowed": _bool(keep.get("allowed"), "answer.notices.keep.allowed"),
+        "max_s": _num(keep.get("max_s"), "answer.notices.keep.max_s", low=0, high=MAX_KEEP_SECONDS),
+        "refused": _str(keep.get("refused"), "answer.notices.keep.refused"),
+    }
+    released = raw.get("released")
+    if released is not None:
+        r = _obj(released, "answer.notices.released")
+        notices["released"] = {
+            "at": iso(_time(r.get("at"), "answer.notices.released.at")),
+            "reason": _str(r.get("reason"), "answer.notices.released.reason"),
+        }
+    give_back = raw.get("give_back")
+    if give_back is not None:
+        g = _obj(give_back, "answer.notices.give_back")
+        notices["give_back"] = {
+            "status": _str(g.get("status"), "answer.notices.give_back.status", limit=32),
+            "reason": _str(g.get("reason"), "answer.notices.give_back.reason"),
+        }
+    queue = raw.get("queue")
+    if queue is not None:
+        q = _obj(queue, "answer.notices.queue")
+        notices["queue"] = {
+            "place": _int(q.get("place"), "answer.notices.queue.place", low=1),
+            "estimate_s": _num(q.get("estimate_s"), "answer.notices.queue.estimate_s", low=0),
+        }
+    items = _list(doc.get("request_results"), "answer.request_results", MAX_REQUESTS, optional=True)
+    results = []
+    for i, item in enumerate(items):
+        r = _obj(item, f"answer.request_results[{i}]")
+        results.append(
+            {
+                "id": _str(r.get("id"), f"answer.request_results[{i}].id", limit=64) or "",
+                "ok": _bool(r.get("ok"), f"answer.request_results[{i}].ok"),
+                "message": _str(r.get("message"), f"answer.request_results[{i}].message") or "",
+            }
+        )
+    return notices, results
+
+
 def parse_report(body: bytes, server: str) -> Report:
     """The service's side: a report body, at most `MAX_REPORT_BYTES`."""
     if len(body) > MAX_REPORT_BYTES:
@@ -551,10 +672,12 @@ def parse_report(body: bytes, server: str) -> Report:
     if doc.get("version") != VERSION:
         raise ProtocolError("report.version", f"must be {VERSION}")
     results = _list(doc.get("results"), "report.results", MAX_RESULTS, optional=True)
+    requests = _list(doc.get("requests"), "report.requests", MAX_REQUESTS, optional=True)
     return Report(
         server=server,
         status=parse_status(doc.get("status")),
         results=tuple(_result(r, f"report.results[{i}]") for i, r in enumerate(results)),
+        requests=tuple(parse_request(r, f"report.requests[{i}]") for i, r in enumerate(requests)),
     )
 
 

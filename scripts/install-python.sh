@@ -22,6 +22,9 @@ if ! cmp -s gpuhub/server/etc/gpuhub.json "$config_d/gpuhub.json"; then
   cp gpuhub/server/etc/gpuhub.json "$config_d/gpuhub.json"
 fi
 
+# gpuhub's JupyterLab extension, built with JupyterLab's own toolchain (nothing fetched at run time).
+bash scripts/build-labextension.sh
+
 # Kernel environments of the default catalogue (config/catalog.yaml, `local.python`).
 make_env() {
   local name=$1; shift

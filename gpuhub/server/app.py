@@ -167,6 +167,14 @@ class GpuhubExtension(ExtensionApp):
         change that matters for a release (a kernel starts executing) is reported at once.""",
     )
 
+    code_server_defaults = Bool(
+        True,
+        config=True,
+        help="""At start, add to the user's VS Code (code-server) settings what they have not set
+        themselves: the home folder trusted (no "Restricted Mode") and the environment's
+        interpreter ($GPUHUB_KERNEL_PYTHON, else this server's) as the default Python.""",
+    )
+
     def rule(self) -> idle.IdleRule:
         return idle.IdleRule(
             util_threshold=self.util_threshold,
@@ -202,10 +210,22 @@ class GpuhubExtension(ExtensionApp):
         self.reporter: Reporter | None = None
         self.settings["gpuhub_extension"] = self
 
+    def _link_jupyter_server_extension(self, serverapp: Any) -> None:
+        super()._link_jupyter_server_extension(serverapp)
+        # before the terminals extension reads it (extensions are all linked, then loaded)
+        from .terminals import shell_command
+
+        settings = dict(serverapp.terminado_settings or {})
+        command = shell_command(os.environ)
+        if command is not None and "shell_command" not in settings:
+            serverapp.terminado_settings = {**settings, "shell_command": command}
+
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers())
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        if self.code_server_defaults:
+            self._code_server_defaults()
         serverapp.event_logger.add_listener(
             schema_id=KERNEL_ACTIONS, listener=self.snapshots.on_kernel_event
         )
@@ -223,6 +243,22 @@ class GpuhubExtension(ExtensionApp):
             )
             self._reporter_task = asyncio.create_task(self.reporter.run_forever())
             self.log.info("gpuhub: reporting to the gpuhub service at %s", self.service_url)
+
+    def _code_server_defaults(self) -> None:
+        import sys
+        from pathlib import Path
+
+        from . import code_server
+        from .terminals import shell_command
+
+        python = os.environ.get("GPUHUB_KERNEL_PYTHON") or sys.executable
+        wanted = code_server.defaults(python, shell_command(os.environ))
+        try:
+            path = code_server.settings_file(Path.home())
+            if code_server.apply_defaults(path, wanted):
+                self.log.info("gpuhub: VS Code defaults written to %s", path)
+        except OSError as e:
+            self.log.warning("gpuhub: no VS Code defaults: %s", e)
 
     async def stop_extension(self) -> None:
         for task in (self._sampler_task, self._reporter_task):

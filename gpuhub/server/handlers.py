@@ -15,6 +15,7 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
+from .. import protocol
 from ..snapshot import is_snapshot_name, iso
 
 
@@ -79,7 +80,13 @@ class StatusHandler(GpuhubHandler):
                   "notebook": path|null, "python": bool, "pid": int|null, "gpus": [uuid],
                   "last_restore": {...}|null}],
      "external_processes": [{"pid", "cmdline", "gpus": [uuid], "seen_by": ["device-file","nvml"]}],
-     "busy": bool, "busy_reasons": [str], "last_gpu_activity": ISO|null}
+     "busy": bool, "busy_reasons": [str], "last_gpu_activity": ISO|null,
+     "service": {"last_report": ISO|null, "error": str|null,
+                 "notices": {"release_at": ISO|null, "release_rule", "release_reason",
+                             "warn_before_s", "keep_until": ISO|null,
+                             "keep": {"allowed", "max_s", "refused"},
+                             "released": {"at", "reason"}, "give_back": {"status", "reason"},
+                             "queue": {"place", "estimate_s"}, "warnings": [str]}} | null}
     ```
 
     `state` "unknown" (MIG instances, failed reads, a stalled sampler) and "unavailable" (no
@@ -91,7 +98,45 @@ class StatusHandler(GpuhubHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.finish(json.dumps(await self.gpuhub.status()))
+        document = await self.gpuhub.status()
+        reporter = self.gpuhub.reporter
+        document["service"] = reporter.service_view() if reporter is not None else None
+        self.finish(json.dumps(document))
+
+
+class RequestsHandler(GpuhubHandler):
+    """`POST /api/gpuhub/requests`: ask the gpuhub service, for this server, to keep its GPU
+    (`{"kind": "keep", "seconds": 3600}`), give it back now (`{"kind": "release"}`) or give it
+    again after a release (`{"kind": "gpu-again"}`). The server sends the request in its own
+    report, with its own token; the service decides within its policy.
+
+    Response 200: `{"ok": bool, "message": str}` (the service's answer; `ok` false: refused, the
+    message says why). 400 names a wrong field; 503 when the server reports to no service; 504
+    when the service does not answer in time.
+    """
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        import asyncio
+
+        from .reporter import CommandError
+
+        body = self.body_object({"kind": str, "seconds": (int, float)})
+        try:
+            request = protocol.parse_request(body)
+        except protocol.ProtocolError as e:
+            raise web.HTTPError(400, str(e).replace("request.", "", 1)) from None
+        reporter = self.gpuhub.reporter
+        if reporter is None:
+            raise web.HTTPError(503, "this server reports to no gpuhub service")
+        try:
+            result = await reporter.ask(request)
+        except asyncio.TimeoutError:
+            raise web.HTTPError(504, "the gpuhub service did not answer in time") from None
+        except CommandError as e:
+            raise web.HTTPError(e.status, str(e)) from None
+        self.finish(json.dumps({"ok": result["ok"], "message": result["message"]}))
 
 
 class SnapshotHandler(GpuhubHandler):
@@ -252,6 +297,7 @@ def handlers() -> list[tuple[str, type]]:
     return [
         (r"/api/gpuhub/status", StatusHandler),
         (r"/api/gpuhub/snapshot", SnapshotHandler),
+        (r"/api/gpuhub/requests", RequestsHandler),
         (r"/api/gpuhub/restore", RestoreHandler),
         (r"/api/gpuhub/snapshots", SnapshotListHandler),
         (r"/api/gpuhub/snapshots/([^/]+)/restore-next", RestoreNextHandler),

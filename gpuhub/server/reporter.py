@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import posixpath
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -82,7 +83,33 @@ class Reporter:
         self.last_signature: tuple[Any, ...] | None = None
         self.last_report_ok: float | None = None
         self.last_error: str | None = None
+        #: what the service told this server in its last answer (checked): the foreseen release,
+        #: keep, the last release, a give-back's progress (JupyterLab shows them)
+        self.notices: dict[str, Any] = {}
+        self._requests: list[tuple[protocol.UserRequest, asyncio.Future]] = []
         self._client = AsyncHTTPClient(force_instance=True, max_clients=4)
+
+    def service_view(self) -> dict[str, Any]:
+        """This server's link to the service, as `GET /api/gpuhub/status` shows it."""
+        return {
+            "last_report": protocol.iso(self.last_report_ok),
+            "error": self.last_error,
+            "notices": self.notices,
+        }
+
+    async def ask(self, request: protocol.UserRequest, timeout: float = 60.0) -> dict[str, Any]:
+        """Send the user's `request` in a report now, and return the service's result
+        (`{"id", "ok", "message"}`); `asyncio.TimeoutError` when no answer comes in time."""
+        if len(self._requests) >= protocol.MAX_REQUESTS:
+            raise CommandError(429, "too many requests under way; try again shortly")
+        request = protocol.UserRequest(secrets.token_hex(8), request.kind, request.seconds)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._requests.append((request, future))
+        self.changed.set()
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._requests = [(r, f) for r, f in self._requests if f is not future]
 
     def note_status(self, status: Mapping[str, Any]) -> None:
         """Called by the sampler with the current status: report at once if it matters."""
@@ -111,14 +138,16 @@ class Reporter:
         status = bounded_status(await self.status())
         self.last_signature = signature(status)
         self.changed.clear()
-        body = json.dumps(
-            {
-                "version": protocol.VERSION,
-                "status": status,
-                "results": [r.to_json() for r in results],
-            }
-        )
-        wait = 0.0 if results else self.hold
+        asked = [(r, f) for r, f in self._requests if not f.done()][: protocol.MAX_REQUESTS]
+        document: dict[str, Any] = {
+            "version": protocol.VERSION,
+            "status": status,
+            "results": [r.to_json() for r in results],
+        }
+        if asked:
+            document["requests"] = [r.to_json() for r, _ in asked]
+        body = json.dumps(document)
+        wait = 0.0 if results or asked else self.hold
         request = HTTPRequest(
             protocol.report_url(self.service_url, self.server_name, wait),
             method="POST",
@@ -133,20 +162,42 @@ class Reporter:
         )
         fetch = asyncio.ensure_future(self._client.fetch(request, raise_error=False))
         changed = asyncio.ensure_future(self.changed.wait())
-        done, _ = await asyncio.wait({fetch, changed}, return_when=asyncio.FIRST_COMPLETED)
+        # a report carrying the user's requests is answered at once: its answer is awaited
+        watch = {fetch} if asked else {fetch, changed}
+        try:
+            done, _ = await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            changed.cancel()
+            raise
         if fetch not in done:
             # something changed while the answer was held: report again now (the service ends the
             # held answer when the new report comes; its commands come with the new answer)
             fetch.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
             return []
         changed.cancel()
-        response = fetch.result()
-        if response.code != 200:
-            text = (response.body or b"")[:300].decode("utf-8", "replace")
-            raise RuntimeError(f"{response.code} {text or response.reason}")
+        try:
+            response = fetch.result()
+            if response.code != 200:
+                text = (response.body or b"")[:300].decode("utf-8", "replace")
+                raise RuntimeError(f"{response.code} {text or response.reason}")
+            answer = json.loads(response.body)
+            commands, _hold = protocol.parse_commands(answer)
+            notices, request_results = protocol.parse_answer_notices(answer)
+        except Exception as e:
+            for _, future in asked:
+                if not future.done():
+                    future.set_exception(CommandError(502, f"the gpuhub service: {e}"))
+            raise
         self.last_report_ok = time.time()
         self.last_error = None
-        commands, _hold = protocol.parse_commands(json.loads(response.body))
+        self.notices = notices
+        by_id = {r["id"]: r for r in request_results}
+        for r, future in asked:
+            if not future.done():
+                future.set_result(
+                    by_id.get(r.id)
+                    or {"id": r.id, "ok": False, "message": "the service did not answer it"}
+                )
         return commands
 
     # -- commands --------------------------------------------------------------------------------

@@ -57,9 +57,11 @@ from .demand import (
     waiting_entries,
 )
 from .hubapi import HubAPIError, HubClient
+from .keeps import KeepRules, Keeps
 from .learning import LearnedRelease
 from .metrics import Metrics
 from .reports import ReportBoard, ReportHandler, ServerAuthenticator
+from .requests import UserRequests
 from .servers import RunningServer, parse_time, running_servers, view_from
 
 WEB_MODULE = "gpuhub.service.web"
@@ -433,6 +435,34 @@ class GpuhubService(Application):
         kernels' state is lost, and the notice says so). None (default): never.""",
     )
 
+    # -- keeping a GPU (docs/keep.md) -------------------------------------------------------------
+
+    max_keep = Dict(
+        value_trait=Float(),
+        config=True,
+        help="""Longest keep per group in seconds ({"students": 3600, "staff": 14400}; 0: that
+        group may not keep): how long a user may postpone the idle release of their GPU with
+        "Keep it" in JupyterLab. A user in several groups gets the most generous. Keeps never
+        postpone the maximum GPU lease.""",
+    )
+    max_keep_default = Float(
+        4 * 3600.0,
+        config=True,
+        help="Longest keep in seconds for users in none of `max_keep`'s groups (0: no keeps).",
+    )
+    keep_refused_after_wait = Float(
+        900.0,
+        config=True,
+        help="""No keep while someone has waited longer than this many seconds for a GPU of the
+        server's type; a keep in force stops protecting the GPU then too.""",
+    )
+    release_notice_before = Float(
+        600.0,
+        config=True,
+        help="""Seconds before a foreseen release (idle limit, maximum lease) that JupyterLab
+        warns the user, with "Keep it" and "Give it back now".""",
+    )
+
     # -- notices ---------------------------------------------------------------------------------
 
     notice_file = Unicode(
@@ -537,6 +567,21 @@ class GpuhubService(Application):
             concurrency=self.action_concurrency,
         )
         self.ledger = self.executor.ledger
+        try:
+            self.keeps = Keeps(
+                self.ledger,
+                KeepRules(
+                    max_keep=dict(self.max_keep),
+                    max_keep_default=self.max_keep_default,
+                    refuse_after_wait=self.keep_refused_after_wait,
+                ),
+            )
+        except ValueError as e:
+            self.exit_with(f"gpuhub service: bad setting: {e}")
+        self.user_requests = UserRequests(self)
+        #: the running servers of the last cycle, and the longest wait per GPU type (None: any)
+        self.running: dict[tuple[str, str], RunningServer] = {}
+        self.longest_wait: dict[str | None, float] = {}
         self.cycles = 0
         #: called with (server, status document) for every server with a recent report, the
         #: GPUs' state and utilisation from the trusted source (the pages' sparklines listen)
@@ -629,6 +674,10 @@ class GpuhubService(Application):
         self.board.prune(by_key)
         devices = {t.key: t.devices for t in self.targets}
         self.tracker.forget_others(devices)
+        self.running = by_key
+        entries = self.store.queue() if hasattr(self.store, "queue") else []
+        queued = waiting_entries(entries, datetime.now(timezone.utc), self.queue_stale_after)
+        self.longest_wait = longest_waits(queued, now)
         candidates = [s for s in running if not self.executor.busy(s.key)]
         lease_starts: dict[tuple[str, str], float] = {}
         for lease in leases:
@@ -665,11 +714,10 @@ class GpuhubService(Application):
                     lease_warned_at=self.ledger.warned_at(run, policy.RULE_MAX_LEASE_WARNING),
                     snapshot_failures=failures,
                     last_snapshot_failure=last_failure,
+                    kept_until=self.kept_until(server, now),
                 )
             )
         self.silent = silent
-        entries = self.store.queue() if hasattr(self.store, "queue") else []
-        queued = waiting_entries(entries, datetime.now(timezone.utc), self.queue_stale_after)
         pool = Pool(total=self.pool_totals(), allocated=allocated_by_type(leases))
         limits = None
         if self.release_policy == "learned":
@@ -680,8 +728,19 @@ class GpuhubService(Application):
             self.executor.close_abandoned(actions, by_key, undecided)
         self.executor.submit(actions, by_key)
         self.ledger.prune(run_key(s) for s in running)
+        self.user_requests.update_notices(views, running, now, limits)
         self.update_metrics(views, pool, queued, now)
         return actions
+
+    def kept_until(self, server: RunningServer, now: float) -> float | None:
+        """The end of `server`'s keep, unless someone has waited too long for its GPU type."""
+        if self.longest_wait_for(server.gpu_type) > self.keep_refused_after_wait:
+            return None
+        return self.keeps.until(server, now)
+
+    def longest_wait_for(self, gpu_type: str | None) -> float:
+        """The longest wait, in seconds, of the queued requests a GPU of `gpu_type` would serve."""
+        return max(self.longest_wait.get(gpu_type, 0.0), self.longest_wait.get(None, 0.0))
 
     # -- what the servers report, what the trusted source reads ------------------------------------
 
@@ -848,7 +907,12 @@ class GpuhubService(Application):
             (
                 rf"{prefix}{protocol.REPORT_PATH}",
                 ReportHandler,
-                {"board": self.board, "auth": self.server_auth, "max_hold": self.report_hold},
+                {
+                    "board": self.board,
+                    "auth": self.server_auth,
+                    "max_hold": self.report_hold,
+                    "requests": self.user_requests,
+                },
             ),
             (rf"{prefix}{protocol.ARBITER_PATH}", ArbiterHandler),
         ]
@@ -945,6 +1009,15 @@ class GpuhubService(Application):
             pause = max(0.5, self.activity_interval - (time.monotonic() - started))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stopping.wait(), pause)
+
+
+def longest_waits(queued: list[Any], now: float) -> dict[str | None, float]:
+    """The longest wait in seconds per wanted GPU type (None: requests for any type)."""
+    out: dict[str | None, float] = {}
+    for q in queued:
+        key = q.gpu_type or None
+        out[key] = max(out.get(key, 0.0), max(0.0, now - q.since))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -328,10 +328,19 @@ def bearer_token(header: str | None) -> str | None:
 class ReportHandler(web.RequestHandler):
     """`POST <prefix>api/v1/servers/report?server=NAME&wait=SECONDS` (see `gpuhub.protocol`)."""
 
-    def initialize(self, board: ReportBoard, auth: ServerAuthenticator, max_hold: float) -> None:
+    def initialize(
+        self,
+        board: ReportBoard,
+        auth: ServerAuthenticator,
+        max_hold: float,
+        requests: Any = None,
+    ) -> None:
         self.board = board
         self.auth = auth
         self.max_hold = max_hold
+        #: `gpuhub.service.requests.UserRequests`: carries out the user's requests in a report
+        #: (for that server only) and gives the server's notices
+        self.requests = requests
         self.identity: Identity | None = None
         self.chunks: list[bytes] = []
         self.size = 0
@@ -395,17 +404,22 @@ class ReportHandler(web.RequestHandler):
         if not self.board.accept(self.identity.user, report):
             raise web.HTTPError(429, "too many servers of this user report")
         generation = self.board.generation(key)
+        results: list[Any] = []
+        if report.requests and self.requests is not None:
+            # the user's requests act on this server only: the one the token reaches
+            results = await self.requests.handle(key[0], key[1], report.requests)
+            wait = 0.0
         commands = await self.board.commands_for(key, min(wait, self.max_hold), generation)
+        answer: dict[str, Any] = {
+            "version": protocol.VERSION,
+            "commands": [c.to_json() for c in commands],
+            "hold": self.max_hold,
+        }
+        if self.requests is not None:
+            answer["notices"] = self.requests.answer(key)
+            answer["request_results"] = [r.to_json() for r in results]
         self.set_header("Content-Type", "application/json")
-        self.finish(
-            json.dumps(
-                {
-                    "version": protocol.VERSION,
-                    "commands": [c.to_json() for c in commands],
-                    "hold": self.max_hold,
-                }
-            )
-        )
+        self.finish(json.dumps(answer))
 
     def on_connection_close(self) -> None:
         # a held report whose server went away: its commands stay for the next report

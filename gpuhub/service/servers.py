@@ -97,6 +97,7 @@ def view_from(
     lease_warned_at: float | None = None,
     snapshot_failures: int = 0,
     last_snapshot_failure: float | None = None,
+    kept_until: float | None = None,
 ) -> ServerView:
     """The policy's view of one server: `report` is its latest report (None: none recent),
     `activity` one trusted reading per GPU it holds."""
@@ -117,4 +118,5 @@ def view_from(
         lease_warned_at=lease_warned_at,
         snapshot_failures=snapshot_failures,
         last_snapshot_failure=last_snapshot_failure,
+        kept_until=kept_until,
     )

@@ -57,6 +57,24 @@ def gpu_env(devices: list[str]) -> dict[str, str]:
     }
 
 
+ENV_BIN = "GPUHUB_ENVIRONMENT_BIN"  # read by gpuhub.server.terminals too
+
+
+def interpreter_env(python: Path) -> dict[str, str]:
+    """What puts an environment's interpreter first for a server's terminals: its bin folder
+    (`GPUHUB_ENVIRONMENT_BIN`, put first on PATH by `get_env`), and VIRTUAL_ENV (a venv) or
+    CONDA_PREFIX (a conda environment). The path is kept as configured (a venv's python is a
+    link to the base interpreter; resolving it would leave the venv)."""
+    bin_dir = Path(os.path.abspath(python)).parent
+    prefix = bin_dir.parent
+    env = {ENV_BIN: str(bin_dir)}
+    if (prefix / "pyvenv.cfg").is_file():
+        env["VIRTUAL_ENV"] = str(prefix)
+    elif (prefix / "conda-meta").is_dir():
+        env["CONDA_PREFIX"] = str(prefix)
+    return env
+
+
 def write_kernelspec(root: Path, environment: Environment) -> Path:
     """A Jupyter data folder whose `python3` kernel runs the environment's interpreter.
 
@@ -234,6 +252,7 @@ class LocalGPUSpawner(GPUQueueMixin, GPUSpawnerMixin, LocalProcessSpawner):
             folder = write_kernelspec(Path(self.kernelspec_dir).resolve(), environment)
             env["JUPYTER_PATH"] = str(folder)
             env["GPUHUB_KERNEL_PYTHON"] = str(python)
+            env.update(interpreter_env(python))
         if os.environ.get(nvml.FAKE_ENV):
             env[nvml.FAKE_ENV] = os.environ[nvml.FAKE_ENV]
         return env
@@ -244,6 +263,11 @@ class LocalGPUSpawner(GPUQueueMixin, GPUSpawnerMixin, LocalProcessSpawner):
         if extra is None:
             extra = gpu_env([])  # never let a server see every GPU by accident
         env.update(extra)
+        bin_dir = extra.get(ENV_BIN)
+        if bin_dir:
+            # terminals (JupyterLab's, VS Code's) and what they start find the environment first
+            rest = [p for p in env.get("PATH", os.defpath).split(os.pathsep) if p and p != bin_dir]
+            env["PATH"] = os.pathsep.join([bin_dir, *rest])
         return env
 
 

@@ -196,3 +196,26 @@ def test_real_nvml_sampling():
             assert reading.source in ("samples", "rates"), reading
             assert 0 <= reading.util <= 100
         assert reading.processes is None or all(p.pid > 0 for p in reading.processes)
+
+
+def test_demo_gpu_finds_the_running_demo_by_itself(tmp_path, gpu):
+    """Run from a second terminal, without $GPUHUB_FAKE_NVML: the demo's state folder."""
+    state = tmp_path / "demo-state"
+    state.mkdir()
+    scenario = state / "simulated-gpus.json"
+    nvml_fake.write_scenario(scenario, {"gpus": [gpu("GPU-a", util=0)]})
+    env = {k: v for k, v in os.environ.items() if k != nvml.FAKE_ENV}
+    cli = [sys.executable, "-m", "gpuhub.cli", "demo-gpu", "--gpu", "0", "--util", "80"]
+    done = subprocess.run(
+        cli, capture_output=True, text=True, env={**env, "GPUHUB_STATE_DIR": str(state)}
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(scenario.read_text())["gpus"][0]["util"] == 80
+    # no demo there: a clear message, no traceback
+    empty = tmp_path / "no-demo"
+    empty.mkdir()
+    done = subprocess.run(
+        cli, capture_output=True, text=True, env={**env, "GPUHUB_STATE_DIR": str(empty)}
+    )
+    assert done.returncode == 2 and "start `gpuhub demo` first" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -323,7 +323,7 @@ async def register_checked(
 
 class AdminOverviewApi(AdminApiHandler):
     """GET `api/admin/gpus`, `api/admin/capacity`, `api/admin/servers`, `api/admin/queue`,
-    `api/admin/actions`."""
+    `api/admin/keeps` (the keeps in force), `api/admin/actions`."""
 
     @web.authenticated
     async def get(self, part: str) -> None:
@@ -332,6 +332,9 @@ class AdminOverviewApi(AdminApiHandler):
             return
         if part == "actions":
             self.write_json(self.pages.recent_actions())
+            return
+        if part == "keeps":
+            self.write_json(self.pages.active_keeps())
             return
         if part == "capacity":
             self.write_json(self.pages.capacity(self.pages.catalog()))

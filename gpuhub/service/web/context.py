@@ -51,6 +51,7 @@ class Pages:
     base_catalog: Callable[[], Catalog]
     base_quotas: Callable[[], QuotaConfig]
     executor: Any = None  # gpuhub.service.actions.Executor
+    keeps: Any = None  # gpuhub.service.keeps.Keeps: the keeps in force
     board: Any = None  # gpuhub.service.reports.ReportBoard: the servers' reports and commands
     devices: Callable[[], list[Any]] = field(default=lambda: [])
     activity: ActivityLog = field(default_factory=ActivityLog)
@@ -151,7 +152,9 @@ class Pages:
             "history": [
                 views.action_entry(a, now)
                 for a in self.store.actions(
-                    name, kinds=("release", "stop", "give-back"), limit=self.settings.history_limit
+                    name,
+                    kinds=("release", "stop", "give-back", "keep"),
+                    limit=self.settings.history_limit,
                 )
             ],
         }
@@ -249,8 +252,16 @@ class Pages:
             "capacity": self.capacity(catalog),
             "servers": servers,
             "queue": self.queue(),
+            "keeps": self.active_keeps(),
             "actions": self.recent_actions(),
         }
+
+    def active_keeps(self) -> list[dict[str, Any]]:
+        """The keeps in force: who postponed the release of their GPU, until when."""
+        if self.keeps is None:
+            return []
+        now = utcnow()
+        return [views.keep_entry(k, now) for k in self.keeps.active(now.timestamp())]
 
     def capacity(self, catalog: Catalog) -> list[dict[str, Any]]:
         """The cluster's GPU counts the hub publishes (Kubernetes), type by type, with their age."""

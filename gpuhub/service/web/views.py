@@ -22,6 +22,7 @@ KIND_WORDS = {
     "stop": "Server stopped",
     "warn": "Warning",
     "give-back": "GPU asked back",
+    "keep": "GPU kept",
 }
 PENDING_WORDS = {"spawn": "starting", "stop": "stopping"}
 
@@ -283,6 +284,21 @@ def action_entry(action: Any, now: datetime) -> dict[str, Any]:
         "gpu_type": action.gpu_type,
         "snapshots_saved": saved,
         "error": action.error,
+    }
+
+
+def keep_entry(keep: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """A keep in force (`gpuhub.service.keeps.Keeps.active`) as the admin page shows it."""
+    until = datetime.fromtimestamp(float(keep["until"]), timezone.utc)
+    return {
+        "user": keep["user"],
+        "server": keep["server"],
+        "server_label": server_label(keep["server"]),
+        "until": iso(until),
+        "left": fmt_duration((until - now).total_seconds()),
+        "gpus": keep["gpus"],
+        "gpu_type": keep["gpu_type"],
+        "reason": keep["reason"],
     }
 
 
