@@ -536,6 +536,7 @@ class GpuhubService(Application):
         self.activity = self.make_activity_source()
         self.targets: list[ServerTarget] = []
         self.silent: set[tuple[str, str]] = set()  # servers without a recent report
+        self.started_at = time.monotonic()
         try:
             self.store = Store.at(self.store_url)
         except SchemaError as e:
@@ -725,6 +726,8 @@ class GpuhubService(Application):
         actions = policy.decide(views, demand_from(queued, pool), now, self.policy_rules, limits)
         if not self.dry_run:
             undecided = [v.key for v in views if not v.status_readable or v.gpu_unknown()]
+            if time.monotonic() - self.started_at < self.warm_up():
+                undecided = list(by_key)  # the trusted readings do not reach back far enough yet
             self.executor.close_abandoned(actions, by_key, undecided)
         self.executor.submit(actions, by_key)
         self.ledger.prune(run_key(s) for s in running)
@@ -749,6 +752,12 @@ class GpuhubService(Application):
         started = parse_time(server.started)
         found = self.board.latest(server.key, self.report_max_age, not_before=started)
         return found.status if found is not None else None
+
+    def warm_up(self) -> float:
+        """Seconds after its start in which the service's trusted readings cannot show a GPU idle
+        for the shortest idle timeout yet: interrupted actions are not closed meanwhile."""
+        shortest = min(self.gpu_idle_timeout, self.gpu_idle_timeout_under_demand)
+        return shortest + 2 * self.activity_interval
 
     async def refresh_targets(self) -> tuple[list[RunningServer], list[Any]]:
         """The ready servers and the leases; the trusted source reads the GPUs of these."""
@@ -975,6 +984,8 @@ class GpuhubService(Application):
             self.server_idle_timeout,
             "; DRY RUN: nothing is changed" if self.dry_run else "",
         )
+        with contextlib.suppress(Exception):  # the first readings for the first cycle
+            await self.refresh_targets()
         sampler = asyncio.create_task(self.sample_forever(stopping))
         try:
             while not stopping.is_set():

@@ -355,6 +355,9 @@ class FaultProxy:
                 ready.set()
                 await self._stop.wait()
                 server.stop()
+                # a stopped proxy closes its connections (kept-alive ones too), as a process
+                # that ends does
+                await server.close_all_connections()
 
             asyncio.run(main())
 
