@@ -38,8 +38,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from . import schema
+from .core.queue import QueueEntry
 from .db_retry import retry_transient_errors
-from .queue import QueueEntry
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ class GpuQuotaReached(Exception):
 
 
 class QueueRow(Base):
-    """A spawn waiting for GPUs (see gpuhub.queue); one per server."""
+    """A spawn waiting for GPUs (see gpuhub.core.queue); one per server."""
 
     __tablename__ = "gpu_queue"
     __table_args__ = (UniqueConstraint("user", "server", name="uq_gpu_queue_server"),)

@@ -15,7 +15,7 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
-from ..snapshot import is_snapshot_name, iso
+from ..core.snapshot import is_snapshot_name, iso
 
 
 class GpuhubHandler(APIHandler):

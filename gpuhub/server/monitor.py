@@ -16,8 +16,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .. import idle, nvml
-from ..snapshot import iso
+from .. import nvml
+from ..core import idle
+from ..core.snapshot import iso
 from . import procs
 
 UNAVAILABLE = "unavailable"

@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .. import protocol
-from ..policy import RULE_MAX_LEASE, Action, ReleaseGpu, StopServer, Warn
+from ..core import protocol
+from ..core.decide import RULE_MAX_LEASE, Action, ReleaseGpu, StopServer, Warn
 from ..store import ACTION_OPEN, ActionRecord, Store
 from . import notices
 from .hubapi import HubAPIError, HubClient

@@ -34,8 +34,8 @@ from typing import Any
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from .. import protocol
-from ..policy import Demand, Rules, StopServer, decide
+from ..core import protocol
+from ..core.decide import Demand, Rules, StopServer, decide
 from .reports import AuthError, bearer_token
 from .servers import RunningServer, view_from
 

@@ -1,4 +1,4 @@
-"""Where servers report to the service, and how commands reach them (`gpuhub.protocol`).
+"""Where servers report to the service, and how commands reach them (`gpuhub.core.protocol`).
 
 - `ServerAuthenticator`: who sent a report. The report's token is shown to the hub
   (`GET /hub/api/user` with that token alone, never with the service's): its owner must be a user,
@@ -30,8 +30,8 @@ from typing import Any
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from .. import protocol
-from ..protocol import Command, CommandResult, ProtocolError, Report, ServerStatus
+from ..core import protocol
+from ..core.protocol import Command, CommandResult, ProtocolError, Report, ServerStatus
 
 log = logging.getLogger("gpuhub.service")
 
@@ -326,7 +326,7 @@ def bearer_token(header: str | None) -> str | None:
 
 @web.stream_request_body
 class ReportHandler(web.RequestHandler):
-    """`POST <prefix>api/v1/servers/report?server=NAME&wait=SECONDS` (see `gpuhub.protocol`)."""
+    """`POST <prefix>api/v1/servers/report?server=NAME&wait=SECONDS` (see `core.protocol`)."""
 
     def initialize(self, board: ReportBoard, auth: ServerAuthenticator, max_hold: float) -> None:
         self.board = board

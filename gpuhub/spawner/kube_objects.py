@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..catalog import Catalog
-from ..options import Selection
+from ..core.catalog import Catalog
+from ..core.options import Selection
 
 LABEL_PREFIX = "gpuhub.io/"
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$")

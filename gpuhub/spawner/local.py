@@ -20,8 +20,8 @@ from jupyterhub.spawner import LocalProcessSpawner, SimpleLocalProcessSpawner
 from traitlets import Bool, Dict, Float, Unicode
 
 from .. import nvml
-from ..catalog import Catalog, Environment, devices_by_type
-from ..options import Selection
+from ..core.catalog import Catalog, Environment, devices_by_type
+from ..core.options import Selection
 from ..store import GpuLease, NoGpuFree
 from .device_access import DeviceAccessError, DeviceFiles, device_file_names
 from .mixin import GPUSpawnerMixin, http_error

@@ -22,11 +22,11 @@ from traitlets import Dict, Instance, List, TraitError, Unicode, default, valida
 from traitlets.config import Configurable
 
 from .. import paths
-from ..catalog import Catalog, CatalogError, catalog_from_dict
 from ..catalog_cache import cached_catalog
-from ..options import OptionsError, Selection, form_choices, options_from_form, parse
-from ..overrides import GroupQuota, merge_environments, merge_group_quotas
-from ..policy import (
+from ..core.catalog import Catalog, CatalogError, catalog_from_dict
+from ..core.options import OptionsError, Selection, form_choices, options_from_form, parse
+from ..core.overrides import GroupQuota, merge_environments, merge_group_quotas
+from ..core.quotas import (
     Limit,
     QuotaConfig,
     QuotaExceeded,

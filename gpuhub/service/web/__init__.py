@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from ... import paths
-from ...policy import QuotaConfig, quota_config_from_dict
+from ...core.quotas import QuotaConfig, quota_config_from_dict
 from . import admin, user
 from .activity import ActivityLog
 from .base import OAuthCallback

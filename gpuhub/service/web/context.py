@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from ...catalog import Catalog
-from ...overrides import (
+from ...core.catalog import Catalog
+from ...core.decide import ReleaseGpu, StopServer
+from ...core.overrides import (
     GroupQuota,
     check_environment,
     check_quota,
@@ -27,8 +28,8 @@ from ...overrides import (
     merge_environments,
     merge_group_quotas,
 )
-from ...policy import QuotaConfig, ReleaseGpu, StopServer, effective_quota
-from ...registration import parse_csv
+from ...core.quotas import QuotaConfig, effective_quota
+from ...core.registration import parse_csv
 from ...store import Store, utcnow
 from ..hubapi import HubAPIError, HubClient
 from . import views
@@ -200,7 +201,7 @@ class Pages:
         )
 
     def _device_counts(self, catalog: Catalog) -> dict[str, int]:
-        from ...catalog import devices_by_type
+        from ...core.catalog import devices_by_type
 
         names = {d.uuid: d.name for d in self.devices()}
         return {t: len(d) for t, d in devices_by_type(catalog.gpu_types, names).items()}

@@ -95,7 +95,7 @@ class Catalog:
     default_environment: str
     default_gpu_type: str | None
     source: str = "<catalog>"
-    #: Environments admins added at runtime (`gpuhub.overrides.merge_environments`); every other
+    #: Environments admins added at runtime (`core.overrides.merge_environments`); every other
     #: environment comes from the catalogue file.
     runtime_ids: frozenset[str] = frozenset()
 
