@@ -867,10 +867,6 @@ class Store(CapacityStore):
                 query = query.limit(limit)
             return [_to_action(r) for r in s.scalars(query)]
 
-    def open_actions(self) -> list[ActionRecord]:
-        """Actions still under way (oldest first): interrupted ones when no service runs them."""
-        return sorted(self.actions(statuses=ACTION_OPEN, limit=None), key=lambda a: a.id)
-
     # -- the learned release policy's pauses ---------------------------------------------------
 
     def idle_gaps(self) -> list[tuple[str, str, Any]]:

@@ -123,11 +123,6 @@ class Catalog:
         groups = set(groups)
         return [g for g in self.gpu_types if g.allowed_for(groups)]
 
-    def with_environment(self, environment: Environment) -> Catalog:
-        """A copy with `environment` added, or replacing the one with the same id."""
-        others = tuple(e for e in self.environments if e.id != environment.id)
-        return replace(self, environments=(*others, environment))
-
 
 def devices_by_type(
     gpu_types: Iterable[GpuType], device_names: Mapping[str, str]

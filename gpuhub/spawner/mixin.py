@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -444,9 +443,3 @@ def describe_gpus(selection: Selection) -> str:
     if not selection.gpus:
         return "no GPU"
     return f"{selection.gpus} {selection.gpu_type} GPU(s)"
-
-
-def ensure_dir(path: str | Path) -> Path:
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
