@@ -30,7 +30,7 @@ from ...core.overrides import (
 )
 from ...core.quotas import QuotaConfig, effective_quota
 from ...core.registration import parse_csv
-from ...store import Store, utcnow
+from ...store import ActionStatus, Store, utcnow
 from ..hubapi import HubAPIError, HubClient
 from . import views
 from .activity import ActivityLog
@@ -167,7 +167,7 @@ class Pages:
             if not entry["can_request_gpu"]:
                 continue
             released = self.store.actions(
-                user, entry["name"], kinds=("release",), statuses=("done",), limit=1
+                user, entry["name"], kinds=("release",), statuses=(ActionStatus.DONE,), limit=1
             )
             if released and released[0].gpus:
                 entry["gpu_again"] = {"gpus": released[0].gpus, "gpu_type": released[0].gpu_type}
