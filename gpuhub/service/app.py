@@ -42,6 +42,7 @@ from ..activity import ServerTarget
 from ..activity.prometheus import PrometheusActivitySource
 from ..activity.tracker import TrustedActivity
 from ..core import decide, idle, protocol
+from ..expiring import ExpiringCache
 from ..schema import SchemaError
 from ..settings import GpuhubConfig
 from ..store import Store
@@ -542,7 +543,8 @@ class GpuhubService(Application):
         self.status_listeners: list[Any] = []
         self.last_cycle_end: float | None = None
         self.last_error: str | None = None
-        self._totals: tuple[float, dict[str, int | None]] | None = None
+        #: GPUs per type counted with NVML on this machine, for a minute
+        self._local_totals: ExpiringCache[None, dict[str, int | None]] = ExpiringCache(60)
 
     @property
     def service_name(self) -> str:
@@ -573,8 +575,8 @@ class GpuhubService(Application):
         """GPUs per type: counted with NVML on this machine (cached for a minute), the counts the
         hub's cluster watch publishes in the store (with their free GPUs, while fresh), then the
         configured `gpu_totals` over both. Sets the capacity metrics."""
-        now = time.monotonic()
-        if self._totals is None or now - self._totals[0] > 60:
+
+        def count() -> dict[str, int | None]:
             counted: dict[str, int | None] = {}
             try:
                 from .. import paths
@@ -583,8 +585,9 @@ class GpuhubService(Application):
                 counted.update({t: n for t, n in local.items() if n})
             except Exception as e:
                 self.log.debug("gpuhub: no local GPU count: %s", e)
-            self._totals = (now, counted)
-        totals = PoolTotals(self._totals[1])
+            return counted
+
+        totals = PoolTotals(self._local_totals.get_or_load(None, count))
         try:
             totals.measured(self.store.measured_capacity(), datetime.now(timezone.utc))
         except Exception as e:
