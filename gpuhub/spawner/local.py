@@ -25,6 +25,7 @@ from ..store import GpuLease, NoGpuFree
 from .device_access import DeviceAccessError, DeviceFiles, device_file_names
 from .mixin import GPUSpawnerMixin, http_error
 from .queueing import GPUQueueMixin
+from .server_env import server_env
 
 _inventory_cache: ExpiringCache[None, nvml.Inventory] = ExpiringCache(60)
 
@@ -49,12 +50,12 @@ def local_inventory(max_age: float) -> nvml.Inventory:
 
 
 def gpu_env(devices: list[str]) -> dict[str, str]:
-    """The variables that pin a process to `devices` (none: no GPU visible at all)."""
+    """The variables that pin a process to `devices` (none: no GPU visible at all); the server's
+    GPUHUB_* variables come from `server_env`."""
     visible = ",".join(devices)
     return {
         "CUDA_VISIBLE_DEVICES": visible,
         "NVIDIA_VISIBLE_DEVICES": visible or "void",
-        "GPUHUB_GPUS": visible,
     }
 
 
@@ -225,9 +226,7 @@ class LocalGPUSpawner(GPUQueueMixin, GPUSpawnerMixin, LocalProcessSpawner):
     ) -> dict[str, str]:
         env = {
             **gpu_env(devices),
-            "GPUHUB_INTERFACE": selection.interface,
-            "GPUHUB_ENVIRONMENT": selection.environment,
-            "GPUHUB_GPU_TYPE": selection.gpu_type or "",
+            **server_env(selection, devices),
             **environment.local.env,
         }
         if environment.local.python:
@@ -243,7 +242,8 @@ class LocalGPUSpawner(GPUQueueMixin, GPUSpawnerMixin, LocalProcessSpawner):
         env = super().get_env()
         extra = getattr(self, "_gpuhub_env", None)
         if extra is None:
-            extra = gpu_env([])  # never let a server see every GPU by accident
+            # never let a server see every GPU by accident
+            extra = {**gpu_env([]), "GPUHUB_GPUS": ""}
         env.update(extra)
         return env
 
