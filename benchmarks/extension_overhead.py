@@ -185,7 +185,7 @@ def child(spec: dict[str, Any]) -> None:
 def fill_history(monitor: Any, uuids: list[str], interval: float) -> None:
     """The readings `monitor` would hold after sampling for its whole `history_s`: one every
     `interval` seconds, 10 minutes busy and 20 idle in turn, given to it as ticks would."""
-    from gpuhub import idle
+    from gpuhub.core import idle
 
     now = time.time()
     count = int(monitor.history_s // interval)

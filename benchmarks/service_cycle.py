@@ -15,7 +15,7 @@ the pages installed, a SQLite store); the reports come from a separate load-gene
 posts, for every server and with that server's own token, a status document in the extension's
 shape to `<service>/services/gpuhub/api/v1/servers/report?server=&wait=0` over real HTTP (the
 service's own port, not through the proxy): the real `ReportHandler`, its authentication with the
-hub (`GET /hub/api/user`, cached) and `gpuhub.protocol`'s parser.
+hub (`GET /hub/api/user`, cached) and `gpuhub.core.protocol`'s parser.
 
 Measured, per size:
 - reports, cold: every server reports once, and the service shows every token to the hub (the

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpuhub.policy import Rules
+from gpuhub.core.decide import Rules
 from gpuhub.sim import frontier as pareto
 from gpuhub.sim.engine import POLICIES, PolicyResult, PolicySpec, SimConfig, simulate
 from gpuhub.sim.report import as_json, compare, table

@@ -26,7 +26,7 @@ from typing import Any
 from unittest import mock
 
 from gpuhub import paths
-from gpuhub.catalog import load_catalog
+from gpuhub.core.catalog import load_catalog
 
 CATALOG_FILE = paths.config_dir() / "catalog-kubernetes.yaml"
 FORM = {"interface": ["vscode"], "environment": ["pytorch"], "gpus": ["1"], "gpu_type": ["a100"]}
@@ -125,7 +125,7 @@ async def measure(rounds: int) -> list[tuple[str, float, float]]:
         plain._render_options_form(plain._sorted_dict_values(profiles))
 
     async def gpuhub_options() -> None:
-        from gpuhub.options import parse
+        from gpuhub.core.options import parse
 
         options = gpuhub.options_from_form(FORM)
         parse(options, gpuhub.load_catalog(), gpuhub.user_groups())

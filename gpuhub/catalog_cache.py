@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 
-from .catalog import Catalog, CatalogError, load_catalog
+from .core.catalog import Catalog, CatalogError, load_catalog
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from traitlets import Float, TraitError, Unicode, default, validate
 from traitlets.config import Config, Configurable
 
 from . import paths
-from .catalog import CatalogError
+from .core.catalog import CatalogError
 
 log = logging.getLogger(__name__)
 

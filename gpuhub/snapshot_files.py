@@ -1,6 +1,6 @@
 """Snapshot folders on disk: list them, delete one, choose the one restored at the next start.
 
-The layout is `gpuhub.snapshot`'s: `<root>/<key>/<name>/manifest.json`. Choosing a snapshot for
+The layout is `gpuhub.core.snapshot`'s: `<root>/<key>/<name>/manifest.json`. Choosing a snapshot for
 the next start writes `<root>/<key>/restore-next.json` (`{"snapshot": name}`): when the key's
 notebook kernel next starts, the server extension restores that snapshot instead of the latest,
 then removes the file. Used by the server extension (its REST API) and by the hub service's
@@ -26,7 +26,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from . import snapshot as core
+from .core import snapshot as core
 
 RESTORE_NEXT = core.RESTORE_NEXT
 MANIFEST_MAX_BYTES = 32 * 1024 * 1024

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from enum import Enum
 from typing import Any
 
 from sqlalchemy import (
@@ -38,8 +39,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from . import schema
+from .core.queue import QueueEntry
 from .db_retry import retry_transient_errors
-from .queue import QueueEntry
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +171,39 @@ class IdleGapRow(Base):
     )
 
 
+class ActionStatus(str, Enum):
+    """The steps of an action (`gpuhub_actions.status` holds the member's value)."""
+
+    PLANNED = "planned"
+    SNAPSHOTTING = "snapshotting"
+    SNAPSHOTTED = "snapshotted"
+    STOPPING = "stopping"
+    STARTING = "starting"
+    DONE = "done"
+    FAILED = "failed"
+    #: the snapshot could not be taken (the server changed under it); nothing was changed
+    ABORTED = "aborted"
+    #: interrupted before the server was changed, and the rule no longer applies
+    ABANDONED = "abandoned"
+    SNAPSHOT_FAILED = "snapshot-failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _status_text(status: str) -> str:
+    return status.value if isinstance(status, ActionStatus) else status
+
+
 #: statuses of an action still under way: planned, then the snapshot, the stop and (for a
 #: release) the start without GPU
-ACTION_OPEN = ("planned", "snapshotting", "snapshotted", "stopping", "starting")
+ACTION_OPEN = (
+    ActionStatus.PLANNED,
+    ActionStatus.SNAPSHOTTING,
+    ActionStatus.SNAPSHOTTED,
+    ActionStatus.STOPPING,
+    ActionStatus.STARTING,
+)
 
 
 @dataclass(frozen=True)
@@ -265,7 +296,7 @@ class GpuQuotaReached(Exception):
 
 
 class QueueRow(Base):
-    """A spawn waiting for GPUs (see gpuhub.queue); one per server."""
+    """A spawn waiting for GPUs (see gpuhub.core.queue); one per server."""
 
     __tablename__ = "gpu_queue"
     __table_args__ = (UniqueConstraint("user", "server", name="uq_gpu_queue_server"),)
@@ -813,7 +844,7 @@ class Store(CapacityStore):
                 rule=rule,
                 reason=reason,
                 actor=actor,
-                status=status,
+                status=_status_text(status),
                 gpus=gpus,
                 gpu_type=gpu_type,
                 user_options=json.dumps(dict(user_options)) if user_options is not None else None,
@@ -835,6 +866,8 @@ class Store(CapacityStore):
             for name, value in changes.items():
                 if name == "snapshots" and value is not None:
                     value = json.dumps(value)
+                elif name == "status":
+                    value = _status_text(value)
                 setattr(row, name, value)
             row.updated_at = utcnow()
             s.commit()
@@ -858,7 +891,7 @@ class Store(CapacityStore):
             if server is not None:
                 query = query.where(ActionRow.server == server)
             if statuses is not None:
-                query = query.where(ActionRow.status.in_(list(statuses)))
+                query = query.where(ActionRow.status.in_([_status_text(x) for x in statuses]))
             if kinds is not None:
                 query = query.where(ActionRow.kind.in_(list(kinds)))
             if since_id is not None:
@@ -866,10 +899,6 @@ class Store(CapacityStore):
             if limit is not None:
                 query = query.limit(limit)
             return [_to_action(r) for r in s.scalars(query)]
-
-    def open_actions(self) -> list[ActionRecord]:
-        """Actions still under way (oldest first): interrupted ones when no service runs them."""
-        return sorted(self.actions(statuses=ACTION_OPEN, limit=None), key=lambda a: a.id)
 
     # -- the learned release policy's pauses ---------------------------------------------------
 

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -383,11 +382,3 @@ def wait_for(predicate: Any, timeout: float = 30, interval: float = 0.3, what: s
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out waiting for {what or predicate}")
-
-
-def all_ports_closed(ports: Iterable[int]) -> bool:
-    for port in ports:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return False
-    return True

@@ -2,7 +2,7 @@
 dcgm-exporter through Prometheus (Kubernetes).
 
 A source returns raw readings (`GpuSample`) per server; the service turns them into idle/busy
-`Activity` with the same rules as everywhere else (`gpuhub.idle`). No reading means "unknown",
+`Activity` with the same rules as everywhere else (`gpuhub.core.idle`). No reading means "unknown",
 never "idle".
 """
 

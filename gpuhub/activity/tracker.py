@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .. import idle
+from ..core import idle
 from . import GpuSample, ServerKey
 
 

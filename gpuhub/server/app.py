@@ -17,8 +17,8 @@ from typing import Any
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Float, Int, Unicode, default
 
-from .. import idle
-from ..snapshot import iso
+from ..core import idle
+from ..core.snapshot import iso
 from . import procs
 from .handlers import handlers
 from .monitor import GpuMonitor
@@ -61,7 +61,7 @@ class GpuhubExtension(ExtensionApp):
         number as NVML reports it.""",
     )
 
-    # -- idle rule (gpuhub.idle.IdleRule; the defaults and their reasons are documented there)
+    # -- idle rule (gpuhub.core.idle.IdleRule; the defaults and their reasons are documented there)
 
     util_threshold = Float(
         idle.IdleRule.util_threshold,
@@ -146,7 +146,7 @@ class GpuhubExtension(ExtensionApp):
         demand either way.""",
     )
 
-    # -- reporting to the gpuhub service (gpuhub.protocol) ---------------------------------------
+    # -- reporting to the gpuhub service (gpuhub.core.protocol) -----------------------------------
 
     service_url = Unicode(
         config=True,

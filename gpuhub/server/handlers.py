@@ -15,8 +15,8 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
-from .. import protocol
-from ..snapshot import is_snapshot_name, iso
+from ..core import protocol
+from ..core.snapshot import is_snapshot_name, iso
 
 
 class GpuhubHandler(APIHandler):

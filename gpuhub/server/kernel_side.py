@@ -1,6 +1,6 @@
 """Snapshot and restore, inside a running IPython kernel.
 
-The gpuhub server extension sends this file's source (with `gpuhub/snapshot.py`'s and
+The gpuhub server extension sends this file's source (with `gpuhub/core/snapshot.py`'s and
 `kernel_io.py`'s) to each Python kernel through the kernel's execute channel and loads them as
 the modules `_gpuhub_kernel`, `_gpuhub_snapshot_core` and `_gpuhub_snapshot_io`: kernel
 environments do not have gpuhub installed. So this module needs nothing but the standard library,
@@ -47,7 +47,7 @@ MODULE = "_gpuhub_kernel"
 def _core() -> Any:
     core = sys.modules.get(CORE_MODULE)
     if core is None:  # imported normally, where gpuhub is installed (tests, the server's venv)
-        from gpuhub import snapshot as core
+        from gpuhub.core import snapshot as core
     return core
 
 

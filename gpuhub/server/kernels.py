@@ -1,7 +1,7 @@
 """Running gpuhub's snapshot code inside a kernel, through the kernel's own execute channel.
 
 The code is sent as text: the kernel-side module (`kernel_side.py`) and the snapshot core
-(`gpuhub/snapshot.py`) are loaded into the kernel as modules `_gpuhub_kernel` and
+(`gpuhub/core/snapshot.py`) are loaded into the kernel as modules `_gpuhub_kernel` and
 `_gpuhub_snapshot_core`, then one function of them runs. Requests are `silent` (no history, no
 output in the notebook) and `stop_on_error=False` (a failure never cancels the user's queued
 cells); the result comes back as JSON through `user_expressions`.
@@ -21,7 +21,7 @@ from typing import Any
 
 from jupyter_client.asynchronous import AsyncKernelClient
 
-from .. import snapshot as core
+from ..core import snapshot as core
 from . import kernel_io, kernel_side
 
 RESULT = f"__import__('sys').modules[{kernel_side.MODULE!r}].last_json"

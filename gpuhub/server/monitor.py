@@ -13,11 +13,11 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from .. import idle, nvml
-from ..snapshot import iso
+from .. import nvml
+from ..core import idle
+from ..core.snapshot import iso
 from . import procs
 
 UNAVAILABLE = "unavailable"
@@ -53,12 +53,6 @@ def _names(token: str, device: nvml.GpuDevice) -> bool:
     if token in (device.uuid, device.parent_uuid):
         return True
     return len(token) >= 8 and device.uuid.startswith(token)
-
-
-@dataclass(frozen=True)
-class KernelProcess:
-    kernel_id: str
-    pid: int
 
 
 class GpuMonitor:

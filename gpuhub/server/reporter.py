@@ -1,4 +1,4 @@
-"""The server's side of `gpuhub.protocol`: report this server's status to the gpuhub service with
+"""The server's side of `core.protocol`: report this server's status to the gpuhub service with
 the server's own `JUPYTERHUB_API_TOKEN`, and carry out the commands the answer brings, for this
 server's own user (snapshot the kernels, write a notice, list/delete/choose snapshots).
 
@@ -21,8 +21,8 @@ from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from .. import protocol
-from ..protocol import Command, CommandResult
+from ..core import protocol
+from ..core.protocol import Command, CommandResult
 
 log = logging.getLogger("gpuhub.server")
 

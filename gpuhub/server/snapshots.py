@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import snapshot as core
 from .. import snapshot_files
+from ..core import snapshot as core
 from . import kernels
 
 log = logging.getLogger(__name__)

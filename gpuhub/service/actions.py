@@ -25,9 +25,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .. import protocol
-from ..policy import RULE_MAX_LEASE, Action, ReleaseGpu, StopServer, Warn
-from ..store import ACTION_OPEN, ActionRecord, Store
+from ..core import protocol
+from ..core.decide import RULE_MAX_LEASE, Action, ReleaseGpu, StopServer, Warn
+from ..store import ACTION_OPEN, ActionRecord, ActionStatus, Store
 from . import notices
 from .hubapi import HubAPIError, HubClient
 from .metrics import Metrics
@@ -109,9 +109,9 @@ class Ledger:
         """Consecutive failed snapshots of this run of the server, and when the last one was."""
         count, last = 0, None
         for r in reversed(self.for_run(run)):
-            if r.kind == WARN or r.status in ("aborted", "abandoned"):
+            if r.kind == WARN or r.status in (ActionStatus.ABORTED, ActionStatus.ABANDONED):
                 continue
-            if r.status != "snapshot-failed":
+            if r.status != ActionStatus.SNAPSHOT_FAILED:
                 break
             count += 1
             last = last or r.updated_at.timestamp()
@@ -276,7 +276,11 @@ class Executor:
         }
         for row in self.ledger.open_rows():
             key = (row.user, row.server)
-            if row.status not in ("planned", "snapshotting", "snapshotted") or self.busy(key):
+            if row.status not in (
+                ActionStatus.PLANNED,
+                ActionStatus.SNAPSHOTTING,
+                ActionStatus.SNAPSHOTTED,
+            ) or self.busy(key):
                 continue
             if key in undecided:
                 continue
@@ -289,7 +293,7 @@ class Executor:
                 continue
             self.ledger.update(
                 row,
-                status="abandoned",
+                status=ActionStatus.ABANDONED,
                 error="interrupted before the server was changed; the rule no longer applies",
             )
             log.info(
@@ -303,7 +307,7 @@ class Executor:
         """Finish the actions a previous run of the service left after changing the server."""
         for row in self.ledger.open_rows():
             key = (row.user, row.server)
-            if row.status in ("stopping", "starting") and not self.busy(key):
+            if row.status in (ActionStatus.STOPPING, ActionStatus.STARTING) and not self.busy(key):
                 log.warning(
                     "gpuhub: finishing the interrupted %s of %s/%s (it had reached %r)",
                     row.kind,
@@ -326,7 +330,7 @@ class Executor:
             rule=action.rule,
             reason=action.reason,
             actor=self.settings.actor,
-            status="done",
+            status=ActionStatus.DONE,
             server_started=server.started,
             gpus=server.gpus,
             gpu_type=server.gpu_type,
@@ -379,14 +383,16 @@ class Executor:
                 rule=action.rule,
                 reason=action.reason,
                 actor=actor or self.settings.actor,
-                status="planned",
+                status=ActionStatus.PLANNED,
                 server_started=server.started,
                 gpus=server.gpus,
                 gpu_type=server.gpu_type,
                 user_options=server.user_options,
             )
         else:
-            row = self.ledger.update(row, rule=action.rule, reason=action.reason, status="planned")
+            row = self.ledger.update(
+                row, rule=action.rule, reason=action.reason, status=ActionStatus.PLANNED
+            )
             log.info("gpuhub: taking up the interrupted %s of %s again", kind, server.label)
         log.info("gpuhub: %s %s (%s): %s", kind, server.label, action.rule, action.reason)
 
@@ -396,21 +402,21 @@ class Executor:
             actor is not None and actor != self.settings.actor
         )
         if action.snapshot:
-            row = self.ledger.update(row, status="snapshotting")
+            row = self.ledger.update(row, status=ActionStatus.SNAPSHOTTING)
             try:
                 summary = await self.snapshot(server, forced=forced)
             except SnapshotAborted as e:
-                self.ledger.update(row, status="aborted", error=str(e))
+                self.ledger.update(row, status=ActionStatus.ABORTED, error=str(e))
                 log.info("gpuhub: %s of %s called off: %s", kind, server.label, e)
                 return
             except SnapshotFailed as e:
                 self.metrics.snapshot_failures.inc()
                 if not forced:
-                    self.ledger.update(row, status="snapshot-failed", error=str(e))
+                    self.ledger.update(row, status=ActionStatus.SNAPSHOT_FAILED, error=str(e))
                     log.warning("gpuhub: snapshot of %s failed, nothing done: %s", server.label, e)
                     return
                 row = self.ledger.update(
-                    row, status="snapshotted", snapshots=[], error=f"no snapshot: {e}"
+                    row, status=ActionStatus.SNAPSHOTTED, snapshots=[], error=f"no snapshot: {e}"
                 )
                 log.warning(
                     "gpuhub: %s of %s goes ahead without a snapshot: %s", kind, server.label, e
@@ -419,7 +425,7 @@ class Executor:
                 busy = [s for s in summary if s.get("status") == "busy"]
                 row = self.ledger.update(
                     row,
-                    status="snapshotted",
+                    status=ActionStatus.SNAPSHOTTED,
                     snapshots=summary,
                     error=(
                         f"{len(busy)} kernel(s) still running code after "
@@ -429,18 +435,18 @@ class Executor:
                     ),
                 )
         else:
-            row = self.ledger.update(row, status="snapshotted", snapshots=[])
+            row = self.ledger.update(row, status=ActionStatus.SNAPSHOTTED, snapshots=[])
 
         if kind == STOP:
             await self.notify(server.model, row, STOP)
-        row = self.ledger.update(row, status="stopping")
+        row = self.ledger.update(row, status=ActionStatus.STOPPING)
         try:
             await self.stop(server.user, server.server)
         except Exception as e:
             self._failed(row, "stop", e)
             return
         if kind == STOP:
-            self.ledger.update(row, status="done")
+            self.ledger.update(row, status=ActionStatus.DONE)
             self.metrics.stops.labels(rule=row.rule).inc()
             return
         await self.start(row, _without_gpus(row.user_options or {}))
@@ -481,7 +487,7 @@ class Executor:
 
     async def start(self, row: ActionRecord, options: Mapping[str, Any]) -> None:
         """Start the server with `options` and wait for it; the row ends `done` or `failed`."""
-        row = self.ledger.update(row, status="starting")
+        row = self.ledger.update(row, status=ActionStatus.STARTING)
         try:
             await self.client.start_server(row.user, row.server, options)
             model = await self.client.wait_for_server(
@@ -493,7 +499,7 @@ class Executor:
                 return
             self._failed(row, "start", e)
             return
-        row = self.ledger.update(row, status="done")
+        row = self.ledger.update(row, status=ActionStatus.DONE)
         if row.kind == RELEASE:
             self.metrics.releases.labels(rule=row.rule, gpu_type=row.gpu_type or "").inc()
         log.info("gpuhub: %s of %s done", row.kind, _label(row))
@@ -514,13 +520,13 @@ class Executor:
             self._failed(row, "start", e)
             return
         self.ledger.update(
-            row, status="failed", error=f"no GPU: {error.message}; restarted without GPU"
+            row, status=ActionStatus.FAILED, error=f"no GPU: {error.message}; restarted without GPU"
         )
         self.metrics.action_failures.labels(kind=row.kind, step="start").inc()
 
     def _failed(self, row: ActionRecord, step: str, error: Exception) -> None:
         message = f"{step}: {error}"
-        self.ledger.update(row, status="failed", error=message[:2000])
+        self.ledger.update(row, status=ActionStatus.FAILED, error=message[:2000])
         self.metrics.action_failures.labels(kind=row.kind, step=step).inc()
         log.error("gpuhub: %s of %s failed at the %s: %s", row.kind, _label(row), step, error)
 
@@ -531,12 +537,14 @@ class Executor:
         except HubAPIError as e:
             log.warning("gpuhub: cannot resume the %s of %s yet: %s", row.kind, _label(row), e)
             return
-        if row.status == "stopping":
+        if row.status == ActionStatus.STOPPING:
             if model is not None:
                 ours = model.get("started") == row.server_started or model.get("pending") == "stop"
                 if not ours:
                     self.ledger.update(
-                        row, status="done", error="the server was started again in the meantime"
+                        row,
+                        status=ActionStatus.DONE,
+                        error="the server was started again in the meantime",
                     )
                     return
                 try:
@@ -545,7 +553,7 @@ class Executor:
                     self._failed(row, "stop", e)
                     return
             if row.kind == STOP:
-                self.ledger.update(row, status="done")
+                self.ledger.update(row, status=ActionStatus.DONE)
                 self.metrics.stops.labels(rule=row.rule).inc()
                 return
             await self.start(row, self._start_options(row))
@@ -561,7 +569,7 @@ class Executor:
         except Exception as e:
             self._failed(row, "start", e)
             return
-        row = self.ledger.update(row, status="done")
+        row = self.ledger.update(row, status=ActionStatus.DONE)
         if row.kind == RELEASE:
             self.metrics.releases.labels(rule=row.rule, gpu_type=row.gpu_type or "").inc()
         if model is not None:
@@ -575,7 +583,9 @@ class Executor:
     # -- giving a GPU back -----------------------------------------------------------------------
 
     def last_release(self, user: str, server: str) -> ActionRecord | None:
-        for row in self.store.actions(user, server, kinds=[RELEASE], statuses=["done"], limit=1):
+        for row in self.store.actions(
+            user, server, kinds=[RELEASE], statuses=[ActionStatus.DONE], limit=1
+        ):
             return row
         return None
 
@@ -596,7 +606,7 @@ class Executor:
             rule=RULE_USER_REQUEST,
             reason=f"{actor} asked for the GPU back",
             actor=actor,
-            status="planned",
+            status=ActionStatus.PLANNED,
             server_started=(model or {}).get("started"),
             gpus=release.gpus,
             gpu_type=release.gpu_type,
@@ -606,15 +616,17 @@ class Executor:
         async def run() -> None:
             current = row
             if model is not None and model.get("ready"):
-                current = self.ledger.update(current, status="snapshotting")
+                current = self.ledger.update(current, status=ActionStatus.SNAPSHOTTING)
                 running = RunningServer(user, server, frozenset(), model)
                 try:
                     summary = await self.snapshot(running)
                 except (SnapshotFailed, SnapshotAborted) as e:
-                    self.ledger.update(current, status="snapshot-failed", error=str(e))
+                    self.ledger.update(current, status=ActionStatus.SNAPSHOT_FAILED, error=str(e))
                     return
-                current = self.ledger.update(current, status="snapshotted", snapshots=summary)
-                current = self.ledger.update(current, status="stopping")
+                current = self.ledger.update(
+                    current, status=ActionStatus.SNAPSHOTTED, snapshots=summary
+                )
+                current = self.ledger.update(current, status=ActionStatus.STOPPING)
                 try:
                     await self.stop(user, server)
                 except Exception as e:

@@ -1,9 +1,9 @@
 """`python -m gpuhub.service`: the hub service that gives idle GPUs back to the pool.
 
 Every `interval` seconds one cycle: list the ready servers through the hub API, take each one's
-latest report (servers report to the service, `gpuhub.protocol`; the service never sends a
+latest report (servers report to the service, `gpuhub.core.protocol`; the service never sends a
 credential to a server), the trusted GPU readings (`gpuhub.activity`: NVML on the hub host, or
-dcgm-exporter through Prometheus) and the wait queue, hand plain views to `policy.decide`, and
+dcgm-exporter through Prometheus) and the wait queue, hand plain views to `core.decide`, and
 carry out the actions it returns (`actions.Executor`) in the background, at most one at a time
 per server. A web server under the service prefix takes the servers' reports
 (`api/v1/servers/report`) and serves `metrics` (Prometheus) and `health` (JSON), plus the pages
@@ -38,10 +38,11 @@ from tornado.httpserver import HTTPServer
 from traitlets import Bool, Dict, Float, Int, List, TraitError, Unicode, default
 from traitlets.config import Application, catch_config_error
 
-from .. import idle, policy, protocol
 from ..activity import ServerTarget
 from ..activity.prometheus import PrometheusActivitySource
 from ..activity.tracker import TrustedActivity
+from ..core import decide, idle, protocol
+from ..expiring import ExpiringCache
 from ..schema import SchemaError
 from ..settings import GpuhubConfig
 from ..store import Store
@@ -367,21 +368,21 @@ class GpuhubService(Application):
         help="Seconds to wait for a server restarted without GPU (or with it) to be ready.",
     )
 
-    # -- rules (gpuhub.policy.Rules; docs/gpu-release.md explains the defaults) ----------------
+    # -- rules (gpuhub.core.decide.Rules; docs/gpu-release.md explains the defaults) -------------
 
     gpu_idle_timeout = Float(
-        policy.Rules.gpu_idle_timeout,
+        decide.Rules.gpu_idle_timeout,
         config=True,
         help="Release a server's GPUs when all of them have been idle this many seconds.",
     )
     gpu_idle_timeout_under_demand = Float(
-        policy.Rules.gpu_idle_timeout_under_demand,
+        decide.Rules.gpu_idle_timeout_under_demand,
         config=True,
         help="""While someone waits for a GPU of a type, release the longest-idle GPUs of that
         type idle this many seconds (only as many as are wanted).""",
     )
     server_idle_timeout = Float(
-        policy.Rules.server_idle_timeout,
+        decide.Rules.server_idle_timeout,
         config=True,
         help="""Stop a server (after a snapshot of its kernels) without user activity for this
         many seconds; 0 disables.""",
@@ -408,22 +409,22 @@ class GpuhubService(Application):
         forever, or does not report at all, can hold.""",
     )
     max_gpu_lease_warning = Float(
-        policy.Rules.max_gpu_lease_warning,
+        decide.Rules.max_gpu_lease_warning,
         config=True,
         help="Seconds of warning before a lease ends; it never ends sooner after the warning.",
     )
     lease_end_action = Unicode(
-        policy.RELEASE,
+        decide.RELEASE,
         config=True,
         help="What ends a lease: 'release' (restart without GPU) or 'stop'.",
     )
     snapshot_retry = Float(
-        policy.Rules.snapshot_retry,
+        decide.Rules.snapshot_retry,
         config=True,
         help="Seconds to wait after a failed snapshot before trying again (doubled each time).",
     )
     snapshot_retry_max = Float(
-        policy.Rules.snapshot_retry_max,
+        decide.Rules.snapshot_retry_max,
         config=True,
         help="The longest wait between two snapshot attempts, in seconds.",
     )
@@ -485,8 +486,8 @@ class GpuhubService(Application):
             self.load_config_file(self.config_file)
         self.setup()
 
-    def rules(self) -> policy.Rules:
-        return policy.Rules(
+    def rules(self) -> decide.Rules:
+        return decide.Rules(
             gpu_idle_timeout=self.gpu_idle_timeout,
             gpu_idle_timeout_under_demand=self.gpu_idle_timeout_under_demand,
             server_idle_timeout=self.server_idle_timeout,
@@ -589,7 +590,8 @@ class GpuhubService(Application):
         self.status_listeners: list[Any] = []
         self.last_cycle_end: float | None = None
         self.last_error: str | None = None
-        self._totals: tuple[float, dict[str, int | None]] | None = None
+        #: GPUs per type counted with NVML on this machine, for a minute
+        self._local_totals: ExpiringCache[None, dict[str, int | None]] = ExpiringCache(60)
 
     @property
     def service_name(self) -> str:
@@ -620,8 +622,8 @@ class GpuhubService(Application):
         """GPUs per type: counted with NVML on this machine (cached for a minute), the counts the
         hub's cluster watch publishes in the store (with their free GPUs, while fresh), then the
         configured `gpu_totals` over both. Sets the capacity metrics."""
-        now = time.monotonic()
-        if self._totals is None or now - self._totals[0] > 60:
+
+        def count() -> dict[str, int | None]:
             counted: dict[str, int | None] = {}
             try:
                 from .. import paths
@@ -630,8 +632,9 @@ class GpuhubService(Application):
                 counted.update({t: n for t, n in local.items() if n})
             except Exception as e:
                 self.log.debug("gpuhub: no local GPU count: %s", e)
-            self._totals = (now, counted)
-        totals = PoolTotals(self._totals[1])
+            return counted
+
+        totals = PoolTotals(self._local_totals.get_or_load(None, count))
         try:
             totals.measured(self.store.measured_capacity(), datetime.now(timezone.utc))
         except Exception as e:
@@ -643,7 +646,7 @@ class GpuhubService(Application):
         m.set_by_type(m.capacity_age, totals.age)
         return totals
 
-    async def run_cycle(self) -> list[policy.Action]:
+    async def run_cycle(self) -> list[decide.Action]:
         """One cycle; returns the decided actions (being carried out in the background)."""
         started = time.monotonic()
         try:
@@ -665,7 +668,7 @@ class GpuhubService(Application):
         self.metrics.last_cycle.set(self.last_cycle_end)
         return actions
 
-    async def _cycle(self) -> list[policy.Action]:
+    async def _cycle(self) -> list[decide.Action]:
         self.ledger.refresh()
         if not self.dry_run:
             self.executor.resume_interrupted()
@@ -712,7 +715,7 @@ class GpuhubService(Application):
                     report,
                     activity,
                     lease_start=lease_starts.get(server.key),
-                    lease_warned_at=self.ledger.warned_at(run, policy.RULE_MAX_LEASE_WARNING),
+                    lease_warned_at=self.ledger.warned_at(run, decide.RULE_MAX_LEASE_WARNING),
                     snapshot_failures=failures,
                     last_snapshot_failure=last_failure,
                     kept_until=self.kept_until(server, now),
@@ -723,7 +726,7 @@ class GpuhubService(Application):
         limits = None
         if self.release_policy == "learned":
             limits = self.learning.update(views, now, self.policy_rules.gpu_idle_timeout)
-        actions = policy.decide(views, demand_from(queued, pool), now, self.policy_rules, limits)
+        actions = decide.decide(views, demand_from(queued, pool), now, self.policy_rules, limits)
         if not self.dry_run:
             undecided = [v.key for v in views if not v.status_readable or v.gpu_unknown()]
             if time.monotonic() - self.started_at < self.warm_up():
@@ -856,7 +859,7 @@ class GpuhubService(Application):
             self.tracker.add(key, samples)
 
     def update_metrics(
-        self, views: list[policy.ServerView], pool: Pool, queued: list[Any], now: float
+        self, views: list[decide.ServerView], pool: Pool, queued: list[Any], now: float
     ) -> None:
         m = self.metrics
         since_last = now - self.last_cycle_end if self.last_cycle_end else self.interval

@@ -34,8 +34,9 @@ from typing import Any
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from .. import protocol
-from ..policy import Demand, Rules, StopServer, decide
+from ..core import protocol
+from ..core.decide import Demand, Rules, StopServer, decide
+from ..store import ActionStatus
 from .reports import AuthError, bearer_token
 from .servers import RunningServer, view_from
 
@@ -218,7 +219,7 @@ async def decide_cull(
         rule=stop.rule,
         reason=stop.reason,
         actor="jupyterhub-idle-culler",
-        status="snapshotting",
+        status=ActionStatus.SNAPSHOTTING,
         server_started=running.started,
         gpus=running.gpus,
         gpu_type=running.gpu_type,
@@ -231,10 +232,10 @@ async def decide_cull(
         try:
             summary = await service.executor.snapshot(running)
         except SnapshotAborted as e:
-            service.ledger.update(row, status="aborted", error=str(e))
+            service.ledger.update(row, status=ActionStatus.ABORTED, error=str(e))
             return False, str(e)
         except SnapshotFailed as e:
-            service.ledger.update(row, status="snapshot-failed", error=str(e))
+            service.ledger.update(row, status=ActionStatus.SNAPSHOT_FAILED, error=str(e))
             return False, f"snapshot failed: {e}"
-    service.ledger.update(row, status="done", snapshots=summary)
+    service.ledger.update(row, status=ActionStatus.DONE, snapshots=summary)
     return True, stop.reason

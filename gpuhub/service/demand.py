@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from ..policy import Demand, Waiting
+from ..core.decide import Demand, Waiting
 from ..store import MeasuredCapacity
 
 log = logging.getLogger("gpuhub.service")
@@ -90,7 +90,7 @@ def local_totals(catalog_file: str) -> dict[str, int]:
     """GPUs of each catalogue type on this machine, as NVML lists them (and as the local spawner
     sorts them into types)."""
     from .. import nvml
-    from ..catalog import devices_by_type, load_catalog
+    from ..core.catalog import devices_by_type, load_catalog
 
     catalog = load_catalog(catalog_file)
     inventory = nvml.inventory()

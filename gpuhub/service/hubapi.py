@@ -1,5 +1,5 @@
 """The one client of the JupyterHub REST API that the gpuhub service uses. It never calls a
-single-user server: servers report to the service (`gpuhub.protocol`), so the service's token
+single-user server: servers report to the service (`gpuhub.core.protocol`), so the service's token
 never travels to one.
 
 - Lists users with ready servers page by page (`GET /users?state=ready`, JupyterHub 2+

@@ -1,7 +1,7 @@
 """Keeping a GPU: a user's "keep it for 1 h" before a release, bounded by the service's policy.
 
 A keep comes only from the server it is for (a `keep` request in that server's own report,
-`gpuhub.protocol.UserRequest`), so a user keeps only their own server's GPU. It is honoured
+`gpuhub.core.protocol.UserRequest`), so a user keeps only their own server's GPU. It is honoured
 within the policy: at most the group's maximum (`KeepRules.max_keep`, the most generous of the
 user's groups, else `max_keep_default`; 0 refuses keeps), and never while someone has waited
 longer than `refuse_after_wait` for a GPU of that type (a keep in force stops protecting the

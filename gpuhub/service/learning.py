@@ -1,4 +1,4 @@
-"""The hub service's side of the learned release policy (`gpuhub.learned`).
+"""The hub service's side of the learned release policy (`gpuhub.core.learned`).
 
 Once per cycle `LearnedRelease.update` feeds the cycle's `ServerView`s to the pure `GapModel`,
 saves what changed in the store (table `gpuhub_idle_gaps`, so a restart of the service or the hub
@@ -18,8 +18,8 @@ from typing import Any
 from traitlets import Bool, Float, Int
 from traitlets.config import Configurable
 
-from ..learned import SCOPES, SITE, GapModel, IdleTimeout, LearnedSettings
-from ..policy import ServerView
+from ..core.decide import ServerView
+from ..core.learned import SCOPES, SITE, GapModel, IdleTimeout, LearnedSettings
 from ..store import Store
 
 log = logging.getLogger("gpuhub.service")

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..policy import ReleaseGpu, StopServer, Warn
+from ..core.decide import ReleaseGpu, StopServer, Warn
 
 TITLES = {
     "release": "Your GPU was given back to the pool",

@@ -1,4 +1,4 @@
-"""Where servers report to the service, and how commands reach them (`gpuhub.protocol`).
+"""Where servers report to the service, and how commands reach them (`gpuhub.core.protocol`).
 
 - `ServerAuthenticator`: who sent a report. The report's token is shown to the hub
   (`GET /hub/api/user` with that token alone, never with the service's): its owner must be a user,
@@ -22,7 +22,6 @@ import logging
 import re
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +29,9 @@ from typing import Any
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from .. import protocol
-from ..protocol import Command, CommandResult, ProtocolError, Report, ServerStatus
+from ..core import protocol
+from ..core.protocol import Command, CommandResult, ProtocolError, Report, ServerStatus
+from ..expiring import ExpiringCache
 
 log = logging.getLogger("gpuhub.service")
 
@@ -95,7 +95,7 @@ class ServerAuthenticator:
         self.bad_ttl = bad_ttl
         self.timeout = timeout
         self.max_entries = max_entries
-        self._cache: OrderedDict[str, tuple[float, Identity | AuthError]] = OrderedDict()
+        self._cache: ExpiringCache[str, Identity | AuthError] = ExpiringCache(ttl, max_entries)
         self._client: AsyncHTTPClient | None = None
 
     def close(self) -> None:
@@ -151,10 +151,9 @@ class ServerAuthenticator:
     async def caller(self, token: str) -> Identity:
         """Who `token` belongs to (cached); `AuthError` when the hub does not know it."""
         digest = hashlib.sha256(token.encode()).hexdigest()
-        now = time.monotonic()
         cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
-            found = cached[1]
+        if cached is not None:
+            found = cached
         else:
             try:
                 found = await self._ask_hub(token)
@@ -163,13 +162,8 @@ class ServerAuthenticator:
             except Exception as e:  # the hub unreachable: not cached
                 raise AuthError(503, f"the hub could not check the token ({e})") from None
             if not (isinstance(found, AuthError) and found.status >= 500):
-                self._cache[digest] = (
-                    now + (self.bad_ttl if isinstance(found, AuthError) else self.ttl),
-                    found,
-                )
-                self._cache.move_to_end(digest)
-                while len(self._cache) > self.max_entries:
-                    self._cache.popitem(last=False)
+                ttl = self.bad_ttl if isinstance(found, AuthError) else self.ttl
+                self._cache.put(digest, found, ttl=ttl)
         if isinstance(found, AuthError):
             raise found
         return found
@@ -326,7 +320,7 @@ def bearer_token(header: str | None) -> str | None:
 
 @web.stream_request_body
 class ReportHandler(web.RequestHandler):
-    """`POST <prefix>api/v1/servers/report?server=NAME&wait=SECONDS` (see `gpuhub.protocol`)."""
+    """`POST <prefix>api/v1/servers/report?server=NAME&wait=SECONDS` (see `core.protocol`)."""
 
     def initialize(
         self,

@@ -1,6 +1,6 @@
 """What a server's user asks for in JupyterLab, and what they are told there.
 
-The requests come in the server's own report (`gpuhub.protocol.UserRequest`, authenticated with
+The requests come in the server's own report (`gpuhub.core.protocol.UserRequest`, authenticated with
 the server's token by `ReportHandler`): they act only on the reporting server, for its owner.
 
 - "keep": postpone the idle release (`gpuhub.service.keeps`, within the policy);
@@ -19,9 +19,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .. import policy, protocol
-from ..policy import ReleaseGpu, ServerView
-from ..protocol import RequestResult, UserRequest
+from ..core import decide, protocol
+from ..core.decide import ReleaseGpu, ServerView
+from ..core.protocol import RequestResult, UserRequest
 from .actions import GIVE_BACK, RULE_USER_REQUEST
 from .servers import RunningServer, parse_time
 
@@ -105,7 +105,7 @@ class UserRequests:
             return
         notices["keep_until"] = protocol.iso(until)
         at = notices.get("release_at_s")
-        if at is not None and notices.get("release_rule") != policy.RULE_MAX_LEASE and at < until:
+        if at is not None and notices.get("release_rule") != decide.RULE_MAX_LEASE and at < until:
             notices["release_at_s"] = until
             notices["release_at"] = protocol.iso(until)
 
@@ -142,7 +142,7 @@ class UserRequests:
         plan = None
         if view is not None:
             waiting = service.longest_wait_for(server.gpu_type) > 0
-            plan = policy.planned_release(
+            plan = decide.planned_release(
                 view,
                 now,
                 service.policy_rules,

@@ -4,7 +4,7 @@ scopes of the servers' own tokens.
 Used by the demo configuration and documented in docs/operations.md and docs/security.md. Nothing
 else: the service cannot create or delete users, change groups or roles, read tokens or spawner
 state, and cannot reach any single-user server (`access:servers` is not among its scopes: servers
-report to the service instead, `gpuhub.protocol`).
+report to the service instead, `gpuhub.core.protocol`).
 """
 
 from __future__ import annotations

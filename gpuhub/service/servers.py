@@ -3,7 +3,7 @@
 
 The GPUs a server holds come from the hub (its options); whether they are busy or idle from the
 trusted activity source (`gpuhub.activity`); what only the server knows (a kernel executing, a
-program outside the kernels holding a GPU) from its latest report (`gpuhub.protocol`). A server
+program outside the kernels holding a GPU) from its latest report (`gpuhub.core.protocol`). A server
 without a recent report is "unreadable": `policy.decide` never takes it for idle, and only the
 maximum GPU lease ends its lease.
 """
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..idle import Activity
-from ..policy import ServerView
-from ..protocol import ServerStatus
+from ..core.decide import ServerView
+from ..core.idle import Activity
+from ..core.protocol import ServerStatus
 
 log = logging.getLogger("gpuhub.service")
 

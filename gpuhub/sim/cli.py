@@ -8,8 +8,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ..learned import LearnedSettings
-from ..policy import Rules
+from ..core.decide import Rules
+from ..core.learned import LearnedSettings
 from .engine import POLICIES, RELEASE_POLICIES, PolicySpec, SimConfig, SimulationError
 from .frontier import frontier as run_frontier
 from .frontier import plot as plot_frontier

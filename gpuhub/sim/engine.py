@@ -12,12 +12,12 @@ Policies:
 - `activity-timeout`: the same, and every `every` seconds servers without activity for `timeout`
   are stopped, as jupyterhub-idle-culler does; kernel state is lost, the next burst restarts the
   server (with its GPUs).
-- `gpuhub`: the same start, and every `every` seconds the real `gpuhub.policy.decide` runs on
-  views built with the real `gpuhub.idle.activity` from each GPU's utilisation; its releases and
+- `gpuhub`: the same start, and every `every` seconds the real `gpuhub.core.decide` runs on
+  views built with the real `core.idle.activity` from each GPU's utilisation; its releases and
   stops are applied (kernels are snapshotted, so no state is lost). The next GPU burst brings the
   GPUs back through the queue and a restart.
   `release_policy` chooses when an idle GPU goes back: `flat` (the rules' `gpu_idle_timeout`),
-  `learned` (each session's own limit from `gpuhub.learned.GapModel`, fed the same views every
+  `learned` (each session's own limit from `gpuhub.core.learned.GapModel`, fed the same views every
   tick, learning online from nothing), or `perfect` (a reference no real policy can run: it knows
   each pause's length, and releases at the pause's start when the pause is longer than
   `perfect_threshold`, else holds; the other rules, demand included, still apply).
@@ -39,10 +39,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .. import idle, policy
-from ..idle import IdleRule, Sample
-from ..learned import GapModel, LearnedSettings
-from ..policy import Demand, ReleaseGpu, Rules, ServerView, StopServer, Waiting, Warn
+from ..core import decide, idle
+from ..core.decide import Demand, ReleaseGpu, Rules, ServerView, StopServer, Waiting, Warn
+from ..core.idle import IdleRule, Sample
+from ..core.learned import GapModel, LearnedSettings
 from .workload import SessionSpec, Workload
 
 NONE = "none"
@@ -465,7 +465,7 @@ class _Simulation:
         if self.model is not None:
             self.model.observe(views, self.now)
             timeouts = self.model.timeouts(views, self.rules.gpu_idle_timeout)
-        for action in policy.decide(views, demand, self.now, self.rules, timeouts):
+        for action in decide.decide(views, demand, self.now, self.rules, timeouts):
             s = by_id[action.user]
             self.count(f"{type(action).__name__}:{action.rule}")
             if isinstance(action, Warn):

@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..learned import LearnedSettings
-from ..policy import Rules
+from ..core.decide import Rules
+from ..core.learned import LearnedSettings
 from .engine import FLAT, GPUHUB, LEARNED, PERFECT, PolicySpec, SimConfig, simulate
 from .workload import Workload
 

@@ -14,8 +14,8 @@ from typing import Any
 from kubespawner import KubeSpawner
 from traitlets import Bool, Float, Unicode, default
 
-from ..catalog import Catalog
-from ..options import Selection
+from ..core.catalog import Catalog
+from ..core.options import Selection
 from ..store import MeasuredCapacity
 from .capacity_publisher import Measure, capacity_publisher
 from .kube_capacity import TypeCapacity, cluster_capacity

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..catalog import GpuType
+from ..core.catalog import GpuType
 from ..store import GpuLease
 
 USER_ANNOTATION = "gpuhub.io/user"

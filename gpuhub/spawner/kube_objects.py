@@ -15,8 +15,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..catalog import Catalog
-from ..options import Selection
+from ..core.catalog import Catalog
+from ..core.options import Selection
+from .server_env import server_env
 
 LABEL_PREFIX = "gpuhub.io/"
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$")
@@ -120,14 +121,7 @@ def pod_settings(
     node_selector = dict(base.node_selector)
     tolerations = [dict(t) for t in base.tolerations]
     env = dict(base.environment)
-    env.update(
-        {
-            "GPUHUB_INTERFACE": selection.interface,
-            "GPUHUB_ENVIRONMENT": selection.environment,
-            "GPUHUB_GPU_TYPE": selection.gpu_type if selection.gpus else "",
-            "GPUHUB_GPU_COUNT": str(selection.gpus),
-        }
-    )
+    env.update(server_env(selection, None))  # the device plugin picks the GPUs at start
     gpu_resource = None
     if selection.gpus and gpu_type is not None:
         gpu_resource = gpu_type.resource

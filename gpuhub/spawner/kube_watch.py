@@ -21,6 +21,8 @@ from kubernetes_asyncio import client, watch
 from kubespawner.clients import shared_client
 from kubespawner.reflector import ResourceReflector
 
+from ..expiring import ExpiringCache
+
 log = logging.getLogger(__name__)
 
 
@@ -204,8 +206,8 @@ async def stop_quietly(part: Any) -> None:
 
 
 _watches: dict[tuple[Any, ...], asyncio.Future[CapacityWatch]] = {}
-#: the last failure to start a watch, by key: (when, what was raised)
-_failures: dict[tuple[Any, ...], tuple[float, BaseException]] = {}
+#: the last failure to start a watch, by key (what was raised)
+_failures: ExpiringCache[tuple[Any, ...], BaseException] = ExpiringCache(30.0)
 
 
 async def capacity_watch(
@@ -220,9 +222,9 @@ async def capacity_watch(
     key = (asyncio.get_running_loop(), namespace, node_label_selector)
     if key in _watches:
         return await asyncio.shield(_watches[key])
-    failure = _failures.get(key)
-    if failure is not None and time.monotonic() - failure[0] < retry_after:
-        raise failure[1]
+    failure = _failures.get(key, max_age=retry_after)
+    if failure is not None:
+        raise failure
     future: asyncio.Future[CapacityWatch] = asyncio.get_running_loop().create_future()
     _watches[key] = future
     started: list[Any] = []
@@ -255,13 +257,13 @@ async def capacity_watch(
     except BaseException as e:
         _watches.pop(key, None)
         if isinstance(e, Exception):
-            _failures[key] = (time.monotonic(), e)
+            _failures.put(key, e)
         for part in started:
             await stop_quietly(part)
         future.set_exception(e)
         future.exception()  # retrieved: later callers start afresh
         raise
-    _failures.pop(key, None)
+    _failures.discard(key)
     future.set_result(watch_)
     return watch_
 
@@ -280,7 +282,7 @@ async def stop_capacity_watches() -> None:
     """Stop every watch of the running loop (tests, hub shutdown)."""
     loop = asyncio.get_running_loop()
     for key in [k for k in _failures if k[0] is loop]:
-        del _failures[key]
+        _failures.discard(key)
     for key in [k for k in _watches if k[0] is loop]:
         future = _watches.pop(key)
         if future.done() and not future.exception():

@@ -12,48 +12,50 @@ import grp
 import json
 import os
 import pwd
-import time
 from pathlib import Path
-from typing import Any
 
 from jupyterhub.spawner import LocalProcessSpawner, SimpleLocalProcessSpawner
 from traitlets import Bool, Dict, Float, Unicode
 
 from .. import nvml
-from ..catalog import Catalog, Environment, devices_by_type
-from ..options import Selection
+from ..core.catalog import Catalog, Environment, devices_by_type
+from ..core.options import Selection
+from ..expiring import ExpiringCache
 from ..store import GpuLease, NoGpuFree
 from .device_access import DeviceAccessError, DeviceFiles, device_file_names
 from .mixin import GPUSpawnerMixin, http_error
 from .queueing import GPUQueueMixin
+from .server_env import server_env
 
-_inventory_cache: dict[str, Any] = {"at": 0.0, "value": None}
+_inventory_cache: ExpiringCache[None, nvml.Inventory] = ExpiringCache(60)
 
 
 def local_inventory(max_age: float) -> nvml.Inventory:
     """The NVML inventory, cached for `max_age` seconds (GPUs rarely come and go)."""
-    now = time.monotonic()
-    if _inventory_cache["value"] is None or now - _inventory_cache["at"] > max_age:
+
+    def load() -> nvml.Inventory:
         inventory = nvml.inventory()
-        if not inventory.available and _inventory_cache["value"] is None:
+        first = not _inventory_cache.stored(None)
+        if not inventory.available and first:
             nvml.log.warning("gpuhub: no GPUs: %s; servers start CPU-only", inventory.reason)
-        elif inventory.simulated and _inventory_cache["value"] is None:
+        elif inventory.simulated and first:
             nvml.log.warning(
                 "gpuhub: %d SIMULATED GPU(s) (fake NVML, %s)",
                 len(inventory.devices),
                 nvml.FAKE_ENV,
             )
-        _inventory_cache.update(at=now, value=inventory)
-    return _inventory_cache["value"]
+        return inventory
+
+    return _inventory_cache.get_or_load(None, load, max_age=max_age)
 
 
 def gpu_env(devices: list[str]) -> dict[str, str]:
-    """The variables that pin a process to `devices` (none: no GPU visible at all)."""
+    """The variables that pin a process to `devices` (none: no GPU visible at all); the server's
+    GPUHUB_* variables come from `server_env`."""
     visible = ",".join(devices)
     return {
         "CUDA_VISIBLE_DEVICES": visible,
         "NVIDIA_VISIBLE_DEVICES": visible or "void",
-        "GPUHUB_GPUS": visible,
     }
 
 
@@ -242,9 +244,7 @@ class LocalGPUSpawner(GPUQueueMixin, GPUSpawnerMixin, LocalProcessSpawner):
     ) -> dict[str, str]:
         env = {
             **gpu_env(devices),
-            "GPUHUB_INTERFACE": selection.interface,
-            "GPUHUB_ENVIRONMENT": selection.environment,
-            "GPUHUB_GPU_TYPE": selection.gpu_type or "",
+            **server_env(selection, devices),
             **environment.local.env,
         }
         if environment.local.python:
@@ -261,7 +261,8 @@ class LocalGPUSpawner(GPUQueueMixin, GPUSpawnerMixin, LocalProcessSpawner):
         env = super().get_env()
         extra = getattr(self, "_gpuhub_env", None)
         if extra is None:
-            extra = gpu_env([])  # never let a server see every GPU by accident
+            # never let a server see every GPU by accident
+            extra = {**gpu_env([]), "GPUHUB_GPUS": ""}
         env.update(extra)
         bin_dir = extra.get(ENV_BIN)
         if bin_dir:

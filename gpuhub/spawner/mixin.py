@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -22,11 +21,11 @@ from traitlets import Dict, Instance, List, TraitError, Unicode, default, valida
 from traitlets.config import Configurable
 
 from .. import paths
-from ..catalog import Catalog, CatalogError, catalog_from_dict
 from ..catalog_cache import cached_catalog
-from ..options import OptionsError, Selection, form_choices, options_from_form, parse
-from ..overrides import GroupQuota, merge_environments, merge_group_quotas
-from ..policy import (
+from ..core.catalog import Catalog, CatalogError, catalog_from_dict
+from ..core.options import OptionsError, Selection, form_choices, options_from_form, parse
+from ..core.overrides import GroupQuota, merge_environments, merge_group_quotas
+from ..core.quotas import (
     Limit,
     QuotaConfig,
     QuotaExceeded,
@@ -444,9 +443,3 @@ def describe_gpus(selection: Selection) -> str:
     if not selection.gpus:
         return "no GPU"
     return f"{selection.gpus} {selection.gpu_type} GPU(s)"
-
-
-def ensure_dir(path: str | Path) -> Path:
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path

@@ -2,7 +2,7 @@
 
 Used by both backends (put it before `GPUSpawnerMixin`). The backend's `apply_selection` calls
 `wait_for_gpus` with a function that takes the GPUs (a lease in the store); the spawn waits in
-the store's queue until the order in `gpuhub.queue` lets it take them, showing its place and an
+the store's queue until the order in `gpuhub.core.queue` lets it take them, showing its place and an
 estimated wait as spawn progress messages. Stopping the pending spawn (or any failure) takes it
 out of the queue. The wait runs in JupyterHub's `apply_user_options` step, before
 `Spawner.start`, so `start_timeout` does not cut it short.
@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 from traitlets import Dict, Float, Int, default
 from traitlets.config import Configurable
 
-from .. import queue
-from ..catalog import Catalog
-from ..options import Selection
-from ..policy import Usage
+from ..core import queue
+from ..core.catalog import Catalog
+from ..core.options import Selection
+from ..core.quotas import Usage
 from ..store import utcnow
 
 T = TypeVar("T")

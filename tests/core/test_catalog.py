@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gpuhub import paths
-from gpuhub.catalog import CatalogError, catalog_from_dict, devices_by_type, load_catalog
+from gpuhub.core.catalog import CatalogError, catalog_from_dict, devices_by_type, load_catalog
 
 MINIMAL = {"environments": [{"id": "pytorch"}]}
 

@@ -6,8 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from gpuhub.idle import Activity
-from gpuhub.policy import (
+from gpuhub.core.decide import (
     Demand,
     ReleaseGpu,
     Rules,
@@ -17,6 +16,7 @@ from gpuhub.policy import (
     Warn,
     decide,
 )
+from gpuhub.core.idle import Activity
 
 NOW = 1_000_000.0
 RULES = Rules()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gpuhub.idle import Activity, IdleRule, Sample, activity, classify, segments
+from gpuhub.core.idle import Activity, IdleRule, Sample, activity, classify, segments
 
 RULE = IdleRule()
 

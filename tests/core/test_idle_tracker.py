@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from gpuhub.idle import ActivityTracker, IdleRule, Sample, activity
+from gpuhub.core.idle import ActivityTracker, IdleRule, Sample, activity
 
 
 def _reading(rng: random.Random, t: float) -> Sample:

@@ -1,20 +1,10 @@
-"""gpuhub.learned: pauses followed from the views, limits learned from them, and decide's use."""
+"""core.learned: pauses followed from the views, limits learned from them, and decide's use."""
 
 from __future__ import annotations
 
 import pytest
 
-from gpuhub.idle import Activity
-from gpuhub.learned import (
-    SERVER,
-    SITE,
-    USER,
-    Gap,
-    GapModel,
-    IdleTimeout,
-    LearnedSettings,
-)
-from gpuhub.policy import (
+from gpuhub.core.decide import (
     RULE_GPU_IDLE,
     RULE_GPU_IDLE_LEARNED,
     Demand,
@@ -24,6 +14,8 @@ from gpuhub.policy import (
     Warn,
     decide,
 )
+from gpuhub.core.idle import Activity
+from gpuhub.core.learned import SERVER, SITE, USER, Gap, GapModel, IdleTimeout, LearnedSettings
 
 MIN = 60.0
 FLAT = 1800.0

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from gpuhub.catalog import catalog_from_dict
-from gpuhub.options import OptionsError, Selection, form_choices, options_from_form, parse
+from gpuhub.core.catalog import catalog_from_dict
+from gpuhub.core.options import OptionsError, Selection, form_choices, options_from_form, parse
 
 CATALOG = catalog_from_dict(
     {

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gpuhub.catalog import catalog_from_dict
-from gpuhub.options import form_choices
-from gpuhub.overrides import (
+from gpuhub.core.catalog import catalog_from_dict
+from gpuhub.core.options import form_choices
+from gpuhub.core.overrides import (
     DEFAULT_REGISTRIES,
     GroupQuota,
     InputError,
@@ -18,7 +18,7 @@ from gpuhub.overrides import (
     parse_image,
     registry_allowed,
 )
-from gpuhub.policy import QuotaConfig, effective_quota, quota_config_from_dict
+from gpuhub.core.quotas import QuotaConfig, effective_quota, quota_config_from_dict
 
 CATALOG = catalog_from_dict(
     {

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from gpuhub.queue import (
+from gpuhub.core.queue import (
     QueueEntry,
     demand,
     estimated_wait,

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from gpuhub.options import Selection
-from gpuhub.policy import (
+from gpuhub.core.options import Selection
+from gpuhub.core.quotas import (
     Quota,
     QuotaConfig,
     QuotaExceeded,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpuhub.registration import RegistrationError, parse_csv, plan
+from gpuhub.core.registration import RegistrationError, parse_csv, plan
 
 
 def names_and_groups(registration):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gpuhub import snapshot as core
 from gpuhub import snapshot_files as files
+from gpuhub.core import snapshot as core
 
 REL = ".gpuhub/snapshots"
 A, B = "20260101T000000.000000Z", "20260102T000000.000000Z"

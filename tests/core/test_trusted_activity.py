@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from gpuhub import idle
 from gpuhub.activity import GpuSample
 from gpuhub.activity.tracker import TrustedActivity
+from gpuhub.core import idle
 
 RULE = idle.IdleRule(
     util_threshold=5, mem_util_threshold=1, min_busy_s=30, window_s=600, max_gap_s=40

@@ -19,7 +19,7 @@ from jupyterhub.scopes import scope_definitions
 from traitlets.config import Config
 
 from gpuhub import paths
-from gpuhub.catalog import catalog_from_dict
+from gpuhub.core.catalog import catalog_from_dict
 from gpuhub.service.scopes import scopes as service_scopes
 
 CHECKOUT = paths.config_dir().parent

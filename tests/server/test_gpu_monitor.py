@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gpuhub import idle, nvml, nvml_fake
+from gpuhub import nvml, nvml_fake
+from gpuhub.core import idle
 from gpuhub.server import monitor as mon
 from gpuhub.server import procs
 

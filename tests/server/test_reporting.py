@@ -13,7 +13,8 @@ from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from gpuhub import nvml_fake, protocol
+from gpuhub import nvml_fake
+from gpuhub.core import protocol
 from gpuhub.service.reports import ReportBoard, ReportHandler, ServerAuthenticator
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuhub import snapshot as core
+from gpuhub.core import snapshot as core
 
 pytestmark = pytest.mark.slow
 

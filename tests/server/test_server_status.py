@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuhub import protocol
+from gpuhub.core import protocol
 
 pytestmark = pytest.mark.slow
 

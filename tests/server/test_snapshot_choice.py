@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from gpuhub import snapshot as core
 from gpuhub import snapshot_files as files
+from gpuhub.core import snapshot as core
 
 
 def wait_restore_checked(server, kernel_id: str) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuhub import snapshot as core
+from gpuhub.core import snapshot as core
 
 
 def test_keys_are_readable_unique_and_safe():

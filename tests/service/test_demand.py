@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpuhub.policy import RULE_GPU_DEMAND, ReleaseGpu
+from gpuhub.core.decide import RULE_GPU_DEMAND, ReleaseGpu
 
 from .helpers import cycle, metric, wait_until
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from gpuhub.policy import RULE_SNAPSHOT_RETRY, ReleaseGpu, Warn
+from gpuhub.core.decide import RULE_SNAPSHOT_RETRY, ReleaseGpu, Warn
 
 from .helpers import Fault, FaultProxy, cycle, metric
 

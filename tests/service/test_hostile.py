@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from gpuhub.policy import RULE_GPU_IDLE, RULE_MAX_LEASE
+from gpuhub.core.decide import RULE_GPU_IDLE, RULE_MAX_LEASE
 
 from .helpers import cycle
 

@@ -12,9 +12,9 @@ from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from gpuhub import policy, protocol
-from gpuhub.idle import Activity
-from gpuhub.protocol import ProtocolError, RequestResult
+from gpuhub.core import decide, protocol
+from gpuhub.core.idle import Activity
+from gpuhub.core.protocol import ProtocolError, RequestResult
 from gpuhub.service.actions import Ledger
 from gpuhub.service.keeps import KeepRules, Keeps
 from gpuhub.service.reports import ReportBoard, ReportHandler, ServerAuthenticator
@@ -226,7 +226,7 @@ def test_keep_settings_are_checked():
 
 # -- the rules: a keep postpones idle releases, never the maximum lease ---------------------------
 
-RULES = policy.Rules(
+RULES = decide.Rules(
     gpu_idle_timeout=1800,
     gpu_idle_timeout_under_demand=300,
     server_idle_timeout=3600,
@@ -236,7 +236,7 @@ RULES = policy.Rules(
 )
 
 
-def idle_view(**changes) -> policy.ServerView:
+def idle_view(**changes) -> decide.ServerView:
     values = {
         "user": "ada",
         "gpus": 1,
@@ -247,36 +247,36 @@ def idle_view(**changes) -> policy.ServerView:
         "lease_start": NOW - 8000,
     }
     values.update(changes)
-    return policy.ServerView(**values)
+    return decide.ServerView(**values)
 
 
 def test_a_kept_gpu_is_not_released_for_idleness_nor_for_demand():
-    demand = policy.Demand(waiting=(policy.Waiting("bob", NOW - 100, 1, "a100"),))
-    assert [a.rule for a in policy.decide([idle_view()], demand, NOW, RULES)] == [
-        policy.RULE_SERVER_IDLE
+    demand = decide.Demand(waiting=(decide.Waiting("bob", NOW - 100, 1, "a100"),))
+    assert [a.rule for a in decide.decide([idle_view()], demand, NOW, RULES)] == [
+        decide.RULE_SERVER_IDLE
     ]
     kept = idle_view(kept_until=NOW + 3600)
-    assert policy.decide([kept], demand, NOW, RULES) == []
+    assert decide.decide([kept], demand, NOW, RULES) == []
     # the keep over: released as before
-    assert policy.decide([kept], demand, NOW + 3601, RULES) != []
+    assert decide.decide([kept], demand, NOW + 3601, RULES) != []
     # the maximum lease is never postponed by a keep
     old = idle_view(kept_until=NOW + 3600, lease_start=NOW - 25 * 3600, lease_warned_at=NOW - 1000)
-    [action] = policy.decide([old], policy.Demand(), NOW, RULES)
-    assert action.rule == policy.RULE_MAX_LEASE
+    [action] = decide.decide([old], decide.Demand(), NOW, RULES)
+    assert action.rule == decide.RULE_MAX_LEASE
 
 
 def test_the_planned_release_is_what_the_user_is_warned_of():
     view = idle_view(
         gpu_activity=(Activity("idle", 0.0, NOW - 600),), last_activity=NOW, lease_start=NOW - 600
     )
-    plan = policy.planned_release(view, NOW, RULES)
-    assert plan is not None and plan.rule == policy.RULE_GPU_IDLE
+    plan = decide.planned_release(view, NOW, RULES)
+    assert plan is not None and plan.rule == decide.RULE_GPU_IDLE
     assert plan.at == NOW - 600 + 1800 and "after 30 min" in plan.reason
     # someone waits for an a100: the shorter limit, said so
-    plan = policy.planned_release(view, NOW, RULES, under_demand=True)
-    assert plan.at == NOW - 600 + 300 and plan.rule == policy.RULE_GPU_DEMAND
+    plan = decide.planned_release(view, NOW, RULES, under_demand=True)
+    assert plan.at == NOW - 600 + 300 and plan.rule == decide.RULE_GPU_DEMAND
     # kept: not before the keep ends
-    plan = policy.planned_release(
+    plan = decide.planned_release(
         idle_view(gpu_activity=(Activity("idle", 0.0, NOW - 600),), kept_until=NOW + 3600),
         NOW,
         RULES,
@@ -284,6 +284,6 @@ def test_the_planned_release_is_what_the_user_is_warned_of():
     assert plan.at == NOW + 3600
     # busy, or a kernel running code: no release foreseen but the lease's end
     busy = idle_view(gpu_activity=(Activity("busy", 1.0, None),), lease_start=NOW - 600)
-    plan = policy.planned_release(busy, NOW, RULES)
-    assert plan.rule == policy.RULE_MAX_LEASE and plan.at == NOW - 600 + 24 * 3600
-    assert policy.planned_release(idle_view(gpus=0), NOW, RULES) is None
+    plan = decide.planned_release(busy, NOW, RULES)
+    assert plan.rule == decide.RULE_MAX_LEASE and plan.at == NOW - 600 + 24 * 3600
+    assert decide.planned_release(idle_view(gpus=0), NOW, RULES) is None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from gpuhub.policy import ReleaseGpu
+from gpuhub.core.decide import ReleaseGpu
 
 from .helpers import cycle, last_line, wait_until
 

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from gpuhub.policy import ReleaseGpu
+from gpuhub.core.decide import ReleaseGpu
 
 from .helpers import cycle, last_line, wait_until
 

@@ -11,9 +11,9 @@ import sys
 import pytest
 from traitlets.config import Config
 
-from gpuhub.idle import Activity
-from gpuhub.learned import SERVER, SITE, USER
-from gpuhub.policy import RULE_GPU_IDLE_LEARNED, ReleaseGpu, ServerView
+from gpuhub.core.decide import RULE_GPU_IDLE_LEARNED, ReleaseGpu, ServerView
+from gpuhub.core.idle import Activity
+from gpuhub.core.learned import SERVER, SITE, USER
 from gpuhub.service.app import GpuhubService
 from gpuhub.service.learning import OPEN, LearnedRelease
 from gpuhub.store import Store

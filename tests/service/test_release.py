@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpuhub.policy import (
+from gpuhub.core.decide import (
     RULE_GPU_IDLE,
     RULE_SERVER_IDLE,
     RULE_WORK_IN_PROGRESS,

@@ -12,7 +12,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from gpuhub import protocol
+from gpuhub.core import protocol
 from gpuhub.service.reports import ReportBoard, ReportHandler, ServerAuthenticator
 
 TOKENS = {

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from gpuhub.idle import BUSY, IDLE, UNKNOWN, Activity
-from gpuhub.policy import RULE_MAX_LEASE_WARNING, Demand, Rules, Waiting, decide
-from gpuhub.protocol import parse_snapshot_result, parse_status
+from gpuhub.core.decide import RULE_MAX_LEASE_WARNING, Demand, Rules, Waiting, decide
+from gpuhub.core.idle import BUSY, IDLE, UNKNOWN, Activity
+from gpuhub.core.protocol import parse_snapshot_result, parse_status
 from gpuhub.service import notices, scopes
 from gpuhub.service.actions import (
     Ledger,
@@ -237,7 +237,7 @@ def test_scopes_by_jupyterhub_version():
 
 
 def test_interrupted_actions_are_taken_up_or_closed(tmp_path):
-    from gpuhub.policy import ReleaseGpu, StopServer
+    from gpuhub.core.decide import ReleaseGpu, StopServer
     from gpuhub.service.actions import ActionSettings, Executor
     from gpuhub.service.hubapi import HubClient
     from gpuhub.service.metrics import Metrics

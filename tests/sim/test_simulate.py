@@ -8,8 +8,9 @@ from contextlib import nullcontext
 
 import pytest
 
-from gpuhub import idle, policy
-from gpuhub.policy import Rules
+from gpuhub.core import decide as decisions
+from gpuhub.core import idle
+from gpuhub.core.decide import Rules
 from gpuhub.sim import engine
 from gpuhub.sim.cli import main as simulate_main
 from gpuhub.sim.engine import POLICIES, PolicySpec, SimConfig, SimulationError, simulate
@@ -186,7 +187,7 @@ def test_bad_workload_names_the_field(data, field):
 
 def test_simulation_drives_the_real_policy_and_idle_code(monkeypatch):
     calls = {"decide": 0, "activity": 0}
-    real_decide, real_activity = policy.decide, idle.activity
+    real_decide, real_activity = decisions.decide, idle.activity
 
     def decide(*a, **kw):
         calls["decide"] += 1
@@ -196,14 +197,14 @@ def test_simulation_drives_the_real_policy_and_idle_code(monkeypatch):
         calls["activity"] += 1
         return real_activity(*a, **kw)
 
-    monkeypatch.setattr(policy, "decide", decide)
+    monkeypatch.setattr(decisions, "decide", decide)
     monkeypatch.setattr(idle, "activity", activity)
     run(ONE, "gpuhub")
     assert calls["decide"] > 10 and calls["activity"] > 10
     # and a change in the policy changes the simulation
-    monkeypatch.setattr(policy, "decide", lambda *a, **kw: [])
+    monkeypatch.setattr(decisions, "decide", lambda *a, **kw: [])
     assert run(ONE, "gpuhub")["reserved_gpu_hours"] == pytest.approx(100 / 60, abs=1e-3)
-    assert engine.policy is policy
+    assert engine.decide is decisions
 
 
 # --- synthetic workloads ---------------------------------------------------------------------

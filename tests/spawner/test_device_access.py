@@ -127,7 +127,7 @@ def test_servers_get_the_device_files_of_their_leases_only(people, device_dir, t
     gpus = [{"uuid": u, "name": "NVIDIA A100 (simulated)", "memory_total": 1} for u in GPUS]
     nvml_fake.write_scenario(scenario, {"driver_version": "560.35.03", "gpus": gpus})
     os.environ["GPUHUB_FAKE_NVML"] = str(scenario)
-    local._inventory_cache.update(at=0.0, value=None)
+    local._inventory_cache.clear()
     try:
         store_url = f"sqlite:///{tmp_path / 'store.sqlite'}"
         first = spawner_for(ada, store_url, device_dir)
@@ -158,4 +158,4 @@ def test_servers_get_the_device_files_of_their_leases_only(people, device_dir, t
         assert store.leases(ada) == []
     finally:
         del os.environ["GPUHUB_FAKE_NVML"]
-        local._inventory_cache.update(at=0.0, value=None)
+        local._inventory_cache.clear()

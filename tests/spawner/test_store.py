@@ -4,8 +4,9 @@ import multiprocessing
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import sqlalchemy as sa
 
-from gpuhub.store import GpuQuotaReached, NoGpuFree, Store
+from gpuhub.store import ActionStatus, GpuQuotaReached, NoGpuFree, Store
 
 DEVICES = [f"GPU-{i}" for i in range(4)]
 
@@ -20,6 +21,21 @@ def test_lease_release_and_usage(db_url):
         store.lease_devices("cy", "", "gpu", DEVICES, 2)
     assert [lease.device for lease in store.release("ada", "")] == ["GPU-0", "GPU-1"]
     assert store.lease_devices("cy", "", "gpu", DEVICES, 2) == ["GPU-0", "GPU-1"]
+
+
+def test_action_states_are_stored_as_their_plain_names(db_url):
+    store = Store(db_url)
+    planned = store.record_action(
+        "ada", "", "release", "gpu-idle", "idle", actor="gpuhub", status=ActionStatus.PLANNED
+    )
+    assert planned.status == "planned" and planned.open
+    failed = store.update_action(planned.id, status=ActionStatus.SNAPSHOT_FAILED)
+    assert failed.status == "snapshot-failed" and not failed.open
+    with sa.create_engine(db_url).connect() as c:
+        stored = c.execute(sa.text("SELECT status FROM gpuhub_actions")).scalars().all()
+    assert stored == ["snapshot-failed"]
+    assert [a.id for a in store.actions(statuses=[ActionStatus.SNAPSHOT_FAILED])] == [planned.id]
+    assert [a.id for a in store.actions(statuses=["snapshot-failed"])] == [planned.id]
 
 
 def test_the_quota_is_checked_again_in_the_transaction_that_takes_the_gpus(tmp_path):

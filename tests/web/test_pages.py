@@ -525,7 +525,7 @@ def test_admin_sees_the_cluster_capacity_the_hub_publishes(pages):
 def test_links_planted_in_a_home_never_reach_another_users_snapshots(pages):
     """No server runs, so the service reads the homes itself: mallory links parts of her
     snapshot folder to kim's, and can neither see, choose nor delete kim's snapshot."""
-    from gpuhub import snapshot as core
+    from gpuhub.core import snapshot as core
 
     home = pages.hub.state_dir / "home"
     kim_root = home / "kim" / ".gpuhub" / "snapshots"

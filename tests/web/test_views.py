@@ -6,9 +6,9 @@ import re
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
-from gpuhub.catalog import catalog_from_dict
-from gpuhub.policy import Limit
-from gpuhub.queue import QueueEntry
+from gpuhub.core.catalog import catalog_from_dict
+from gpuhub.core.queue import QueueEntry
+from gpuhub.core.quotas import Limit
 from gpuhub.service.web import views
 from gpuhub.service.web.activity import ActivityLog
 from gpuhub.service.web.sparkline import sparkline_svg
@@ -130,7 +130,7 @@ def test_queue_places_and_estimated_wait():
 
 
 def test_quota_usage_says_where_a_limit_comes_from():
-    from gpuhub.policy import EffectiveQuota
+    from gpuhub.core.quotas import EffectiveQuota
 
     usage = views.quota_usage(
         EffectiveQuota(Limit(2, "group researchers"), Limit(None, "default")), 2, 1

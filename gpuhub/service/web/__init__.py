@@ -8,11 +8,11 @@ in docs/pages.md.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 from ... import paths
-from ...policy import QuotaConfig, quota_config_from_dict
+from ...core.quotas import QuotaConfig, quota_config_from_dict
+from ...expiring import ExpiringCache
 from . import admin, user
 from .activity import ActivityLog
 from .base import OAuthCallback
@@ -64,15 +64,8 @@ def handlers(pages: Pages) -> list[tuple[str, type, dict[str, Any]]]:
 
 
 def _cached(seconds: float, load: Any) -> Any:
-    state: dict[str, Any] = {"at": -1e9, "value": None}
-
-    def get() -> Any:
-        now = time.monotonic()
-        if now - state["at"] > seconds:
-            state.update(at=now, value=load())
-        return state["value"]
-
-    return get
+    cache: ExpiringCache[None, Any] = ExpiringCache(seconds)
+    return lambda: cache.get_or_load(None, load)
 
 
 def make_pages(service: Any) -> Pages:

@@ -9,8 +9,8 @@ from typing import Any
 
 from tornado import web
 
-from ...overrides import InputError
-from ...registration import RegistrationError, parse_csv
+from ...core.overrides import InputError
+from ...core.registration import RegistrationError, parse_csv
 from ..hubapi import HubClient
 from .base import ApiHandler, BaseHandler
 from .context import ActionRefused

@@ -5,7 +5,7 @@ from __future__ import annotations
 from traitlets import Bool, Float, Int, List, Unicode
 from traitlets.config import Configurable
 
-from ...overrides import DEFAULT_REGISTRIES
+from ...core.overrides import DEFAULT_REGISTRIES
 from ...settings import GpuhubConfig
 
 ADMIN_SCOPE = "custom:gpuhub:admin"

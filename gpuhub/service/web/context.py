@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from ...catalog import Catalog
-from ...overrides import (
+from ...core.catalog import Catalog
+from ...core.decide import ReleaseGpu, StopServer
+from ...core.overrides import (
     GroupQuota,
     check_environment,
     check_quota,
@@ -27,9 +28,9 @@ from ...overrides import (
     merge_environments,
     merge_group_quotas,
 )
-from ...policy import QuotaConfig, ReleaseGpu, StopServer, effective_quota
-from ...registration import parse_csv
-from ...store import Store, utcnow
+from ...core.quotas import QuotaConfig, effective_quota
+from ...core.registration import parse_csv
+from ...store import ActionStatus, Store, utcnow
 from ..hubapi import HubAPIError, HubClient
 from . import views
 from .activity import ActivityLog
@@ -169,7 +170,7 @@ class Pages:
             if not entry["can_request_gpu"]:
                 continue
             released = self.store.actions(
-                user, entry["name"], kinds=("release",), statuses=("done",), limit=1
+                user, entry["name"], kinds=("release",), statuses=(ActionStatus.DONE,), limit=1
             )
             if released and released[0].gpus:
                 entry["gpu_again"] = {"gpus": released[0].gpus, "gpu_type": released[0].gpu_type}
@@ -203,7 +204,7 @@ class Pages:
         )
 
     def _device_counts(self, catalog: Catalog) -> dict[str, int]:
-        from ...catalog import devices_by_type
+        from ...core.catalog import devices_by_type
 
         names = {d.uuid: d.name for d in self.devices()}
         return {t: len(d) for t, d in devices_by_type(catalog.gpu_types, names).items()}

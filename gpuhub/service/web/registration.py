@@ -1,7 +1,7 @@
 """Registering users and groups through the hub's REST API, from the admin page and from
 `gpuhub users import FILE.csv`.
 
-The file is read and checked first (`gpuhub.registration`); nothing is changed if a line is bad.
+The file is read and checked first (`core.registration`); nothing is changed if a line is bad.
 Then the hub's users and groups are read, and only what is missing is created: users
 (`POST /users`, `admin:users`), groups (`POST /groups`, `admin:groups`) and memberships
 (`POST /groups/{name}/users`, `groups`). Nothing is removed.
@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
 
-from ...registration import Plan, Registration, RegistrationError, parse_csv, plan
+from ...core.registration import Plan, Registration, RegistrationError, parse_csv, plan
 from ..hubapi import PAGINATION, HubAPIError, HubClient
 
 log = logging.getLogger("gpuhub.service")

@@ -1,7 +1,7 @@
 """A user's kernel snapshots, as the pages list, delete and choose them for the next start.
 
-Snapshots live in the user's home (`~/.gpuhub/snapshots/<key>/<name>/`, see `gpuhub.snapshot`).
-While one of the user's servers runs, the pages send it a command (`gpuhub.protocol`: the server
+Snapshots live in the user's home (`~/.gpuhub/snapshots/<key>/<name>/`, see `gpuhub.core.snapshot`).
+While one of the user's servers runs, the pages send it a command (`core.protocol`: the server
 lists, deletes or chooses snapshots for its own user and reports the result; no credential goes
 to the server). While none runs, and only where the service sees the homes
 (`GpuhubPages.snapshot_home_template`, the local backend), the pages read the folder themselves
@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ... import protocol
 from ... import snapshot_files as files
+from ...core import protocol
 from ..reports import CommandTimeout, ReportBoard
 from . import views
 from .config import GpuhubPages

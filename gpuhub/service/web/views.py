@@ -11,9 +11,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ... import queue as queue_core
-from ...catalog import Catalog
-from ...policy import EffectiveQuota, Limit
+from ...core import queue as queue_core
+from ...core.catalog import Catalog
+from ...core.quotas import EffectiveQuota, Limit
 from ...store import MeasuredCapacity
 
 STATES = ("busy", "idle", "unknown", "unavailable")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gpuhub.catalog import GpuType
+from gpuhub.core.catalog import GpuType
 from gpuhub.spawner.kube_capacity import (
     TypeCapacity,
     cluster_capacity,

@@ -13,8 +13,8 @@ from kubernetes_asyncio.client import ApiClient
 from tornado import web
 
 from gpuhub import paths
-from gpuhub.catalog import load_catalog
-from gpuhub.options import Selection
+from gpuhub.core.catalog import load_catalog
+from gpuhub.core.options import Selection
 from gpuhub.spawner.kube_objects import PodBase, label_value, pod_settings
 
 KUBE_VERSIONS = ["1.30.0", "1.33.0"]

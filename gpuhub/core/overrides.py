@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .catalog import ID_PATTERN, Catalog, CatalogError, Environment, environment_from_dict
-from .policy import UNLIMITED, Quota, QuotaConfig
+from .quotas import UNLIMITED, Quota, QuotaConfig
 
 MAX_DISPLAY_NAME = 100
 MAX_DESCRIPTION = 500

@@ -95,7 +95,7 @@ class Catalog:
     default_environment: str
     default_gpu_type: str | None
     source: str = "<catalog>"
-    #: Environments admins added at runtime (`gpuhub.overrides.merge_environments`); every other
+    #: Environments admins added at runtime (`core.overrides.merge_environments`); every other
     #: environment comes from the catalogue file.
     runtime_ids: frozenset[str] = frozenset()
 
@@ -122,11 +122,6 @@ class Catalog:
     def gpu_types_for(self, groups: Iterable[str]) -> list[GpuType]:
         groups = set(groups)
         return [g for g in self.gpu_types if g.allowed_for(groups)]
-
-    def with_environment(self, environment: Environment) -> Catalog:
-        """A copy with `environment` added, or replacing the one with the same id."""
-        others = tuple(e for e in self.environments if e.id != environment.id)
-        return replace(self, environments=(*others, environment))
 
 
 def devices_by_type(

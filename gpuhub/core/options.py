@@ -43,9 +43,6 @@ class Selection:
             "gpu_type": self.gpu_type,
         }
 
-    def without_gpus(self) -> Selection:
-        return Selection(self.interface, self.environment, 0, self.gpu_type)
-
 
 def _shown(value: Any) -> str:
     text = repr(value)

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .policy import ServerView
+from .decide import ServerView
 
 SERVER = "server"
 USER = "user"
