@@ -235,7 +235,7 @@ def report_load(service_url: str, tokens_file: str, rounds: int, concurrency: in
     client). Prints one JSON object: seconds, reports, failures by status."""
     from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-    from gpuhub import protocol
+    from gpuhub.core import protocol
 
     servers = [line.split("\t") for line in Path(tokens_file).read_text().splitlines() if line]
     now = time.time()
