@@ -46,12 +46,17 @@ def bounded_status(status: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def signature(status: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What in a status makes a report urgent when it changes."""
+    """What in a status makes a report urgent when it changes: work in progress, and the GPUs
+    as the server sees them (their first reading, a change of state)."""
     executing = sorted(
         str(k.get("id")) for k in status.get("kernels") or () if k.get("execution_state") == "busy"
     )
     outside = sorted(int(p.get("pid") or 0) for p in status.get("external_processes") or ())
-    return (tuple(executing), tuple(outside), bool(status.get("busy")))
+    gpus = tuple(
+        (str(g.get("uuid")), str(g.get("name")), str(g.get("state")), bool(g.get("simulated")))
+        for g in status.get("gpus") or ()
+    )
+    return (tuple(executing), tuple(outside), bool(status.get("busy")), gpus)
 
 
 class Reporter:
