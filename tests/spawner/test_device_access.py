@@ -21,7 +21,8 @@ from gpuhub.spawner.device_access import DeviceAccessError, DeviceFiles, device_
 from gpuhub.store import Store
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="creates system users and changes device files' owners (root)"
+    os.geteuid() != 0,
+    reason="needs root: creates real system users and changes device files' owners",
 )
 
 GPUS = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc"]
