@@ -61,6 +61,7 @@ from .hubapi import HubAPIError, HubClient
 from .keeps import KeepRules, Keeps
 from .learning import LearnedRelease
 from .metrics import Metrics
+from .refusals import RefusalLimiter
 from .reports import ReportBoard, ReportHandler, ServerAuthenticator
 from .requests import UserRequests
 from .servers import RunningServer, parse_time, running_servers, view_from
@@ -246,6 +247,15 @@ class GpuhubService(Application):
         300.0,
         config=True,
         help="Seconds the hub's answer about a report token is kept (a hash of it, in memory).",
+    )
+    report_refusals_per_minute = Int(
+        30,
+        config=True,
+        help="""Tokens the hub may refuse for one source address within a minute before the
+        service refuses that address's unknown tokens without asking the hub (429 with
+        `Retry-After`) until the minute has passed. Tokens the service already knows are never
+        limited. Keeps random tokens from turning every report into a request to the hub.
+        0: no limit.""",
     )
     max_reports_per_user = Int(
         16,
@@ -526,6 +536,7 @@ class GpuhubService(Application):
             require_service_scope=self.require_service_scope,
             ttl=self.report_auth_cache,
             timeout=self.request_timeout,
+            refusals=RefusalLimiter(max_refusals=self.report_refusals_per_minute, window=60.0),
         )
         self.idle_rule = idle.IdleRule(
             util_threshold=self.util_threshold,

@@ -145,7 +145,7 @@ class ArbiterHandler(web.RequestHandler):
         if token is None:
             raise web.HTTPError(401, "the culler's token is needed")
         try:
-            caller = await service.server_auth.caller(token)
+            caller = await service.server_auth.caller(token, self.request.remote_ip)
         except AuthError as e:
             raise web.HTTPError(e.status, str(e)) from None
         if caller.kind != "service" or caller.name not in service.arbiter_services:

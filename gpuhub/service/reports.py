@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -32,6 +33,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from ..core import protocol
 from ..core.protocol import Command, CommandResult, ProtocolError, Report, ServerStatus
 from ..expiring import ExpiringCache
+from .refusals import RefusalLimiter
 
 log = logging.getLogger("gpuhub.service")
 
@@ -40,8 +42,10 @@ SERVER_NAME = re.compile(r"^[^/?#\x00-\x1f]{0,255}$")
 
 
 class AuthError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         self.status = status
+        #: seconds after which the same request may succeed (a 429's `Retry-After`)
+        self.retry_after = retry_after
         super().__init__(message)
 
 
@@ -87,6 +91,7 @@ class ServerAuthenticator:
         bad_ttl: float = 10.0,
         timeout: float = 10.0,
         max_entries: int = 20000,
+        refusals: RefusalLimiter | None = None,
     ) -> None:
         self.api_url = api_url.rstrip("/")
         self.service_name = service_name
@@ -96,6 +101,8 @@ class ServerAuthenticator:
         self.timeout = timeout
         self.max_entries = max_entries
         self._cache: ExpiringCache[str, Identity | AuthError] = ExpiringCache(ttl, max_entries)
+        #: sources whose unknown tokens are refused without asking the hub, for a while
+        self.refusals = refusals if refusals is not None else RefusalLimiter()
         self._client: AsyncHTTPClient | None = None
 
     def close(self) -> None:
@@ -133,9 +140,10 @@ class ServerAuthenticator:
             raise AuthError(403, "the hub's answer about the token names no user or service")
         return Identity(kind, name, frozenset(s for s in scopes if isinstance(s, str)))
 
-    async def identify(self, token: str, server: str) -> Identity:
-        """The user whose server `server` sent `token`; `AuthError` (403) otherwise."""
-        found = await self.caller(token)
+    async def identify(self, token: str, server: str, source: str | None = None) -> Identity:
+        """The user whose server `server` sent `token` (from the address `source`); `AuthError`
+        (403) otherwise."""
+        found = await self.caller(token, source)
         if found.kind != "user":
             raise AuthError(403, "only a user's server may report")
         if not reaches_server(found.scopes, found.user, server):
@@ -148,17 +156,27 @@ class ServerAuthenticator:
             )
         return found
 
-    async def caller(self, token: str) -> Identity:
-        """Who `token` belongs to (cached); `AuthError` when the hub does not know it."""
+    async def caller(self, token: str, source: str | None = None) -> Identity:
+        """Who `token` belongs to (cached); `AuthError` when the hub does not know it, or (429)
+        when `source` had too many tokens refused lately to have another one looked up."""
         digest = hashlib.sha256(token.encode()).hexdigest()
         cached = self._cache.get(digest)
         if cached is not None:
             found = cached
         else:
+            wait = self.refusals.retry_after(source)
+            if wait > 0:
+                raise AuthError(
+                    429,
+                    f"too many refused tokens from {source}; try again in {math.ceil(wait)} s",
+                    retry_after=math.ceil(wait),
+                )
             try:
                 found = await self._ask_hub(token)
             except AuthError as e:
                 found = e
+                if e.status == 403:
+                    self.refusals.refused(source)
             except Exception as e:  # the hub unreachable: not cached
                 raise AuthError(503, f"the hub could not check the token ({e})") from None
             if not (isinstance(found, AuthError) and found.status >= 500):
@@ -336,6 +354,7 @@ class ReportHandler(web.RequestHandler):
         #: (for that server only) and gives the server's notices
         self.requests = requests
         self.identity: Identity | None = None
+        self.retry_after: int | None = None  # a 429's Retry-After
         self.chunks: list[bytes] = []
         self.size = 0
         self.too_large = False
@@ -345,6 +364,8 @@ class ReportHandler(web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.set_header("Content-Type", "application/json")
+        if status_code == 429 and self.retry_after is not None:
+            self.set_header("Retry-After", str(self.retry_after))
         message = self._reason
         exc = kwargs.get("exc_info")
         if exc and isinstance(exc[1], web.HTTPError) and exc[1].log_message:
@@ -366,8 +387,9 @@ class ReportHandler(web.RequestHandler):
         if not SERVER_NAME.match(server):
             raise web.HTTPError(400, "server: not a server name")
         try:
-            self.identity = await self.auth.identify(token, server)
+            self.identity = await self.auth.identify(token, server, self.request.remote_ip)
         except AuthError as e:
+            self.retry_after = e.retry_after
             raise web.HTTPError(e.status, str(e)) from None
         self.server_name = server
 

@@ -13,6 +13,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from gpuhub.core import protocol
+from gpuhub.service.refusals import RefusalLimiter
 from gpuhub.service.reports import ReportBoard, ReportHandler, ServerAuthenticator
 
 TOKENS = {
@@ -63,7 +64,7 @@ def status(executing: bool = False) -> dict:
 
 @pytest.fixture
 def env():
-    async def make():
+    async def make(refusals: RefusalLimiter | None = None):
         board = ReportBoard(max_per_user=2)
         asked: list = []
         hub = web.Application([(r"/hub/api/user", UserHandler)], asked=asked)
@@ -71,7 +72,7 @@ def env():
         hub_server = HTTPServer(hub)
         hub_server.add_sockets(sockets)
         api = f"http://127.0.0.1:{sockets[0].getsockname()[1]}/hub/api"
-        auth = ServerAuthenticator(api, "gpuhub", ttl=60)
+        auth = ServerAuthenticator(api, "gpuhub", ttl=60, refusals=refusals)
         app = web.Application(
             [(r"/report", ReportHandler, {"board": board, "auth": auth, "max_hold": 5})]
         )
@@ -198,6 +199,45 @@ def test_one_user_cannot_fill_the_board(env):
         finally:
             del TOKENS["eve-user"]
         assert codes == [200, 200, 429, 429]
+        for s in servers:
+            s.stop()
+
+    asyncio.run(go())
+
+
+def test_random_tokens_do_not_become_requests_to_the_hub(env):
+    """A server spraying made-up tokens gets a few of them looked up, then 429 without the hub
+    being asked, while tokens the service already knows keep working."""
+
+    async def go():
+        clock = [1000.0]
+        limiter = RefusalLimiter(max_refusals=5, window=60.0, clock=lambda: clock[0])
+        _board, asked, base, servers = await env(limiter)
+        ok = {"version": 1, "status": status()}
+        assert (await post(base, "ada-server", ok))[0] == 200  # known from now on
+        asked.clear()
+        codes = [(await post(base, f"guess-{i}", ok))[0] for i in range(20)]
+        assert codes[:5] == [403] * 5 and set(codes[5:]) == {429}
+        assert len(asked) == 5  # the hub heard of 5 guesses, not 20
+        client = AsyncHTTPClient()
+        r = await client.fetch(
+            HTTPRequest(
+                f"{base}?server=&wait=0",
+                method="POST",
+                body=json.dumps(ok).encode(),
+                headers={"Authorization": "token guess-x"},
+            ),
+            raise_error=False,
+        )
+        assert r.code == 429 and 0 < int(r.headers["Retry-After"]) <= 60
+        assert "too many refused tokens" in json.loads(r.body)["message"]
+        # the known token still reports, without asking the hub
+        assert (await post(base, "ada-server", ok))[0] == 200
+        # a real token first seen now waits with the guesses (same address) ...
+        assert (await post(base, "bob-server", ok))[0] == 429
+        # ... until the window has passed
+        clock[0] += 61
+        assert (await post(base, "bob-server", ok))[0] == 200
         for s in servers:
             s.stop()
 
