@@ -186,6 +186,33 @@ class GpuhubConfig(Configurable):
 
 #: libpq reads these from the environment (PGPASSWORD, PGSSLMODE, ...): a service that reaches
 #: the same PostgreSQL server as the hub needs them as well.
+
+
+class SharesGpuhubConfig:
+    """For a configurable (the spawners, the service): its `c.GpuhubConfig`, made once with it as
+    parent, and the shared settings read from there, so that none is declared twice."""
+
+    @property
+    def gpuhub_config(self) -> GpuhubConfig:
+        """The settings shared by the hub, the service and the pages (`c.GpuhubConfig`)."""
+        shared = self.__dict__.get("_gpuhub_config")
+        if shared is None:
+            shared = self.__dict__["_gpuhub_config"] = GpuhubConfig(parent=self)
+        return shared
+
+    @property
+    def store_url(self) -> str:
+        return self.gpuhub_config.store_url
+
+    @property
+    def catalog_file(self) -> str:
+        return self.gpuhub_config.catalog_file
+
+    @property
+    def queue_stale_after(self) -> float:
+        return self.gpuhub_config.queue_stale_after
+
+
 def _libpq_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("PG")}
 

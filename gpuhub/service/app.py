@@ -44,7 +44,7 @@ from ..activity.tracker import TrustedActivity
 from ..core import decide, idle, protocol
 from ..expiring import ExpiringCache
 from ..schema import SchemaError
-from ..settings import GpuhubConfig
+from ..settings import GpuhubConfig, SharesGpuhubConfig
 from ..store import Store
 from .actions import ActionSettings, Executor, run_key
 from .arbiter import ArbiterHandler
@@ -87,7 +87,7 @@ class HealthHandler(web.RequestHandler):
         self.finish(json.dumps(report))
 
 
-class GpuhubService(Application):
+class GpuhubService(SharesGpuhubConfig, Application):
     """The gpuhub hub service: GPU release, state-preserving culling, reclaim under demand."""
 
     name = "gpuhub-service"
@@ -189,25 +189,6 @@ class GpuhubService(Application):
 
     # store_url, catalog_file, queue_stale_after: c.GpuhubConfig (gpuhub.settings), shared with
     # the hub and the pages; the hub hands its values to a managed service in its environment.
-
-    @property
-    def gpuhub_config(self) -> GpuhubConfig:
-        shared = self.__dict__.get("_gpuhub_config")
-        if shared is None:
-            shared = self.__dict__["_gpuhub_config"] = GpuhubConfig(parent=self)
-        return shared
-
-    @property
-    def store_url(self) -> str:
-        return self.gpuhub_config.store_url
-
-    @property
-    def catalog_file(self) -> str:
-        return self.gpuhub_config.catalog_file
-
-    @property
-    def queue_stale_after(self) -> float:
-        return self.gpuhub_config.queue_stale_after
 
     gpu_totals = Dict(
         value_trait=Int(),

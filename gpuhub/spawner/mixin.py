@@ -35,7 +35,7 @@ from ..core.quotas import (
     gpu_quota_exceeded,
     quota_config_from_dict,
 )
-from ..settings import GpuhubConfig
+from ..settings import SharesGpuhubConfig
 from ..store import GpuLease, GpuQuotaReached, Store
 
 _reconciled_stores: set[str] = set()
@@ -106,7 +106,7 @@ def http_error(status: int, message: str) -> web.HTTPError:
     return error
 
 
-class GPUSpawnerMixin(Configurable):
+class GPUSpawnerMixin(SharesGpuhubConfig, Configurable):
     """GPU selection, quotas and leases for a JupyterHub spawner (put it before the spawner)."""
 
     catalog = Dict(
@@ -174,22 +174,6 @@ class GPUSpawnerMixin(Configurable):
     selection = Instance(Selection, allow_none=True, help="The validated selection being run.")
 
     # -- shared settings (gpuhub.settings), catalogue, groups, store ----------------------------
-
-    @property
-    def gpuhub_config(self) -> GpuhubConfig:
-        """The settings shared with the gpuhub service and the pages (`c.GpuhubConfig`)."""
-        shared = self.__dict__.get("_gpuhub_config")
-        if shared is None:
-            shared = self.__dict__["_gpuhub_config"] = GpuhubConfig(parent=self)
-        return shared
-
-    @property
-    def store_url(self) -> str:
-        return self.gpuhub_config.store_url
-
-    @property
-    def catalog_file(self) -> str:
-        return self.gpuhub_config.catalog_file
 
     def check_settings(self) -> None:
         """Check the settings now (the hub's start, `gpuhub.settings.check_hub_config`)."""

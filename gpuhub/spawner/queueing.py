@@ -80,10 +80,9 @@ class GPUQueueMixin(Configurable):
         help="Seconds an interrupted wait keeps its place in the queue before it is dropped.",
     )
 
-    @property
-    def queue_stale_after(self) -> float:
-        """`c.GpuhubConfig.queue_stale_after`: shared with the gpuhub service and the pages."""
-        return self.gpuhub_config.queue_stale_after  # type: ignore[attr-defined]
+    # queue_stale_after: `c.GpuhubConfig.queue_stale_after` (GPUSpawnerMixin, shared with the
+    # gpuhub service and the pages)
+    queue_stale_after: float
 
     _wait_status: WaitStatus | None = None
     _waiting_phase: str = "idle"  # idle -> applying -> (queued ->) done
