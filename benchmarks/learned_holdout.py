@@ -10,6 +10,7 @@ halves, cold and warm, is not an artefact of having seen the sessions it is meas
 
     .venv/bin/python benchmarks/learned_holdout.py            # splits 0 and 1, Markdown table
     .venv/bin/python benchmarks/learned_holdout.py --splits 3
+    .venv/bin/python benchmarks/learned_holdout.py --synthetic --hours 6 --splits 1  # a smoke run
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from gpuhub.core.decide import Rules
 from gpuhub.core.learned import SITE, GapModel, LearnedSettings
 from gpuhub.sim.engine import GPUHUB, LEARNED, PolicySpec, SimConfig, simulate
 from gpuhub.sim.frontier import FLAT_TIMEOUTS, Point, at_restarts, point
-from gpuhub.sim.workload import Workload, default_trace_path, load_trace
+from gpuhub.sim.synthetic import SyntheticParams, generate
+from gpuhub.sim.workload import Workload, default_trace_path, load_trace, workload_from_dict
 
 
 def halves(trace: Workload, seed: int) -> tuple[Workload, Workload]:
@@ -59,11 +61,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--splits", type=int, default=2, help="random splits, seeds 0.. (2)")
     p.add_argument("--gpus", type=int, default=64, help="GPUs in the pool (64)")
+    p.add_argument(
+        "--synthetic", action="store_true", help="split a synthetic workload (seed 0) instead"
+    )
+    p.add_argument("--hours", type=float, default=48.0, help="--synthetic: hours of arrivals (48)")
     args = p.parse_args()
-    path = default_trace_path()
-    if path is None:
-        raise SystemExit("the Adobe trace is not in ../shared/traces/")
-    trace = load_trace(path)
+    if args.synthetic:
+        trace = workload_from_dict(generate(SyntheticParams(hours=args.hours), 0), "synthetic")
+    else:
+        path = default_trace_path()
+        if path is None:
+            raise SystemExit("the Adobe trace is not in ../shared/traces/; try --synthetic")
+        trace = load_trace(path)
     config = SimConfig(gpus=args.gpus)
     settings = LearnedSettings()
     print(
