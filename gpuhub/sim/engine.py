@@ -197,7 +197,13 @@ class PolicyResult:
 
 
 class _Simulation:
-    def __init__(self, workload: Workload, spec: PolicySpec, config: SimConfig) -> None:
+    def __init__(
+        self,
+        workload: Workload,
+        spec: PolicySpec,
+        config: SimConfig,
+        model: GapModel | None = None,
+    ) -> None:
         self.workload = workload
         self.spec = spec
         self.config = config
@@ -221,7 +227,7 @@ class _Simulation:
         self.model: GapModel | None = None
         self.rules = spec.rules
         if spec.name == GPUHUB and spec.release_policy == LEARNED:
-            self.model = GapModel(spec.learned)
+            self.model = model if model is not None else GapModel(spec.learned)
         self.perfect = spec.name == GPUHUB and spec.release_policy == PERFECT
         if self.perfect:
             # Pauses are released at their start or held to their end: no idle timeout.
@@ -535,11 +541,17 @@ class _Simulation:
         )
 
 
-def simulate(workload: Workload, spec: PolicySpec, config: SimConfig) -> PolicyResult:
-    """Run `workload` on a pool of `config.gpus` GPUs under one policy."""
+def simulate(
+    workload: Workload, spec: PolicySpec, config: SimConfig, model: GapModel | None = None
+) -> PolicyResult:
+    """Run `workload` on a pool of `config.gpus` GPUs under one policy.
+
+    `model`: with the learned release policy, start from this model (what a site has learned
+    before) instead of from nothing; it goes on learning during the run.
+    """
     if isinstance(config.gpus, bool) or not isinstance(config.gpus, int) or config.gpus < 1:
         raise SimulationError(f"gpus: must be an integer >= 1, not {config.gpus!r}")
     delay = config.restart_delay
     if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not delay >= 0:
         raise SimulationError(f"restart_delay: must be a number of seconds >= 0, not {delay!r}")
-    return _Simulation(workload, spec, config).run()
+    return _Simulation(workload, spec, config, model).run()

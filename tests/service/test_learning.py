@@ -154,9 +154,21 @@ def test_idle_gpu_released_after_the_learned_limit(service_hub):
     [release] = [a for a in actions if isinstance(a, ReleaseGpu) and a.user == "learn-ada"]
     assert release.rule == RULE_GPU_IDLE_LEARNED
     assert "this server's pauses longer than 2 s lasted 40 min on average" in release.reason
+    # the admin page shows the limit that cycle used, and why
+    from gpuhub.service.web import make_pages
+
+    limits = make_pages(service).release_limits_view()
+    assert limits["policy"] == "learned" and limits["flat"] == "1 h"
+    [row] = [r for r in limits["servers"] if r["user"] == "learn-ada"]
+    assert row["learned"] and row["limit_s"] == release_limit(service, "learn-ada")
+    assert row["why"] in release.reason
     assert sh.model("learn-ada")["user_options"]["gpus"] == 0
     [record] = sh.store.actions("learn-ada", kinds=["release"])
     assert record.status == "done" and record.reason == release.reason
     notice = sh.read_file("learn-ada", "GPUHUB-NOTICE.md")
     assert notice is not None and "lasted 40 min on average" in notice
     sh.stop_everything()
+
+
+def release_limit(service: GpuhubService, user: str) -> float:
+    return service.learning.current[(user, "")].seconds

@@ -569,3 +569,14 @@ def test_links_planted_in_a_home_never_reach_another_users_snapshots(pages):
 
     assert (kim_root / "nb-1" / name / core.MANIFEST).is_file()
     assert not (kim_root / "nb-1" / core.RESTORE_NEXT).exists()
+
+
+def test_admin_sees_the_release_policy_in_force(pages):
+    grace = pages.login("admin-grace")
+    page = pages.get(grace, "admin").text
+    limits = pages.api(pages.token("admin-grace"), "GET", "admin/limits").json()
+    # the demo runs the flat policy: no per-server limits, the flat timeout for everyone
+    assert limits["policy"] == "flat" and limits["servers"] == [] and limits["flat"]
+    said = f"Release policy: <strong>flat</strong>. Idle GPUs go back after {limits['flat']}"
+    assert said in page
+    assert pages.api(pages.token("ada"), "GET", "admin/limits").status_code == 403

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 from gpuhub.core.catalog import catalog_from_dict
+from gpuhub.core.decide import ServerView
 from gpuhub.core.queue import QueueEntry
 from gpuhub.core.quotas import Limit
 from gpuhub.service.web import views
@@ -203,3 +204,91 @@ def test_capacity_rows_say_how_old_the_counts_are():
     assert gpu["age"] == "5 min"
     assert t4["fresh"] and t4["age_s"] == 12.0 and t4["unavailable"] == 4
     assert t4["note"] == "the 1 node with T4 GPUs is cordoned"
+
+
+def test_release_limits_show_each_servers_learned_limit_and_why(tmp_path):
+    from gpuhub.core.idle import Activity
+    from gpuhub.service.learning import LearnedRelease
+    from gpuhub.store import Store
+
+    learning = LearnedRelease(Store.at(f"sqlite:///{tmp_path}/gpuhub.sqlite"))
+    # the site has learned that pauses past a few minutes last an hour; ada's 8 GPUs sit idle
+    learning.model.load("site", "", [[3600.0, 1]] * 40 + [[60.0, 1]] * 40)
+    learning.loaded = True
+    now = 10_000.0
+    idle = Activity("idle", 0.0, now - 120)
+    views_now = [
+        ServerView(user="ada", server="big", gpus=8, gpu_activity=(idle,) * 8),
+        ServerView(user="bob", gpus=1, gpu_activity=(idle,)),
+    ]
+    learning.update(views_now, now, 1800.0)
+    learning.model.histories.clear()  # bob's limit from a model that knows nothing
+    learning.model._cache.clear()
+    learning.current[("bob", "")] = learning.model.release_after(views_now[1], 1800.0)
+    ada_limit = learning.current[("ada", "big")]
+    assert ada_limit.learned and ada_limit.seconds < 1800.0
+
+    limits = views.release_limit_rows(learning.thresholds(), "learned", 1800.0)
+    assert limits["policy"] == "learned" and limits["flat"] == "30 min"
+    ada, bob = limits["servers"]
+    assert (ada["user"], ada["server"], ada["learned"]) == ("ada", "big", True)
+    assert ada["limit"] == views.fmt_duration(ada_limit.seconds) and ada["why"] == ada_limit.why
+    assert "this site's pauses longer than" in ada["why"]
+    # nothing learned yet: the flat timeout, and the page says so
+    assert (bob["limit"], bob["learned"]) == ("30 min", False)
+    assert bob["why"] == "limit 30 min; no pauses learned yet"
+
+    page = _render_admin(limits)
+    row = re.search(r'<tr data-server="ada/big">(.*?)</tr>', page, re.S).group(1)
+    assert ada["limit"] in row and "this site&#39;s pauses longer than" in row
+    assert ">flat<" not in row
+    row = re.search(r'<tr data-server="bob/">(.*?)</tr>', page, re.S).group(1)
+    assert "30 min" in row and ">flat<" in row and "no pauses learned yet" in row
+    assert "Release policy: <strong>learned</strong>" in page
+
+
+def test_release_limits_with_the_flat_policy_and_a_hostile_reason():
+    flat = views.release_limit_rows([], "flat", 1800.0)
+    assert flat == {"policy": "flat", "flat": "30 min", "servers": []}
+    page = _render_admin(flat)
+    assert "Release policy: <strong>flat</strong>. Idle GPUs go back after 30 min" in page
+    assert 'id="gpuhub-limits"' not in page
+
+    hostile = "<img src=x onerror=alert(1)>"
+    rows = views.release_limit_rows(
+        [{"user": "eve", "server": "", "limit_s": 180.0, "learned": True, "why": hostile}],
+        "learned",
+        1800.0,
+    )
+    page = _render_admin(rows)
+    assert hostile not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
+def _render_admin(limits: dict) -> str:
+    from gpuhub.service.web.base import template_env
+
+    overview = {
+        "gpus": [],
+        "capacity": [],
+        "servers": [],
+        "queue": [],
+        "keeps": [],
+        "actions": [],
+        "limits": limits,
+    }
+    return (
+        template_env()
+        .get_template("admin.html")
+        .render(
+            prefix="/services/gpuhub/",
+            hub_prefix="/hub/",
+            hub_static="/hub/static/",
+            user={"name": "admin-grace"},
+            is_admin=True,
+            xsrf_token="x",
+            flash=None,
+            path="/services/gpuhub/admin",
+            page="admin",
+            overview=overview,
+        )
+    )

@@ -49,7 +49,7 @@ def handlers(pages: Pages) -> list[tuple[str, type, dict[str, Any]]]:
         (rf"api/me/snapshots/{_SEGMENT}/restore-next", user.MeRestoreLatestApi),
         (rf"api/me/snapshots/{_SEGMENT}/{_SEGMENT}", user.MeSnapshotApi),
         (rf"api/me/snapshots/{_SEGMENT}/{_SEGMENT}/(restore-next)", user.MeSnapshotApi),
-        ("api/admin/(gpus|capacity|servers|queue|keeps|actions)", admin.AdminOverviewApi),
+        ("api/admin/(gpus|capacity|servers|queue|keeps|limits|actions)", admin.AdminOverviewApi),
         ("api/admin/(release|stop)", admin.ServerActionApi),
         ("api/admin/environments", admin.EnvironmentsApi),
         (rf"api/admin/environments/{_ID}", admin.EnvironmentApi),
@@ -117,6 +117,13 @@ def make_pages(service: Any) -> Pages:
         devices=_cached(30, devices),
         activity=ActivityLog(window=config.activity_window),
         prefix=service.service_prefix,
+        release_policy=lambda: (
+            getattr(service, "release_policy", "flat"),
+            getattr(service, "gpu_idle_timeout", None),
+        ),
+        release_limits=lambda: (
+            service.learning.thresholds() if getattr(service, "learning", None) else []
+        ),
     )
 
 

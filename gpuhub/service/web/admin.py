@@ -323,7 +323,8 @@ async def register_checked(
 
 class AdminOverviewApi(AdminApiHandler):
     """GET `api/admin/gpus`, `api/admin/capacity`, `api/admin/servers`, `api/admin/queue`,
-    `api/admin/keeps` (the keeps in force), `api/admin/actions`."""
+    `api/admin/keeps` (the keeps in force), `api/admin/limits` (the release policy and each GPU
+    server's idle limit, with why), `api/admin/actions`."""
 
     @web.authenticated
     async def get(self, part: str) -> None:
@@ -335,6 +336,9 @@ class AdminOverviewApi(AdminApiHandler):
             return
         if part == "keeps":
             self.write_json(self.pages.active_keeps())
+            return
+        if part == "limits":
+            self.write_json(self.pages.release_limits_view())
             return
         if part == "capacity":
             self.write_json(self.pages.capacity(self.pages.catalog()))

@@ -64,6 +64,10 @@ class Pages:
     prefix: str = field(
         default_factory=lambda: os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/gpuhub/")
     )
+    #: the release policy in force ("flat" or "learned"), the flat GPU idle timeout (seconds),
+    #: and the learned per-server limits of the latest cycle (`LearnedRelease.thresholds`)
+    release_policy: Callable[[], tuple[str, float | None]] = field(default=lambda: ("flat", None))
+    release_limits: Callable[[], list[dict[str, Any]]] = field(default=lambda: [])
 
     def __post_init__(self) -> None:
         self.snapshots = SnapshotAccess(self.board, self.settings)
@@ -255,7 +259,14 @@ class Pages:
             "queue": self.queue(),
             "keeps": self.active_keeps(),
             "actions": self.recent_actions(),
+            "limits": self.release_limits_view(),
         }
+
+    def release_limits_view(self) -> dict[str, Any]:
+        """The release policy in force and each GPU server's current idle limit, with why."""
+        policy, flat = self.release_policy()
+        limits = self.release_limits() if policy == "learned" else []
+        return views.release_limit_rows(limits, policy, flat)
 
     def active_keeps(self) -> list[dict[str, Any]]:
         """The keeps in force: who postponed the release of their GPU, until when."""

@@ -302,6 +302,36 @@ def keep_entry(keep: Mapping[str, Any], now: datetime) -> dict[str, Any]:
     }
 
 
+def release_limit_rows(
+    limits: Iterable[Mapping[str, Any]], policy: str, flat: float | None
+) -> dict[str, Any]:
+    """The GPU idle limit in force for each server holding GPUs, as the admin page shows it.
+
+    `limits` are `LearnedRelease.thresholds()` (the learned policy's latest cycle); with the
+    flat policy there are none and every server gets `flat`.
+    """
+    rows = []
+    for item in limits:
+        server = str(item.get("server") or "")
+        seconds = _num(item.get("limit_s"))
+        rows.append(
+            {
+                "user": str(item.get("user") or ""),
+                "server": server,
+                "server_label": server_label(server),
+                "limit_s": seconds,
+                "limit": fmt_duration(seconds),
+                "learned": bool(item.get("learned")),
+                "why": str(item.get("why") or ""),
+            }
+        )
+    return {
+        "policy": policy,
+        "flat": fmt_duration(flat) if flat is not None else "",
+        "servers": sorted(rows, key=lambda r: (r["user"], r["server"])),
+    }
+
+
 # -- the admin's view of every GPU --------------------------------------------------------------
 
 
