@@ -163,7 +163,7 @@ class BudgetExceeded(QuotaExceeded):
     """A GPU spawn of a user who used up their weekly GPU-hour budget."""
 
 
-def _budget_owner(source: str) -> str:
+def budget_owner(source: str) -> str:
     return "the default budget" if source == "default" else source
 
 
@@ -181,7 +181,7 @@ def check_budget(selection: Selection, used_seconds: float, budget: Budget) -> N
         return
     raise BudgetExceeded(
         f"you used {hours_text(used_seconds)} of the {hours_text(budget.seconds)} GPU-hours "
-        f"of {_budget_owner(budget.source)} this week; the budget renews {RENEWAL}",
+        f"of {budget_owner(budget.source)} this week; the budget renews {RENEWAL}",
         int(used_seconds // 3600),
         Limit(int(budget.hours or 0), budget.source),
     )

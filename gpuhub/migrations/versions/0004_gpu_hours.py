@@ -61,7 +61,7 @@ def upgrade() -> None:
     op.execute(
         'INSERT INTO gpu_lease_intervals (lease_id, "user", server, "group", gpu_type, device, '
         "started_at) "
-        'SELECT id, "user", server, \'\', gpu_type, device, leased_at FROM gpu_leases'
+        "SELECT id, \"user\", server, '', gpu_type, device, leased_at FROM gpu_leases"
     )
 
 
