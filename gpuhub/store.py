@@ -647,12 +647,17 @@ class AccountingStore:
                 for r in rows
             }
 
-    def week_usage(self, week: datetime, now: datetime | None = None) -> list[Usage]:
+    def week_usage(
+        self, week: datetime, now: datetime | None = None, user: str | None = None
+    ) -> list[Usage]:
         """Each (user, group, GPU type)'s GPU-seconds held, busy and idle in the week starting
-        at `week` (Monday 00:00 UTC), as of `now`."""
+        at `week` (Monday 00:00 UTC), as of `now`; only `user`'s when given."""
         now = now or utcnow()
         end = week + WEEK
-        return week_usage(self.lease_intervals(week, end), self.week_activity(week), week, end, now)
+        activity = self.week_activity(week)
+        if user is not None:
+            activity = {k: v for k, v in activity.items() if k.user == user}
+        return week_usage(self.lease_intervals(week, end, user), activity, week, end, now)
 
     def gpu_seconds_held(self, user: str, start: datetime, now: datetime | None = None) -> float:
         """GPU-seconds `user` held from `start` to `now` (their budget's use this week)."""

@@ -48,6 +48,21 @@ def week_of(t: datetime, offset: int = 0) -> tuple[datetime, datetime]:
     return start, start + WEEK
 
 
+def week_from_text(value: str, now: datetime) -> tuple[datetime, datetime]:
+    """The week `value` names: "this", "last", or a date (YYYY-MM-DD) in it. `ValueError`
+    naming the field `week` otherwise."""
+    text = (value or "this").strip().lower()
+    if text in ("this", "last"):
+        return week_of(now, 0 if text == "this" else -1)
+    try:
+        day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise ValueError(
+            f"week: {value[:40]!r} is not a week: 'this', 'last' or a date (YYYY-MM-DD)"
+        ) from None
+    return week_of(day)
+
+
 def split_by_week(start: datetime, end: datetime) -> list[tuple[datetime, float]]:
     """[start, end) as (week start, seconds in that week), oldest first; [] when empty."""
     start, end = _utc(start), _utc(end)
