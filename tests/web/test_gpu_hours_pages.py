@@ -134,6 +134,8 @@ def test_admins_rank_holders_by_idle_hours_and_export_csv_others_cannot(pages):
         "0.1",
         "researchers",
     )
+    quotas = pages.get(grace, "admin/quotas").text  # the budgets of the quotas file
+    assert f"group {BUDGET_GROUP}: 0.5" in quotas and "group students: 40" in quotas
     last = pages.api(pages.token("admin-grace"), "GET", "admin/gpu-hours?week=last").json()
     assert last["holders"] == []
     bad = pages.api(pages.token("admin-grace"), "GET", "admin/gpu-hours?week=soon")

@@ -472,6 +472,20 @@ class Pages:
                 name: {"max_gpus": q.max_gpus, "max_servers": q.max_servers}
                 for name, q in sorted(configured.users.items())
             },
+            # weekly GPU-hour budgets: from the quotas file only (docs/configuration.md)
+            "weekly_gpu_hours": {
+                "default": configured.default.weekly_gpu_hours,
+                "groups": {
+                    g: q.weekly_gpu_hours
+                    for g, q in sorted(configured.groups.items())
+                    if q.weekly_gpu_hours is not None
+                },
+                "users": {
+                    u: q.weekly_gpu_hours
+                    for u, q in sorted(configured.users.items())
+                    if q.weekly_gpu_hours is not None
+                },
+            },
         }
 
     def save_quota(self, group: Any, max_gpus: Any, max_servers: Any, actor: str) -> GroupQuota:
