@@ -151,3 +151,22 @@ def test_admins_rank_holders_by_idle_hours_and_export_csv_others_cannot(pages):
         r = pages.api(token, "GET", path)
         assert r.status_code == 403, (path, r.text)
         assert "tidy" not in r.text
+
+
+def test_the_service_exposes_the_weeks_gpu_hours_by_group_not_by_user(pages):
+    """GPU-hours in the store show in the next cycle's metrics, by group."""
+    import requests
+
+    from gpuhub.testing import wait_for
+
+    held_this_week(pages, "metrica", "metered", 720, idle=360.0, gpu_type="a100")
+    held = 'gpuhub_week_held_seconds{gpu_type="a100",group="metered"} 720.0'
+    idle = 'gpuhub_week_idle_seconds{gpu_type="a100",group="metered"} 360.0'
+
+    def exposed() -> str | None:
+        text = requests.get(pages.page_url("metrics"), timeout=30).text
+        return text if held in text else None
+
+    text = wait_for(exposed, timeout=75, interval=2, what="a cycle of the service")
+    assert idle in text
+    assert 'user="' not in text and "metrica" not in text
