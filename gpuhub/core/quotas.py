@@ -135,8 +135,7 @@ class Budget:
 def effective_budget(user: str, groups: Iterable[str], config: QuotaConfig) -> Budget:
     """The weekly budget of `user`: a per-user entry wins, else the most generous of the user's
     groups that set one, else the default; a group the user is not in never applies."""
-    candidates = [(v, s) for v, s in _resolve(user, groups, config, "weekly_gpu_hours")]
-    candidates = [(v, s) for v, s in candidates if v is not None]
+    candidates = [c for c in _resolve(user, groups, config, "weekly_gpu_hours") if c[0] is not None]
     if not candidates:
         return Budget(None, "default")
     for value, source in candidates:
@@ -168,10 +167,11 @@ def budget_owner(source: str) -> str:
 
 
 def hours_text(seconds: float) -> str:
-    """GPU-hours with at most one decimal, rounded down ("39.9", "40")."""
-    tenths = int(seconds / 360.0 + 1e-9)
-    whole, rest = divmod(tenths, 10)
-    return f"{whole}" if rest == 0 else f"{whole}.{rest}"
+    """GPU-hours with at most two decimals, rounded down, so that a use is never shown as more
+    than it is ("39.99", "40", "0.25")."""
+    hundredths = int(max(0.0, seconds) / 36.0 + 1e-9)
+    whole, rest = divmod(hundredths, 100)
+    return f"{whole}" if rest == 0 else f"{whole}.{rest:02d}".rstrip("0")
 
 
 def check_budget(selection: Selection, used_seconds: float, budget: Budget) -> None:

@@ -16,6 +16,7 @@ from gpuhub.core.accounting import (
     device_segments,
     held_seconds,
     hoarders,
+    hours_text,
     split_by_week,
     totals,
     week_from_text,
@@ -156,6 +157,18 @@ def test_hoarders_rank_by_idle_hours_and_totals_by_group():
     assert by_group[("students", "a100")].idle == 3 * H
 
 
+def test_hours_are_shown_rounded_down():
+    assert [hours_text(s) for s in (0, 1, 900, 40 * H - 1, 40 * H, 2.5 * H, 1234.5 * H)] == [
+        "0",
+        "0",
+        "0.25",
+        "39.99",
+        "40",
+        "2.5",
+        "1234.5",
+    ]
+
+
 def test_csv_cells_never_start_a_formula():
     assert csv_cell('=HYPERLINK("x")') == '\'=HYPERLINK("x")'
     for hostile in ("+1", "-1+2", "@SUM(A1)", "\tx", "\rx"):
@@ -193,6 +206,8 @@ def test_the_budget_message_says_use_budget_whose_and_renewal():
         "the budget renews Monday 00:00 UTC"
     )
     check_budget(gpus(1), 40 * H - 1, budget)  # one second left: admitted
+    with pytest.raises(BudgetExceeded, match=r"^you used 40\.01 of the 40 GPU-hours"):
+        check_budget(gpus(1), 40.019 * H, budget)
     check_budget(gpus(0), 100 * H, budget)  # no GPU: always admitted
 
 

@@ -84,12 +84,12 @@ def test_over_budget_no_gpu_but_a_server_without_one(one_gpu: str) -> None:
     held_earlier(one_gpu, "lin", 2.25)
     lin = spawner_for("lin", one_gpu, groups=("students",))
     form = asyncio.run(lin.render_options_form())
-    assert "You used 2.2 of the 2 GPU-hours of group students this week" in form
+    assert "You used 2.25 of the 2 GPU-hours of group students this week" in form
     with pytest.raises(web.HTTPError) as e:
         asyncio.run(lin.apply_gpuhub_options({"gpus": 1}))
     assert refusal(e) == (
         403,
-        "you used 2.2 of the 2 GPU-hours of group students this week; "
+        "you used 2.25 of the 2 GPU-hours of group students this week; "
         "the budget renews Monday 00:00 UTC",
     )
     assert Store.at(one_gpu).leases("lin") == []
