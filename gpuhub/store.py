@@ -33,12 +33,14 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    or_,
     select,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from . import schema
+from .core.accounting import WEEK, ActivityCredit, LeaseInterval, Usage, UsageKey, week_usage
 from .core.queue import QueueEntry
 from .db_retry import retry_transient_errors
 
@@ -482,8 +484,205 @@ class CapacityStore:
             return {r.gpu_type: _to_capacity(r) for r in s.scalars(select(CapacityRow))}
 
 
+class LeaseIntervalRow(Base):
+    """One leased GPU from its lease to its release: what GPU-hours held are derived from
+    (`gpuhub.core.accounting`). Written in the transaction that takes or frees the GPU, so no
+    second is lost or counted twice, whatever restarts."""
+
+    __tablename__ = "gpu_lease_intervals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: the `gpu_leases` row while the GPU is held (ids of freed leases may be used again)
+    lease_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    user: Mapped[str] = mapped_column(String(255), index=True)
+    server: Mapped[str] = mapped_column(String(255), default="")
+    #: the group the GPU-hours count for (the quotas' rule, `accounting_group`); "" for none
+    group: Mapped[str] = mapped_column(String(255), default="")
+    gpu_type: Mapped[str] = mapped_column(String(255))
+    device: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True, index=True
+    )
+    #: up to when the trusted GPU activity of this GPU has been counted into `gpu_week_activity`
+    activity_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class WeekActivityRow(Base):
+    """Busy and idle GPU-seconds from the trusted activity source, per week (its Monday 00:00
+    UTC), user, group and GPU type; added to by the gpuhub service as `activity_until` of the
+    intervals moves on, in the same transaction."""
+
+    __tablename__ = "gpu_week_activity"
+
+    week_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    user: Mapped[str] = mapped_column(String(255), primary_key=True)
+    group: Mapped[str] = mapped_column(String(255), primary_key=True)
+    gpu_type: Mapped[str] = mapped_column(String(255), primary_key=True)
+    busy_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    idle_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+def _to_interval(row: LeaseIntervalRow) -> LeaseInterval:
+    return LeaseInterval(
+        id=row.id,
+        user=row.user,
+        server=row.server,
+        group=row.group or "",
+        gpu_type=row.gpu_type,
+        device=row.device,
+        started_at=_aware(row.started_at),
+        ended_at=_aware(row.ended_at) if row.ended_at else None,
+        activity_until=_aware(row.activity_until) if row.activity_until else None,
+    )
+
+
 @retry_transient_errors
-class Store(CapacityStore):
+class AccountingStore:
+    """GPU-hours (tables `gpu_lease_intervals`, `gpu_week_activity`); mixed into `Store`."""
+
+    _not_retried = ("session",)
+
+    def session(self) -> Session:  # provided by Store
+        raise NotImplementedError
+
+    @staticmethod
+    def _open_intervals(s: Session, rows: Iterable[LeaseRow], group: str) -> None:
+        """Open the intervals of leases just added (flushed, so they have ids)."""
+        s.add_all(
+            LeaseIntervalRow(
+                lease_id=r.id,
+                user=r.user,
+                server=r.server,
+                group=group,
+                gpu_type=r.gpu_type,
+                device=r.device,
+                started_at=r.leased_at,
+            )
+            for r in rows
+        )
+
+    @staticmethod
+    def _close_intervals(s: Session, lease_ids: Iterable[int], now: datetime) -> None:
+        ids = list(lease_ids)
+        if not ids:
+            return
+        for row in s.scalars(
+            select(LeaseIntervalRow).where(
+                LeaseIntervalRow.lease_id.in_(ids), LeaseIntervalRow.ended_at.is_(None)
+            )
+        ):
+            row.ended_at = now
+            row.lease_id = None
+
+    def lease_intervals(
+        self, start: datetime, end: datetime, user: str | None = None
+    ) -> list[LeaseInterval]:
+        """The intervals that overlap [start, end) (open ones included), oldest first."""
+        with self.session() as s:
+            query = (
+                select(LeaseIntervalRow)
+                .where(
+                    LeaseIntervalRow.started_at < end,
+                    or_(LeaseIntervalRow.ended_at.is_(None), LeaseIntervalRow.ended_at > start),
+                )
+                .order_by(LeaseIntervalRow.started_at, LeaseIntervalRow.id)
+            )
+            if user is not None:
+                query = query.where(LeaseIntervalRow.user == user)
+            return [_to_interval(r) for r in s.scalars(query)]
+
+    def intervals_to_credit(self) -> list[LeaseInterval]:
+        """The intervals whose trusted activity is not counted to their end yet."""
+        with self.session() as s:
+            query = select(LeaseIntervalRow).where(
+                or_(
+                    LeaseIntervalRow.ended_at.is_(None),
+                    LeaseIntervalRow.activity_until.is_(None),
+                    LeaseIntervalRow.activity_until < LeaseIntervalRow.ended_at,
+                )
+            )
+            return [_to_interval(r) for r in s.scalars(query.order_by(LeaseIntervalRow.id))]
+
+    def credit_activity(self, credits: Iterable[tuple[LeaseInterval, ActivityCredit]]) -> int:
+        """Add each credit's busy and idle seconds to its weeks and move its interval's
+        `activity_until` on, all in one transaction. A credit computed from an interval whose
+        `activity_until` has moved since (another run counted it) is skipped. Returns how many
+        were applied."""
+        applied = 0
+        with self.session() as s:
+            for interval, credit in credits:
+                row = s.get(LeaseIntervalRow, interval.id)
+                if row is None:
+                    continue
+                current = _aware(row.activity_until) if row.activity_until else None
+                if current != interval.activity_until:
+                    continue
+                row.activity_until = credit.until
+                for week, busy, idle in credit.weeks:
+                    key = (week, interval.user, interval.group, interval.gpu_type)
+                    week_row = s.get(WeekActivityRow, key)
+                    if week_row is None:
+                        week_row = WeekActivityRow(
+                            week_start=week,
+                            user=interval.user,
+                            group=interval.group,
+                            gpu_type=interval.gpu_type,
+                            busy_seconds=0.0,
+                            idle_seconds=0.0,
+                        )
+                        s.add(week_row)
+                    week_row.busy_seconds = (week_row.busy_seconds or 0.0) + busy
+                    week_row.idle_seconds = (week_row.idle_seconds or 0.0) + idle
+                applied += 1
+            s.commit()
+        return applied
+
+    def week_activity(self, week: datetime) -> dict[UsageKey, tuple[float, float]]:
+        """(busy, idle) seconds counted for the week starting at `week`."""
+        with self.session() as s:
+            rows = s.scalars(select(WeekActivityRow).where(WeekActivityRow.week_start == week))
+            return {
+                UsageKey(r.user, r.group, r.gpu_type): (r.busy_seconds, r.idle_seconds)
+                for r in rows
+            }
+
+    def week_usage(
+        self, week: datetime, now: datetime | None = None, user: str | None = None
+    ) -> list[Usage]:
+        """Each (user, group, GPU type)'s GPU-seconds held, busy and idle in the week starting
+        at `week` (Monday 00:00 UTC), as of `now`; only `user`'s when given."""
+        now = now or utcnow()
+        end = week + WEEK
+        activity = self.week_activity(week)
+        if user is not None:
+            activity = {k: v for k, v in activity.items() if k.user == user}
+        return week_usage(self.lease_intervals(week, end, user), activity, week, end, now)
+
+    def gpu_seconds_held(self, user: str, start: datetime, now: datetime | None = None) -> float:
+        """GPU-seconds `user` held from `start` to `now` (their budget's use this week)."""
+        now = now or utcnow()
+        return sum(i.held_seconds(start, now, now) for i in self.lease_intervals(start, now, user))
+
+    def prune_accounting(self, before: datetime) -> int:
+        """Forget intervals that ended before `before` with their activity counted, and the weeks
+        that started before it; returns how many rows went."""
+        with self.session() as s:
+            gone = s.execute(
+                delete(LeaseIntervalRow).where(
+                    LeaseIntervalRow.ended_at < before,
+                    LeaseIntervalRow.activity_until >= LeaseIntervalRow.ended_at,
+                )
+            ).rowcount
+            gone += s.execute(
+                delete(WeekActivityRow).where(WeekActivityRow.week_start < before)
+            ).rowcount
+            s.commit()
+            return int(gone or 0)
+
+
+@retry_transient_errors
+class Store(CapacityStore, AccountingStore):
     """Leases in a SQL database; one `Store` per URL and process (see `Store.at`).
 
     Opening it brings the database to this gpuhub's schema (`gpuhub.schema.prepare`: a SQLite
@@ -528,12 +727,14 @@ class Store(CapacityStore):
         count: int,
         attempts: int = 5,
         max_user_gpus: int | None = None,
+        group: str = "",
     ) -> list[str]:
         """Lease `count` of the `candidates` devices to `user`'s `server`, all or none.
 
         Devices are taken in the order given. Raises `NoGpuFree` when too few are free, and
         `GpuQuotaReached` when the user would then hold more than `max_user_gpus` (None: no
-        limit), counted in the same transaction.
+        limit), counted in the same transaction. Each GPU's interval (its GPU-hours, counted for
+        `group`) opens in the same transaction.
         """
         candidates = list(candidates)
         for _ in range(attempts):
@@ -545,11 +746,16 @@ class Store(CapacityStore):
                 if len(free) < count:
                     raise NoGpuFree(gpu_type, count, len(free))
                 chosen = free[:count]
-                s.add_all(
-                    LeaseRow(user=user, server=server, gpu_type=gpu_type, device=d) for d in chosen
-                )
+                now = utcnow()
+                rows = [
+                    LeaseRow(user=user, server=server, gpu_type=gpu_type, device=d, leased_at=now)
+                    for d in chosen
+                ]
+                s.add_all(rows)
                 try:
                     self._check_user_limit(s, user, count, max_user_gpus)
+                    s.flush()
+                    self._open_intervals(s, rows, group)
                     s.commit()
                 except IntegrityError:
                     s.rollback()
@@ -565,12 +771,20 @@ class Store(CapacityStore):
         gpu_type: str,
         count: int,
         max_user_gpus: int | None = None,
+        group: str = "",
     ) -> None:
         """Record `count` GPUs of `gpu_type` held by a server whose devices the cluster assigns
-        (`GpuQuotaReached` as for `lease_devices`)."""
+        (`GpuQuotaReached` as for `lease_devices`; intervals as there)."""
         with self.session() as s:
-            s.add_all(LeaseRow(user=user, server=server, gpu_type=gpu_type) for _ in range(count))
+            now = utcnow()
+            rows = [
+                LeaseRow(user=user, server=server, gpu_type=gpu_type, leased_at=now)
+                for _ in range(count)
+            ]
+            s.add_all(rows)
             self._check_user_limit(s, user, count, max_user_gpus)
+            s.flush()
+            self._open_intervals(s, rows, group)
             s.commit()
 
     @staticmethod
@@ -592,6 +806,7 @@ class Store(CapacityStore):
             rows = list(
                 s.scalars(select(LeaseRow).where(LeaseRow.user == user, LeaseRow.server == server))
             )
+            self._close_intervals(s, [r.id for r in rows], utcnow())
             s.execute(delete(LeaseRow).where(LeaseRow.user == user, LeaseRow.server == server))
             s.commit()
             return [_to_lease(r) for r in rows]
@@ -618,10 +833,11 @@ class Store(CapacityStore):
         active = set(active)
         freed: list[GpuLease] = []
         with self.session() as s:
-            for row in s.scalars(select(LeaseRow)):
-                if (row.user, row.server) not in active:
-                    freed.append(_to_lease(row))
-                    s.delete(row)
+            gone = [r for r in s.scalars(select(LeaseRow)) if (r.user, r.server) not in active]
+            self._close_intervals(s, [r.id for r in gone], utcnow())
+            for row in gone:
+                freed.append(_to_lease(row))
+                s.delete(row)
             s.commit()
         return freed
 

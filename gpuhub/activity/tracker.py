@@ -109,6 +109,11 @@ class TrustedActivity:
                 segs.append(seg)
         return segs
 
+    def segments(self, key: ServerKey, now: float) -> dict[str, list[idle.Segment]]:
+        """The stretches of state of each device of `key` kept so far (the last reading held up
+        to `now`, or up to `max_gap_s` after it, then unknown): what the GPU-hours count."""
+        return {name: self._segments(d, now) for name, d in self._devices.get(key, {}).items()}
+
     def device_activity(self, key: ServerKey, now: float) -> list[DeviceActivity]:
         out = []
         for name, d in sorted(self._devices.get(key, {}).items()):

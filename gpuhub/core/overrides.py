@@ -410,5 +410,8 @@ def merge_group_quotas(config: QuotaConfig, stored: Iterable[GroupQuota]) -> Quo
     """`config` with the stored group quotas replacing the configured ones of the same group."""
     groups = dict(config.groups)
     for q in stored:
-        groups[q.group] = q.quota()
+        configured = groups.get(q.group)
+        # admins set GPU and server limits here; a weekly budget stays the configured one
+        budget = configured.weekly_gpu_hours if configured else None
+        groups[q.group] = replace(q.quota(), weekly_gpu_hours=budget)
     return replace(config, groups=groups)

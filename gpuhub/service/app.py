@@ -46,6 +46,7 @@ from ..expiring import ExpiringCache
 from ..schema import SchemaError
 from ..settings import GpuhubConfig, SharesGpuhubConfig
 from ..store import Store
+from .accounting import GpuHours
 from .actions import ActionSettings, Executor, run_key
 from .arbiter import ArbiterHandler
 from .demand import (
@@ -290,6 +291,20 @@ class GpuhubService(SharesGpuhubConfig, Application):
         config=True,
         help="""A trusted reading holds at most this long; past it the GPU's state is unknown
         (never idle). Keep it above `activity_interval`.""",
+    )
+    gpu_hours_user_metrics = Bool(
+        False,
+        config=True,
+        help="""Also expose this week's GPU-hours per user (`gpuhub_user_week_seconds`, labels
+        user, group, gpu_type, kind). Off by default: one series per user who held a GPU this
+        week, and user names in the metrics; the admin page and its CSV export show the same
+        per user.""",
+    )
+    gpu_hours_keep_weeks = Int(
+        26,
+        config=True,
+        help="""Weeks of GPU-hour records (lease intervals and the weeks' busy and idle seconds)
+        kept in the store; older ones are forgotten once a week. 0: keep them all.""",
     )
     arbiter_services = List(
         Unicode(),
@@ -540,8 +555,16 @@ class GpuhubService(SharesGpuhubConfig, Application):
             self.learning = LearnedRelease(self.store, parent=self)
         except ValueError as e:
             self.exit_with(f"gpuhub service: bad setting: LearnedRelease.{e}")
-        self.metrics = Metrics()
+        self.metrics = Metrics(per_user_gpu_hours=self.gpu_hours_user_metrics)
         self.metrics.dry_run.set(1 if self.dry_run else 0)
+        self.gpu_hours = GpuHours(
+            self.store,
+            self.tracker,
+            self.metrics,
+            per_user_metrics=self.gpu_hours_user_metrics,
+            keep_weeks=self.gpu_hours_keep_weeks,
+            write=not self.dry_run,
+        )
         self.executor = Executor(
             self.client,
             self.board,
@@ -669,6 +692,7 @@ class GpuhubService(SharesGpuhubConfig, Application):
         by_key = {s.key: s for s in running}
         self.board.prune(by_key)
         devices = {t.key: t.devices for t in self.targets}
+        self.count_gpu_hours()  # before the readings of servers gone are forgotten
         self.tracker.forget_others(devices)
         self.running = by_key
         entries = self.store.queue() if hasattr(self.store, "queue") else []
@@ -729,6 +753,14 @@ class GpuhubService(SharesGpuhubConfig, Application):
         self.user_requests.update_notices(views, running, now, limits)
         self.update_metrics(views, pool, queued, now)
         return actions
+
+    def count_gpu_hours(self) -> None:
+        """The trusted busy and idle seconds since the last cycle into the store (a failure is
+        logged: the next cycle counts them)."""
+        try:
+            self.gpu_hours.update(datetime.now(timezone.utc))
+        except Exception:
+            self.log.exception("gpuhub: counting the GPU-hours failed; the next cycle tries again")
 
     def kept_until(self, server: RunningServer, now: float) -> float | None:
         """The end of `server`'s keep, unless someone has waited too long for its GPU type."""

@@ -1,10 +1,11 @@
 """The service's Prometheus metrics (served at `<service prefix>/metrics`).
 
 One registry per service instance (not prometheus-client's global one), so several services can
-live in one process (the tests do that). Labels never carry user names: the cardinality stays
-bounded by GPU types and rule names, and the metrics can be scraped without exposing who does
-what. docs/operations.md lists every metric; the Grafana dashboard and the alert rules shipped in
-config/ use only these (a test checks it).
+live in one process (the tests do that). Labels never carry user names (except
+`gpuhub_user_week_seconds`, off unless `GpuhubService.gpu_hours_user_metrics` is set): the
+cardinality stays bounded by GPU types, groups and rule names, and the metrics can be scraped
+without exposing who does what. docs/operations.md lists every metric; the Grafana dashboard
+and the alert rules shipped in config/ use only these (a test checks it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ CYCLE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, per_user_gpu_hours: bool = False) -> None:
         self.registry = r = CollectorRegistry()
         self.gpus_total = Gauge(
             "gpuhub_gpus_total", "GPUs in the pool, by type.", ["gpu_type"], registry=r
@@ -63,6 +64,53 @@ class Metrics:
             "Allocated-but-idle GPU-seconds: GPUs leased while idle, times the seconds they were.",
             ["gpu_type"],
             registry=r,
+        )
+        # GPU-hours (gpuhub.service.accounting): held from the store's lease intervals, busy and
+        # idle from the trusted activity source only; unknown = held - busy - idle
+        by_group = ["group", "gpu_type"]
+        self.held_gpu_seconds = Counter(
+            "gpuhub_accounted_held_seconds",
+            "GPU-seconds held (leased), by the group they count for and GPU type.",
+            by_group,
+            registry=r,
+        )
+        self.busy_gpu_seconds = Counter(
+            "gpuhub_accounted_busy_seconds",
+            "GPU-seconds the trusted activity source read busy, by group and GPU type.",
+            by_group,
+            registry=r,
+        )
+        self.idle_gpu_seconds_trusted = Counter(
+            "gpuhub_accounted_idle_seconds",
+            "GPU-seconds the trusted activity source read idle, by group and GPU type (held "
+            "seconds with no reading count as neither busy nor idle).",
+            by_group,
+            registry=r,
+        )
+        self.week_held = Gauge(
+            "gpuhub_week_held_seconds",
+            "GPU-seconds held this week (from Monday 00:00 UTC), by group and GPU type.",
+            by_group,
+            registry=r,
+        )
+        self.week_busy = Gauge(
+            "gpuhub_week_busy_seconds",
+            "GPU-seconds read busy this week, by group and GPU type.",
+            by_group,
+            registry=r,
+        )
+        self.week_idle = Gauge(
+            "gpuhub_week_idle_seconds",
+            "GPU-seconds read idle this week, by group and GPU type.",
+            by_group,
+            registry=r,
+        )
+        self.user_week = Gauge(
+            "gpuhub_user_week_seconds",
+            "GPU-seconds this week per user, group, GPU type and kind (held, busy, idle); only "
+            "with GpuhubService.gpu_hours_user_metrics (one series per user).",
+            ["user", "group", "gpu_type", "kind"],
+            registry=r if per_user_gpu_hours else None,
         )
         self.releases = Counter(
             "gpuhub_releases",

@@ -335,6 +335,7 @@ class GPUKubeSpawner(GPUQueueMixin, GPUSpawnerMixin, KubeSpawner):
                     gpu_type,
                     selection.gpus,
                     max_user_gpus=self.gpu_limit(),
+                    group=self.accounting_group(),
                 )
                 return True
 

@@ -222,6 +222,7 @@ class LocalGPUSpawner(GPUQueueMixin, GPUSpawnerMixin, LocalProcessSpawner):
                         candidates,
                         selection.gpus,
                         max_user_gpus=self.gpu_limit(),
+                        group=self.accounting_group(),
                     )
                 except NoGpuFree:
                     return None

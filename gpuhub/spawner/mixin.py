@@ -17,26 +17,33 @@ import jinja2
 from sqlalchemy.orm import object_session
 from sqlalchemy.orm.exc import UnmappedInstanceError
 from tornado import web
-from traitlets import Dict, Instance, List, TraitError, Unicode, default, validate
+from traitlets import Bool, Dict, Instance, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
 from .. import paths
 from ..catalog_cache import cached_catalog
+from ..core.accounting import RENEWAL, hours_text, week_start
 from ..core.catalog import Catalog, CatalogError, catalog_from_dict
 from ..core.options import OptionsError, Selection, form_choices, options_from_form, parse
 from ..core.overrides import GroupQuota, merge_environments, merge_group_quotas
 from ..core.quotas import (
+    Budget,
+    BudgetExceeded,
     Limit,
     QuotaConfig,
     QuotaExceeded,
     Usage,
+    accounting_group,
     admit,
+    budget_owner,
+    check_budget,
+    effective_budget,
     effective_quota,
     gpu_quota_exceeded,
     quota_config_from_dict,
 )
 from ..settings import SharesGpuhubConfig
-from ..store import GpuLease, GpuQuotaReached, Store
+from ..store import GpuLease, GpuQuotaReached, Store, utcnow
 
 _reconciled_stores: set[str] = set()
 #: the `quotas` and `catalog` settings, parsed once per value (not at each spawn)
@@ -132,9 +139,19 @@ class GPUSpawnerMixin(SharesGpuhubConfig, Configurable):
           "groups": {"staff": {"max_gpus": 4}},
           "users": {"ada": {"max_gpus": "unlimited"}}}`.
         A user in several groups gets the most generous limit; a per-user entry wins.
-        Missing limits are unlimited. Checked when set: a bad value stops the hub, naming the
-        field.
+        Missing limits are unlimited. Each entry may also set `weekly_gpu_hours`, the GPU-hours
+        a user may hold per week (Monday 00:00 UTC to Monday): once used up, spawns with GPUs
+        are refused with HTTP 403 until the week ends (docs/configuration.md). Checked when
+        set: a bad value stops the hub, naming the field.
         """,
+    )
+
+    budget_exempt_admins = Bool(
+        False,
+        config=True,
+        help="""Hub admins are not held to the weekly GPU-hour budgets (`weekly_gpu_hours` in
+        `quotas`). Off by default: admins are held to them like everyone; a per-user entry
+        with `weekly_gpu_hours: unlimited` exempts one person.""",
     )
 
     service_url = Unicode(
@@ -232,6 +249,51 @@ class GPUSpawnerMixin(SharesGpuhubConfig, Configurable):
         stored = [GroupQuota(q.group, q.max_gpus, q.max_servers) for q in self.store.group_quotas()]
         return merge_group_quotas(parsed_quotas(self.quotas), stored)
 
+    # -- GPU-hours and weekly budgets (gpuhub.core.accounting) ----------------------------------
+
+    def accounting_group(self) -> str:
+        """The group this user's GPU-hours count for (the quotas' rule; "" for none)."""
+        return accounting_group(self.user.name, self.user_groups(), self.quota_config())
+
+    def gpu_budget(self) -> Budget:
+        """The user's weekly GPU-hour budget (hours None: none applies)."""
+        if self.budget_exempt_admins and getattr(self.user, "admin", False):
+            return Budget(None, "hub admins are exempt")
+        return effective_budget(self.user.name, self.user_groups(), self.quota_config())
+
+    def budget_status(self) -> tuple[Budget, float]:
+        """The budget and the GPU-seconds the user held this week, up to now."""
+        budget = self.gpu_budget()
+        if budget.seconds is None:
+            return budget, 0.0
+        now = utcnow()
+        return budget, self.store.gpu_seconds_held(self.user.name, week_start(now), now)
+
+    def check_gpu_budget(self, selection: Selection) -> None:
+        """HTTP 403 for a spawn with GPUs once the week's budget is used up."""
+        if not selection.gpus:
+            return
+        budget, used = self.budget_status()
+        try:
+            check_budget(selection, used, budget)
+        except BudgetExceeded as e:
+            raise http_error(403, str(e)) from e
+
+    def budget_view(self) -> dict[str, Any] | None:
+        """What the spawn page says of the budget (None: no budget applies)."""
+        budget, used = self.budget_status()
+        if budget.seconds is None:
+            return None
+        remaining = budget.remaining(used) or 0.0
+        return {
+            "used": hours_text(used),
+            "limit": hours_text(budget.seconds),
+            "remaining": hours_text(remaining),
+            "source": budget_owner(budget.source),
+            "exhausted": remaining <= 0,
+            "renews": RENEWAL,
+        }
+
     # -- what a backend provides ------------------------------------------------------------------
 
     def gpu_capacity(self, catalog: Catalog) -> dict[str, tuple[int, int]]:
@@ -281,6 +343,7 @@ class GPUSpawnerMixin(SharesGpuhubConfig, Configurable):
             catalog=catalog,
             simulated=self.gpus_simulated(),
             user=self.user.name,
+            budget=self.budget_view(),
         )
 
     def gpus_simulated(self) -> bool:
@@ -334,6 +397,7 @@ class GPUSpawnerMixin(SharesGpuhubConfig, Configurable):
             admit(selection, self.current_usage(), quota)
         except QuotaExceeded as e:
             raise http_error(403, str(e)) from e
+        self.check_gpu_budget(selection)
         self.release_gpus()  # leftovers of a failed earlier start of this server
         self.selection = selection
         self.user_options = selection.as_user_options()

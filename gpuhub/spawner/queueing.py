@@ -124,6 +124,8 @@ class GPUQueueMixin(Configurable):
                 me = next((e for e in line if e.holder == me.holder), me)
                 _total, free = self.gpu_capacity(catalog).get(selection.gpu_type, (0, 0))  # type: ignore[attr-defined]
                 if queue.may_start(line, me, free):
+                    if queued:  # the turn came: the week's GPU-hours may be used up meanwhile
+                        self.check_gpu_budget(selection)  # type: ignore[attr-defined]
                     taken = take()
                     if taken is not None:
                         if queued:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+from datetime import timedelta
 
 import pytest
 import requests
 
-from gpuhub.store import Store
+from gpuhub.store import Store, utcnow
 from gpuhub.testing import Hub, process_gone, wait_for
 
 pytestmark = pytest.mark.slow
@@ -35,6 +36,14 @@ def test_leases_survive_a_hub_restart_only_with_their_server(tmp_path, run_marke
         assert model["state"]["gpus"] == keeper["gpus"]
         holders = {(lease.user, lease.device) for lease in store.leases()}
         assert holders == {("keeper", keeper["gpus"][0])}
+        # GPU-hours: the keeper's interval runs on, once; those freed at the start ended
+        now = utcnow()
+        intervals = store.lease_intervals(now - timedelta(days=8), now)
+        assert sorted((i.user, i.ended_at is None) for i in intervals) == [
+            ("ghost", False),
+            ("goner", False),
+            ("keeper", True),
+        ]
         # The surviving server still answers through the new hub's proxy.
         r = requests.get(
             f"{hub.url}{model['url']}api/status",

@@ -161,6 +161,15 @@ def test_a_0_1_0_store_keeps_every_row_through_the_upgrade(db_url: str) -> None:
     assert [x.device for x in store.release("ada", "")] == ["GPU-0"]
     assert store.lease_devices("eve", "two", "a100", ["GPU-0", "GPU-1"], 1) == ["GPU-0"]
     assert store.gpus_held("cy") == 2
+    # the GPUs held at the upgrade count their GPU-hours from their lease time on
+    held = store.lease_intervals(T0, T0 + timedelta(days=1))
+    assert sorted((i.user, i.device, i.started_at, i.ended_at is None) for i in held) == [
+        ("ada", "GPU-0", T0, False),  # released above: its interval ended
+        ("bo", "GPU-1", T0, True),
+        ("cy", None, T0, True),
+        ("cy", None, T0, True),
+    ]
+    assert store.gpu_seconds_held("bo", T0, T0 + timedelta(hours=2)) == 7200
     interrupted = actions[0]
     assert store.update_action(interrupted.id, status="done").status == "done"
     new = store.record_action("eve", "", "warn", "max-lease", "soon", actor="gpuhub", status="done")

@@ -59,6 +59,10 @@ def test_good_settings_pass_and_open_the_store(tmp_path: Path) -> None:
         ),
         ({"groupz": {}}, "quotas.groupz: unknown field"),
         ({"users": {"ada": {"max_gpu": 1}}}, "quotas.users.ada.max_gpu: unknown field"),
+        (
+            {"groups": {"students": {"weekly_gpu_hours": "forty"}}},
+            "quotas.groups.students.weekly_gpu_hours: must be a number of hours >= 0",
+        ),
     ],
 )
 def test_bad_quotas_stop_the_hub(tmp_path: Path, quotas: dict, expected: str) -> None:

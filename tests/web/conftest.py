@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import pytest
 import requests
-from pages_helpers import PREFIX, PagesHub
+import yaml
+from pages_helpers import BUDGET_GROUP, PREFIX, PagesHub
 
+from gpuhub import paths
 from gpuhub.testing import Hub, wait_for
 
 
 @pytest.fixture(scope="package")
 def pages(tmp_path_factory, run_marker):
+    # the demo's quotas, and a group with a small weekly GPU-hour budget
+    quotas = yaml.safe_load((paths.config_dir() / "quotas.yaml").read_text())
+    quotas["groups"][BUDGET_GROUP] = {"weekly_gpu_hours": 0.5}
+    quotas_file = tmp_path_factory.mktemp("pages-quotas") / "quotas.yaml"
+    quotas_file.write_text(yaml.safe_dump(quotas))
     hub = Hub(
         tmp_path_factory.mktemp("pages-hub"),
         run_marker,
         env_overrides={
+            "GPUHUB_QUOTAS": str(quotas_file),
             "GPUHUB_DEMO_SERVICE": "managed",
             # the tests release GPUs themselves; the service's own rules must not interfere
             "GPUHUB_DEMO_GPU_IDLE_TIMEOUT": "100000",

@@ -15,6 +15,8 @@ from gpuhub.store import Store
 from gpuhub.testing import Hub, execute, wait_for
 
 PREFIX = "/services/gpuhub/"
+#: a group of the pages' hub with a weekly GPU-hour budget of 0.5 h (tests/web/conftest.py)
+BUDGET_GROUP = "gpu-budget"
 XSRF = re.compile(r'name="(?:_xsrf" value|gpuhub-xsrf" content)="([^"]+)"')
 
 

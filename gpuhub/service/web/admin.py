@@ -4,11 +4,14 @@ group quotas and user registration. gpuhub admins only: everyone else gets 403."
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 from typing import Any
 
 from tornado import web
 
+from ...core.accounting import csv_cell
 from ...core.overrides import InputError
 from ...core.registration import RegistrationError, parse_csv
 from ..hubapi import HubClient
@@ -53,6 +56,74 @@ class AdminPage(AdminPageHandler):
     async def get(self) -> None:
         overview = await self.pages.admin_overview()
         self.render_page("admin.html", overview=overview, page="admin")
+
+
+class GpuHoursPage(AdminPageHandler):
+    """GET `admin/gpu-hours[?week=this|last|YYYY-MM-DD]`: holders ranked by idle GPU-hours."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        week = self.get_query_argument("week", "this")
+        try:
+            hours = self.pages.gpu_hours(week)
+        except InputError as e:
+            raise web.HTTPError(400, "%s: %s", e.field, e.message) from e
+        self.render_page("gpu_hours.html", hours=hours, week=week, page="gpu-hours")
+
+
+CSV_COLUMNS = (
+    "week_start",
+    "user",
+    "group",
+    "gpu_type",
+    "held_hours",
+    "busy_hours",
+    "idle_hours",
+    "unknown_hours",
+    "idle_share",
+)
+
+
+def gpu_hours_csv(hours: dict[str, Any]) -> str:
+    """The holders as CSV; names a spreadsheet would read as formulas are neutralised."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    for row in hours["holders"]:
+        writer.writerow(
+            [
+                hours["week_start"],
+                csv_cell(row["user"]),
+                csv_cell(row["group"]),
+                csv_cell(row["gpu_type"]),
+                row["held_hours"],
+                row["busy_hours"],
+                row["idle_hours"],
+                row["unknown_hours"],
+                "" if row["idle_share"] is None else row["idle_share"],
+            ]
+        )
+    return out.getvalue()
+
+
+class GpuHoursApi(AdminApiHandler):
+    """GET `api/admin/gpu-hours[?week=...]` (JSON) and `api/admin/gpu-hours.csv[?week=...]`."""
+
+    @web.authenticated
+    async def get(self, fmt: str | None = None) -> None:
+        try:
+            hours = self.pages.gpu_hours(self.get_query_argument("week", "this"))
+        except InputError as e:
+            raise web.HTTPError(400, "%s: %s", e.field, e.message) from e
+        if fmt != ".csv":
+            self.write_json(hours)
+            return
+        self.set_header("Content-Type", "text/csv; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        day = hours["week_start"][:10]
+        self.set_header("Content-Disposition", f'attachment; filename="gpu-hours-{day}.csv"')
+        self.finish(gpu_hours_csv(hours))
 
 
 class ServerActionForm(AdminPageHandler):

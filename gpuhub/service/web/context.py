@@ -18,17 +18,19 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from ...core.accounting import hoarders, week_from_text, week_of
 from ...core.catalog import Catalog
 from ...core.decide import ReleaseGpu, StopServer
 from ...core.overrides import (
     GroupQuota,
+    InputError,
     check_environment,
     check_quota,
     environment_entry,
     merge_environments,
     merge_group_quotas,
 )
-from ...core.quotas import QuotaConfig, effective_quota
+from ...core.quotas import QuotaConfig, effective_budget, effective_quota
 from ...core.registration import parse_csv
 from ...store import ActionStatus, Store, utcnow
 from ..hubapi import HubAPIError, HubClient
@@ -153,6 +155,7 @@ class Pages:
             "groups": groups,
             "servers": entries,
             "quota": views.quota_usage(quota, len(leases), active),
+            "gpu_hours": self.my_gpu_hours(name, groups),
             "queue": self.queue(user=name),
             "history": [
                 views.action_entry(a, now)
@@ -166,6 +169,25 @@ class Pages:
         if with_snapshots:
             out["snapshots"] = await self.snapshots.listing(name, servers)
         return out
+
+    def my_gpu_hours(self, name: str, groups: list[str]) -> dict[str, Any]:
+        """`name`'s GPU-hours this week: held, busy, idle, unknown, and their weekly budget."""
+        now = utcnow()
+        start, _end = week_of(now)
+        usage = self.store.week_usage(start, now, user=name)
+        budget = effective_budget(name, groups, self.quota_config())
+        return views.my_gpu_hours(usage, budget, start)
+
+    def gpu_hours(self, week: str = "this") -> dict[str, Any]:
+        """The hoarders view of a week ("this", "last" or a date in it): holders ranked by idle
+        GPU-hours. `InputError` naming `week` for anything else."""
+        now = utcnow()
+        try:
+            start, end = week_from_text(week, now)
+        except ValueError as e:
+            raise InputError("week", str(e).removeprefix("week: ")) from e
+        usage = self.store.week_usage(start, now) if start <= now else []
+        return views.gpu_hours_view(start, end, hoarders(usage), now)
 
     def _mark_gpu_again(self, user: str, entries: list[dict[str, Any]]) -> None:
         """Which servers may ask for their GPU back: those whose GPU was released last."""
@@ -460,6 +482,20 @@ class Pages:
             "users": {
                 name: {"max_gpus": q.max_gpus, "max_servers": q.max_servers}
                 for name, q in sorted(configured.users.items())
+            },
+            # weekly GPU-hour budgets: from the quotas file only (docs/configuration.md)
+            "weekly_gpu_hours": {
+                "default": configured.default.weekly_gpu_hours,
+                "groups": {
+                    g: q.weekly_gpu_hours
+                    for g, q in sorted(configured.groups.items())
+                    if q.weekly_gpu_hours is not None
+                },
+                "users": {
+                    u: q.weekly_gpu_hours
+                    for u, q in sorted(configured.users.items())
+                    if q.weekly_gpu_hours is not None
+                },
             },
         }
 

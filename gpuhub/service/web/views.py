@@ -12,8 +12,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from ...core import queue as queue_core
+from ...core.accounting import Usage
 from ...core.catalog import Catalog
-from ...core.quotas import EffectiveQuota, Limit
+from ...core.quotas import RENEWAL, Budget, EffectiveQuota, Limit, budget_owner, hours_text
 from ...store import MeasuredCapacity
 
 STATES = ("busy", "idle", "unknown", "unavailable")
@@ -439,4 +440,78 @@ def gpu_rows(
         if series is not None and r["uuid"]:
             r["series"] = list(series(r["uuid"]))
         out.append(r)
+    return out
+
+
+# -- GPU-hours -----------------------------------------------------------------------------------
+
+
+def _h(seconds: float) -> float:
+    return round(seconds / 3600.0, 2)
+
+
+def gpu_hours_row(u: Usage) -> dict[str, Any]:
+    share = u.idle_share
+    return {
+        "user": u.user,
+        "group": u.group,
+        "gpu_type": u.gpu_type,
+        "held_hours": _h(u.held),
+        "busy_hours": _h(u.busy),
+        "idle_hours": _h(u.idle),
+        "unknown_hours": _h(u.unknown),
+        "idle_share": None if share is None else round(share, 4),
+    }
+
+
+def gpu_hours_view(
+    start: datetime, end: datetime, usage: list[Usage], now: datetime
+) -> dict[str, Any]:
+    """The hoarders view of one week: holders ranked by idle GPU-hours, and the groups' sums."""
+    from ...core.accounting import hoarders, totals
+
+    groups = [
+        {"group": group, "gpu_type": gpu_type, **gpu_hours_row(u)}
+        for (group, gpu_type), u in sorted(totals(usage).items())
+    ]
+    for g in groups:
+        del g["user"]
+    return {
+        "week_start": iso(start),
+        "week_end": iso(end),
+        "current": start <= now < end,
+        "as_of": iso(min(now, end)),
+        "holders": [gpu_hours_row(u) for u in hoarders(usage)],
+        "groups": groups,
+    }
+
+
+def my_gpu_hours(usage: list[Usage], budget: Budget, start: datetime) -> dict[str, Any]:
+    """One user's GPU-hours this week (all groups and GPU types together), with their budget."""
+    held = sum(u.held for u in usage)
+    busy = sum(u.busy for u in usage)
+    idle = sum(u.idle for u in usage)
+    out: dict[str, Any] = {
+        "week_start": iso(start),
+        "held_hours": _h(held),
+        "busy_hours": _h(busy),
+        "idle_hours": _h(idle),
+        "unknown_hours": _h(max(0.0, held - busy - idle)),
+        "held": hours_text(held),
+        "idle": hours_text(idle),
+        "busy": hours_text(busy),
+        "unknown": hours_text(max(0.0, held - busy - idle)),
+        "by_type": [gpu_hours_row(u) for u in usage],
+        "budget": None,
+    }
+    if budget.seconds is not None:
+        out["budget"] = {
+            "hours": budget.hours,
+            "limit": hours_text(budget.seconds),
+            "used": hours_text(held),
+            "remaining": hours_text(budget.remaining(held) or 0.0),
+            "source": budget_owner(budget.source),
+            "exhausted": held >= budget.seconds,
+            "renews": RENEWAL,
+        }
     return out
