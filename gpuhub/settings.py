@@ -9,6 +9,7 @@ defaults to an environment variable:
     GPUHUB_STORE_URL           store_url
     GPUHUB_CATALOG_FILE        catalog_file
     GPUHUB_QUEUE_STALE_AFTER   queue_stale_after
+    GPUHUB_BUDGET_EXEMPT_ADMINS budget_exempt_admins
 
 Every value is checked when the hub (`check_hub_config`) or the service starts: a bad one stops
 the start with the setting, the field and what is wrong. The names these settings had before
@@ -24,7 +25,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
-from traitlets import Float, TraitError, Unicode, default, validate
+from traitlets import Bool, Float, TraitError, Unicode, default, validate
 from traitlets.config import Config, Configurable
 
 from . import paths
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 STORE_URL_ENV = "GPUHUB_STORE_URL"
 CATALOG_FILE_ENV = "GPUHUB_CATALOG_FILE"
 QUEUE_STALE_AFTER_ENV = "GPUHUB_QUEUE_STALE_AFTER"
+BUDGET_EXEMPT_ADMINS_ENV = "GPUHUB_BUDGET_EXEMPT_ADMINS"
 DEFAULT_STORE_URL = "sqlite:///gpuhub.sqlite"
 DEFAULT_QUEUE_STALE_AFTER = 60.0
 
@@ -159,6 +161,24 @@ class GpuhubConfig(Configurable):
             raise TraitError(f"c.GpuhubConfig.queue_stale_after: must be > 0 seconds, not {value}")
         return value
 
+    budget_exempt_admins = Bool(
+        False,
+        config=True,
+        help="""Hub admins are not held to the weekly GPU-hour budgets (`weekly_gpu_hours` in
+        the quotas), at admission and on the pages alike. Off by default: admins are held to
+        them like everyone; a per-user entry with `weekly_gpu_hours: unlimited` exempts one
+        person. Default: $GPUHUB_BUDGET_EXEMPT_ADMINS ("1"/"true"), else False.""",
+    )
+
+    @default("budget_exempt_admins")
+    def _default_budget_exempt_admins(self) -> bool:
+        raw = os.environ.get(BUDGET_EXEMPT_ADMINS_ENV, "").strip().lower()
+        if raw in ("", "0", "false", "no"):
+            return False
+        if raw in ("1", "true", "yes"):
+            return True
+        raise TraitError(f"${BUDGET_EXEMPT_ADMINS_ENV}: not a boolean: {raw!r}")
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         own = self.config.GpuhubConfig if "GpuhubConfig" in self.config else {}
@@ -181,6 +201,7 @@ class GpuhubConfig(Configurable):
             STORE_URL_ENV: self.store_url,
             CATALOG_FILE_ENV: os.path.abspath(self.catalog_file),
             QUEUE_STALE_AFTER_ENV: repr(self.queue_stale_after),
+            BUDGET_EXEMPT_ADMINS_ENV: "1" if self.budget_exempt_admins else "0",
         }
 
 

@@ -17,7 +17,7 @@ import jinja2
 from sqlalchemy.orm import object_session
 from sqlalchemy.orm.exc import UnmappedInstanceError
 from tornado import web
-from traitlets import Bool, Dict, Instance, List, TraitError, Unicode, default, validate
+from traitlets import Dict, Instance, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
 from .. import paths
@@ -37,10 +37,10 @@ from ..core.quotas import (
     admit,
     budget_owner,
     check_budget,
-    effective_budget,
     effective_quota,
     gpu_quota_exceeded,
     quota_config_from_dict,
+    user_budget,
 )
 from ..settings import SharesGpuhubConfig
 from ..store import GpuLease, GpuQuotaReached, Store, utcnow
@@ -146,14 +146,6 @@ class GPUSpawnerMixin(SharesGpuhubConfig, Configurable):
         """,
     )
 
-    budget_exempt_admins = Bool(
-        False,
-        config=True,
-        help="""Hub admins are not held to the weekly GPU-hour budgets (`weekly_gpu_hours` in
-        `quotas`). Off by default: admins are held to them like everyone; a per-user entry
-        with `weekly_gpu_hours: unlimited` exempts one person.""",
-    )
-
     service_url = Unicode(
         "",
         config=True,
@@ -257,9 +249,13 @@ class GPUSpawnerMixin(SharesGpuhubConfig, Configurable):
 
     def gpu_budget(self) -> Budget:
         """The user's weekly GPU-hour budget (hours None: none applies)."""
-        if self.budget_exempt_admins and getattr(self.user, "admin", False):
-            return Budget(None, "hub admins are exempt")
-        return effective_budget(self.user.name, self.user_groups(), self.quota_config())
+        return user_budget(
+            self.user.name,
+            self.user_groups(),
+            self.quota_config(),
+            admin=bool(getattr(self.user, "admin", False)),
+            exempt_admins=self.gpuhub_config.budget_exempt_admins,
+        )
 
     def budget_status(self) -> tuple[Budget, float]:
         """The budget and the GPU-seconds the user held this week, up to now."""

@@ -32,6 +32,7 @@ from gpuhub.core.quotas import (
     check_budget,
     effective_budget,
     quota_config_from_dict,
+    user_budget,
 )
 
 UTC = timezone.utc
@@ -222,6 +223,10 @@ def test_which_budget_applies():
     assert effective_budget("ada", ["students"], QUOTAS).hours == 2.5
     with pytest.raises(BudgetExceeded, match=r"you used 2\.5 of the 2\.5 GPU-hours of user ada"):
         check_budget(gpus(1), 2.5 * H, effective_budget("ada", ["students"], QUOTAS))
+    # hub admins: held to it, unless the site exempts them; exempting never frees a non-admin
+    assert user_budget("bob", ["students"], QUOTAS, admin=True).hours == 40.0
+    assert user_budget("bob", ["students"], QUOTAS, admin=True, exempt_admins=True).hours is None
+    assert user_budget("bob", ["students"], QUOTAS, exempt_admins=True).hours == 40.0
 
 
 def test_the_group_hours_count_for_follows_the_quotas():

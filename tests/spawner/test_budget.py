@@ -40,7 +40,12 @@ def one_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def spawner_for(
-    name: str, store_url: str, groups: tuple[str, ...] = (), admin: bool = False, **traits
+    name: str,
+    store_url: str,
+    groups: tuple[str, ...] = (),
+    admin: bool = False,
+    budget_exempt_admins: bool = False,
+    **traits,
 ) -> local.LocalGPUSpawner:
     user = SimpleNamespace(
         name=name,
@@ -52,6 +57,7 @@ def spawner_for(
     )
     config = Config()
     config.GpuhubConfig.store_url = store_url
+    config.GpuhubConfig.budget_exempt_admins = budget_exempt_admins
     spawner = local.LocalGPUSpawner(user=user, hub=SimpleNamespace(), config=config, **traits)
     spawner.kernelspec_dir = str(Path(store_url.removeprefix("sqlite:///")).parent / "k" / name)
     spawner.quotas = QUOTAS

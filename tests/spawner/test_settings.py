@@ -160,12 +160,19 @@ def test_the_demo_hub_refuses_to_start_with_bad_quotas(tmp_path: Path) -> None:
 def test_the_hub_the_service_and_the_pages_read_one_value(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     catalog = tmp_path / "catalog.yaml"
     catalog.write_text(GOOD_CATALOG.read_text())
-    c = hub_config(tmp_path, catalog_file=str(catalog), queue_stale_after=42.0)
+    c = hub_config(
+        tmp_path, catalog_file=str(catalog), queue_stale_after=42.0, budget_exempt_admins=True
+    )
     spawner = LocalGPUSpawner(
         config=c, user=SimpleNamespace(name="ada", groups=[]), orm_spawner=None
     )
-    hub_side = (spawner.store_url, spawner.catalog_file, spawner.queue_stale_after)
-    assert hub_side == (c.GpuhubConfig.store_url, str(catalog), 42.0)
+    hub_side = (
+        spawner.store_url,
+        spawner.catalog_file,
+        spawner.queue_stale_after,
+        spawner.gpuhub_config.budget_exempt_admins,
+    )
+    assert hub_side == (c.GpuhubConfig.store_url, str(catalog), 42.0, True)
 
     # The hub hands its values to the managed service, which reads them from its environment.
     entry: dict = {"name": "gpuhub", "command": ["python3", "-m", "gpuhub.service"]}
@@ -177,7 +184,13 @@ def test_the_hub_the_service_and_the_pages_read_one_value(tmp_path, monkeypatch)
     service = GpuhubService(config=Config({"GpuhubService": {"api_token": "t"}}))
     service.setup()
     pages = GpuhubPages(parent=service)
-    assert (service.store_url, service.catalog_file, pages.queue_stale_after) == hub_side
+    pages_side = (
+        service.store_url,
+        service.catalog_file,
+        pages.queue_stale_after,
+        pages.shared.budget_exempt_admins,
+    )
+    assert pages_side == hub_side
 
 
 def test_former_names_are_read_and_must_agree(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]

@@ -109,13 +109,19 @@ class GpuhubPages(Configurable):
     )
 
     @property
-    def queue_stale_after(self) -> float:
-        """`c.GpuhubConfig.queue_stale_after`, shared with the spawners and the service."""
+    def shared(self) -> GpuhubConfig:
+        """`c.GpuhubConfig`: the settings shared with the spawners and the service (the
+        service's own when it runs the pages)."""
         shared = getattr(self.parent, "gpuhub_config", None)
         if not isinstance(shared, GpuhubConfig):
             shared = self.__dict__.get("_gpuhub_config") or GpuhubConfig(parent=self)
             self.__dict__["_gpuhub_config"] = shared
-        return shared.queue_stale_after
+        return shared
+
+    @property
+    def queue_stale_after(self) -> float:
+        """`c.GpuhubConfig.queue_stale_after`, shared with the spawners and the service."""
+        return self.shared.queue_stale_after
 
     typical_gpu_hold = Float(
         3600.0,

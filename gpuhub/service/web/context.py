@@ -30,7 +30,7 @@ from ...core.overrides import (
     merge_environments,
     merge_group_quotas,
 )
-from ...core.quotas import QuotaConfig, effective_budget, effective_quota
+from ...core.quotas import QuotaConfig, effective_quota, user_budget
 from ...core.registration import parse_csv
 from ...store import ActionStatus, Store, utcnow
 from ..hubapi import HubAPIError, HubClient
@@ -155,7 +155,7 @@ class Pages:
             "groups": groups,
             "servers": entries,
             "quota": views.quota_usage(quota, len(leases), active),
-            "gpu_hours": self.my_gpu_hours(name, groups),
+            "gpu_hours": self.my_gpu_hours(name, groups, admin=model.get("admin") is True),
             "queue": self.queue(user=name),
             "history": [
                 views.action_entry(a, now)
@@ -170,12 +170,18 @@ class Pages:
             out["snapshots"] = await self.snapshots.listing(name, servers)
         return out
 
-    def my_gpu_hours(self, name: str, groups: list[str]) -> dict[str, Any]:
+    def my_gpu_hours(self, name: str, groups: list[str], admin: bool = False) -> dict[str, Any]:
         """`name`'s GPU-hours this week: held, busy, idle, unknown, and their weekly budget."""
         now = utcnow()
         start, _end = week_of(now)
         usage = self.store.week_usage(start, now, user=name)
-        budget = effective_budget(name, groups, self.quota_config())
+        budget = user_budget(
+            name,
+            groups,
+            self.quota_config(),
+            admin=admin,
+            exempt_admins=self.settings.shared.budget_exempt_admins,
+        )
         return views.my_gpu_hours(usage, budget, start)
 
     def gpu_hours(self, week: str = "this") -> dict[str, Any]:
