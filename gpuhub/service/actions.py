@@ -33,6 +33,13 @@ from .hubapi import HubAPIError, HubClient
 from .metrics import Metrics
 from .reports import CommandTimeout, ReportBoard
 from .servers import RunningServer
+from .stopping import (
+    SnapshotAborted,
+    SnapshotFailed,
+    SnapshotThenStop,
+    StopPlan,
+    check_snapshot,
+)
 
 log = logging.getLogger("gpuhub.service")
 
@@ -139,34 +146,6 @@ class Ledger:
                 del self.by_run[run]
 
 
-class SnapshotFailed(Exception):
-    pass
-
-
-class SnapshotAborted(Exception):
-    """A kernel started running code between the decision and the snapshot."""
-
-
-def check_snapshot(
-    outcome: protocol.SnapshotOutcome, *, busy_ok: bool = False
-) -> list[dict[str, Any]]:
-    """The summary of a good snapshot; `SnapshotFailed` / `SnapshotAborted` otherwise. With
-    `busy_ok` (a forced action) kernels still running code are left out instead of calling the
-    action off."""
-    summary = [e.summary() for e in outcome.entries]
-    failed = [e for e in outcome.entries if e.status not in ("saved", "unsupported", "busy")]
-    if failed:
-        raise SnapshotFailed(
-            "; ".join(f"kernel {e.kernel_id}: {e.error or e.status}" for e in failed)
-        )
-    busy = [e for e in outcome.entries if e.status == "busy"]
-    if busy and not busy_ok:
-        raise SnapshotAborted("a kernel is running code")
-    if not outcome.ok and not busy:
-        raise SnapshotFailed("the server reported the snapshot as not ok")
-    return summary
-
-
 class Executor:
     """Runs actions as tasks (one at a time per server) and finishes interrupted ones."""
 
@@ -185,6 +164,8 @@ class Executor:
         self.metrics = metrics
         self.settings = settings
         self.ledger = Ledger(store)
+        #: the one snapshot-then-stop sequence (releases, stops, GPU again, the culler's stops)
+        self.sequence = SnapshotThenStop(client, board, self.ledger, metrics, settings)
         self.tasks: dict[tuple[str, str], asyncio.Task] = {}
         self.concurrency = max(1, concurrency)
         self._slots: asyncio.Semaphore | None = None
@@ -401,89 +382,29 @@ class Executor:
         forced = action.rule == RULE_MAX_LEASE or (
             actor is not None and actor != self.settings.actor
         )
-        if action.snapshot:
-            row = self.ledger.update(row, status=ActionStatus.SNAPSHOTTING)
-            try:
-                summary = await self.snapshot(server, forced=forced)
-            except SnapshotAborted as e:
-                self.ledger.update(row, status=ActionStatus.ABORTED, error=str(e))
-                log.info("gpuhub: %s of %s called off: %s", kind, server.label, e)
-                return
-            except SnapshotFailed as e:
-                self.metrics.snapshot_failures.inc()
-                if not forced:
-                    self.ledger.update(row, status=ActionStatus.SNAPSHOT_FAILED, error=str(e))
-                    log.warning("gpuhub: snapshot of %s failed, nothing done: %s", server.label, e)
-                    return
-                row = self.ledger.update(
-                    row, status=ActionStatus.SNAPSHOTTED, snapshots=[], error=f"no snapshot: {e}"
-                )
-                log.warning(
-                    "gpuhub: %s of %s goes ahead without a snapshot: %s", kind, server.label, e
-                )
-            else:
-                busy = [s for s in summary if s.get("status") == "busy"]
-                row = self.ledger.update(
-                    row,
-                    status=ActionStatus.SNAPSHOTTED,
-                    snapshots=summary,
-                    error=(
-                        f"{len(busy)} kernel(s) still running code after "
-                        f"{self.settings.forced_snapshot_deadline:g} s were not saved"
-                        if busy
-                        else None
-                    ),
-                )
-        else:
-            row = self.ledger.update(row, status=ActionStatus.SNAPSHOTTED, snapshots=[])
 
-        if kind == STOP:
-            await self.notify(server.model, row, STOP)
-        row = self.ledger.update(row, status=ActionStatus.STOPPING)
-        try:
-            await self.stop(server.user, server.server)
-        except Exception as e:
-            self._failed(row, "stop", e)
+        async def notify_stop(current: ActionRecord) -> None:
+            await self.notify(server.model, current, STOP)
+
+        outcome = await self.sequence.run(
+            row,
+            server,
+            StopPlan(
+                snapshot=action.snapshot,
+                forced=forced,
+                before_stop=notify_stop if kind == STOP else None,
+            ),
+        )
+        if outcome.snapshot_failure is not None:
+            self.metrics.snapshot_failures.inc()
+        if not outcome.stopped:
             return
+        row = outcome.row
         if kind == STOP:
             self.ledger.update(row, status=ActionStatus.DONE)
             self.metrics.stops.labels(rule=row.rule).inc()
             return
         await self.start(row, _without_gpus(row.user_options or {}))
-
-    async def snapshot(
-        self, server: RunningServer, *, forced: bool = False
-    ) -> list[dict[str, Any]]:
-        """Have the server snapshot its kernels (a command it carries out for its own user)."""
-        if self.board.latest(server.key, self.settings.report_max_age) is None:
-            raise SnapshotFailed(
-                f"the server has not reported for {self.settings.report_max_age:g} s "
-                "(gpuhub's extension is off or the server does not answer)"
-            )
-        deadline = self.settings.forced_snapshot_deadline if forced else 0.0
-        started = time.monotonic()
-        try:
-            result = await self.board.request(
-                server.key,
-                protocol.SNAPSHOT,
-                {"wait": forced, "deadline_s": deadline},
-                self.settings.snapshot_timeout + deadline,
-            )
-        except CommandTimeout as e:
-            raise SnapshotFailed(str(e)) from e
-        finally:
-            self.metrics.snapshot_duration.observe(time.monotonic() - started)
-        if not result.ok:
-            raise SnapshotFailed(result.error or "the server could not snapshot its kernels")
-        try:
-            outcome = protocol.parse_snapshot_result(result.data)
-        except protocol.ProtocolError as e:
-            raise SnapshotFailed(f"unexpected snapshot result: {e}") from e
-        return check_snapshot(outcome, busy_ok=forced)
-
-    async def stop(self, user: str, server: str) -> None:
-        await self.client.stop_server(user, server)
-        await self.client.wait_for_server(user, server, "stopped", self.settings.stop_timeout)
 
     async def start(self, row: ActionRecord, options: Mapping[str, Any]) -> None:
         """Start the server with `options` and wait for it; the row ends `done` or `failed`."""
@@ -525,10 +446,7 @@ class Executor:
         self.metrics.action_failures.labels(kind=row.kind, step="start").inc()
 
     def _failed(self, row: ActionRecord, step: str, error: Exception) -> None:
-        message = f"{step}: {error}"
-        self.ledger.update(row, status=ActionStatus.FAILED, error=message[:2000])
-        self.metrics.action_failures.labels(kind=row.kind, step=step).inc()
-        log.error("gpuhub: %s of %s failed at the %s: %s", row.kind, _label(row), step, error)
+        self.sequence.fail(row, step, error)
 
     async def resume(self, row: ActionRecord) -> None:
         """Finish an action whose service stopped after it began changing the server."""
@@ -548,7 +466,7 @@ class Executor:
                     )
                     return
                 try:
-                    await self.stop(row.user, row.server)
+                    await self.sequence.stop(row.user, row.server)
                 except Exception as e:
                     self._failed(row, "stop", e)
                     return
@@ -616,22 +534,13 @@ class Executor:
         async def run() -> None:
             current = row
             if model is not None and model.get("ready"):
-                current = self.ledger.update(current, status=ActionStatus.SNAPSHOTTING)
                 running = RunningServer(user, server, frozenset(), model)
-                try:
-                    summary = await self.snapshot(running)
-                except (SnapshotFailed, SnapshotAborted) as e:
-                    self.ledger.update(current, status=ActionStatus.SNAPSHOT_FAILED, error=str(e))
-                    return
-                current = self.ledger.update(
-                    current, status=ActionStatus.SNAPSHOTTED, snapshots=summary
+                outcome = await self.sequence.run(
+                    current, running, StopPlan(aborted_as=ActionStatus.SNAPSHOT_FAILED)
                 )
-                current = self.ledger.update(current, status=ActionStatus.STOPPING)
-                try:
-                    await self.stop(user, server)
-                except Exception as e:
-                    self._failed(current, "stop", e)
+                if not outcome.stopped:
                     return
+                current = outcome.row
             await self.start(current, dict(release.user_options or {}))
 
         self.run_for((user, server), run())
@@ -652,4 +561,12 @@ def _utcnow() -> Any:
     return utcnow()
 
 
-__all__ = ["ACTION_OPEN", "ActionSettings", "Executor", "Ledger"]
+__all__ = [
+    "ACTION_OPEN",
+    "ActionSettings",
+    "Executor",
+    "Ledger",
+    "SnapshotAborted",
+    "SnapshotFailed",
+    "check_snapshot",
+]
