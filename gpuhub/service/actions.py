@@ -1,5 +1,5 @@
 """Carrying out what `policy.decide` returns: snapshot, then release (restart without GPU) or stop;
-warnings; and giving a GPU back on the user's request.
+warnings; and "GPU again" on the user's request.
 
 Every action is a row in the store's action history (`Store.record_action`): who (the service or
 a person), what, why, when, which snapshot, and the step it reached. The step is written before
@@ -43,7 +43,8 @@ from .stopping import (
 
 log = logging.getLogger("gpuhub.service")
 
-RELEASE, STOP, WARN, GIVE_BACK = "release", "stop", "warn", "give-back"
+#: the kinds of action in the history; "GPU again" keeps its stored spelling "give-back"
+RELEASE, STOP, WARN, GPU_AGAIN = "release", "stop", "warn", "give-back"
 RULE_USER_REQUEST = "user-request"
 
 RunKey = tuple[str, str, str | None]  # user, server, the run's `started`
@@ -327,7 +328,7 @@ class Executor:
         if not self.settings.notice_file:
             return
         text = notices.render(
-            RELEASE if kind == GIVE_BACK else kind,
+            RELEASE if kind == GPU_AGAIN else kind,
             row.reason,
             at=time.time(),
             gpus=row.gpus,
@@ -415,7 +416,7 @@ class Executor:
                 row.user, row.server, "ready", self.settings.spawn_timeout
             )
         except Exception as e:
-            if row.kind == GIVE_BACK and isinstance(e, HubAPIError) and 400 <= e.status < 500:
+            if row.kind == GPU_AGAIN and isinstance(e, HubAPIError) and 400 <= e.status < 500:
                 await self._fall_back(row, e)
                 return
             self._failed(row, "start", e)
@@ -496,9 +497,9 @@ class Executor:
     @staticmethod
     def _start_options(row: ActionRecord) -> dict[str, Any]:
         options = dict(row.user_options or {})
-        return options if row.kind == GIVE_BACK else _without_gpus(options)
+        return options if row.kind == GPU_AGAIN else _without_gpus(options)
 
-    # -- giving a GPU back -----------------------------------------------------------------------
+    # -- GPU again -------------------------------------------------------------------------------
 
     def last_release(self, user: str, server: str) -> ActionRecord | None:
         for row in self.store.actions(
@@ -507,10 +508,10 @@ class Executor:
             return row
         return None
 
-    async def give_back(self, user: str, server: str, actor: str) -> ActionRecord:
+    async def gpu_again(self, user: str, server: str, actor: str) -> ActionRecord:
         """Restart `user`'s `server` with the options it had before its GPU was released
         (kernels snapshotted first, as for a release). Raises `LookupError` when there is no
-        released GPU to give back, `RuntimeError` when the server is busy with another action."""
+        released GPU to have again, `RuntimeError` when the server is busy with another action."""
         if self.busy((user, server)):
             raise RuntimeError("an action on this server is under way")
         release = self.last_release(user, server)
@@ -520,7 +521,7 @@ class Executor:
         row = self.ledger.record(
             user=user,
             server=server,
-            kind=GIVE_BACK,
+            kind=GPU_AGAIN,
             rule=RULE_USER_REQUEST,
             reason=f"{actor} asked for the GPU back",
             actor=actor,

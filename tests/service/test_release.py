@@ -96,13 +96,13 @@ def test_idle_gpu_released_busy_kept_variables_back(service_hub):
     sh.run("idle-ada", kernel, "epoch = 8")
     cycle_task = service.executor
 
-    async def give_back():
-        await cycle_task.give_back("idle-ada", "", actor="idle-ada")
+    async def gpu_again():
+        await cycle_task.gpu_again("idle-ada", "", actor="idle-ada")
         await cycle_task.wait()
 
     import asyncio
 
-    asyncio.run(give_back())
+    asyncio.run(gpu_again())
     model = sh.model("idle-ada")
     assert model["user_options"]["gpus"] == 1 and len(model["state"]["gpus"]) == 1
     assert sh.leases("idle-ada") == model["state"]["gpus"]
