@@ -136,7 +136,7 @@ async def measure(rounds: int) -> list[tuple[str, float, float]]:
 
     async def gpuhub_admission() -> None:
         await gpuhub.apply_gpuhub_options(gpuhub.options_from_form(FORM))
-        gpuhub.release_gpus()
+        gpuhub.free_leases()
 
     async def gpuhub_manifest() -> None:
         await gpuhub.get_pod_manifest()

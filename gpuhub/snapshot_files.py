@@ -30,7 +30,7 @@ from .core import snapshot as core
 
 RESTORE_NEXT = core.RESTORE_NEXT
 MANIFEST_MAX_BYTES = 32 * 1024 * 1024
-PIN_MAX_BYTES = 4096
+RESTORE_NEXT_MAX_BYTES = 4096
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -181,36 +181,36 @@ def _is_snapshot(key_fd: int, key: str, name: str) -> bool:
     return True
 
 
-def _pin_in(key_fd: int) -> str | None:
+def _restore_next_in(key_fd: int) -> str | None:
     try:
-        text = _read_file(key_fd, RESTORE_NEXT, PIN_MAX_BYTES, RESTORE_NEXT)
+        text = _read_file(key_fd, RESTORE_NEXT, RESTORE_NEXT_MAX_BYTES, RESTORE_NEXT)
         value = json.loads(text).get("snapshot")
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) and core.is_snapshot_name(value) else None
 
 
-def read_pin(folder: Path) -> str | None:
+def read_restore_next(folder: Path) -> str | None:
     """The snapshot of a key's folder chosen for the next start, if any."""
     try:
         fd = _open_dir(str(folder), None, str(folder))
     except (OSError, ValueError):
         return None
     try:
-        return _pin_in(fd)
+        return _restore_next_in(fd)
     finally:
         os.close(fd)
 
 
 def _list_key(key_fd: int, key: str, root: Path) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    pinned = _pin_in(key_fd)
+    chosen = _restore_next_in(key_fd)
     for name in core.complete_snapshots(os.listdir(key_fd)):
         entry: dict[str, Any] = {
             "key": key,
             "snapshot": name,
             "path": str(root / key / name),
-            "restore_next": name == pinned,
+            "restore_next": name == chosen,
         }
         try:
             with _opened(key_fd, name, f"{key}/{name}") as snap:
@@ -280,7 +280,7 @@ def delete(root: Path, key: str, name: str, trusted: Path | None = None) -> None
         doomed = core.temp_prefix(name, os.getpid()) + "deleted"
         os.replace(name, doomed, src_dir_fd=key_fd, dst_dir_fd=key_fd)
         shutil.rmtree(doomed, ignore_errors=True, dir_fd=key_fd)
-        if _pin_in(key_fd) == name:
+        if _restore_next_in(key_fd) == name:
             _unlink(key_fd, RESTORE_NEXT)
 
 
@@ -289,7 +289,7 @@ def _unlink(dir_fd: int, name: str) -> None:
         os.unlink(name, dir_fd=dir_fd)  # a link is removed itself, never its target
 
 
-def pin(root: Path, key: str, name: str | None, trusted: Path | None = None) -> None:
+def set_restore_next(root: Path, key: str, name: str | None, trusted: Path | None = None) -> None:
     """Restore snapshot `name` of `key` at the next start of its kernel (None: the latest, as
     usual). `FileNotFoundError` when there is no such snapshot, `UnsafePath` for a link."""
     if name is not None:

@@ -800,7 +800,7 @@ class Store(CapacityStore, AccountingStore):
             s.rollback()
             raise GpuQuotaReached(user, holding - count, count, limit)
 
-    def release(self, user: str, server: str) -> list[GpuLease]:
+    def free_leases(self, user: str, server: str) -> list[GpuLease]:
         """Free every GPU `user`'s `server` holds; returns what was freed."""
         with self.session() as s:
             rows = list(

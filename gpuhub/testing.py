@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,13 @@ def free_port_block(size: int = 100) -> int:
     raise RuntimeError("no free ports")
 
 
+def free_port() -> int:
+    """A free port on 127.0.0.1, chosen by the kernel."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def processes_marked(marker: str) -> list[int]:
     """PIDs of the processes whose environment carries `GPUHUB_TEST_RUN=marker`."""
     needle = f"{RUN_MARKER}={marker}".encode()
@@ -82,8 +90,66 @@ def kill_marked(marker: str, timeout: float = 10) -> None:
             time.sleep(0.2)
 
 
+class ServerProcess:
+    """The lifecycle of a server a test starts (the hub, a single-user server): a subprocess in
+    a session of its own with its output in a log file, up once a probe answers, stopped with
+    SIGTERM, then SIGKILL for its whole process group."""
+
+    process: subprocess.Popen | None
+    log_path: Path | None
+
+    def launch(
+        self,
+        command: list[str],
+        *,
+        env: dict[str, str],
+        cwd: Path,
+        log_path: Path,
+        probe: Callable[[], bool],
+        what: str,
+        timeout: float = 60,
+        interval: float = 0.3,
+    ) -> None:
+        """Start `command` and wait until `probe()` is true (a request that fails counts as
+        not yet); `RuntimeError` if the process exits first, `TimeoutError` after `timeout`."""
+        self.log_path = log_path
+        log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
+        self.process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{what} exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if probe():
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(interval)
+        raise TimeoutError(f"{what} did not come up in {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
 @dataclass
-class Hub:
+class Hub(ServerProcess):
     """A gpuhub JupyterHub subprocess on 127.0.0.1."""
 
     state_dir: Path
@@ -126,43 +192,22 @@ class Hub:
         if not self.port:
             self.port = free_port_block()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.state_dir / f"hub-{int(time.time() * 1000)}.log"
         config = paths.config_dir() / "jupyterhub_config.py"
         jupyterhub = Path(sys.executable).with_name("jupyterhub")
-        log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the process
-        self.process = subprocess.Popen(
+        self.launch(
             [str(jupyterhub), "-f", str(config)],
-            cwd=self.state_dir,
             env=self.environment(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            cwd=self.state_dir,
+            log_path=self.state_dir / f"hub-{int(time.time() * 1000)}.log",
+            probe=lambda: requests.get(f"{self.api}/", timeout=2).ok,
+            what="the hub",
+            timeout=timeout,
         )
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the hub exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if requests.get(f"{self.api}/", timeout=2).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"the hub did not come up in {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+        return self
 
     def stop(self, timeout: float = 30) -> None:
         """Stop the hub and its proxy (servers keep running: GPUHUB_KEEP_SERVERS=1)."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+        super().stop(timeout)
 
     # -- REST API ------------------------------------------------------------------------------
 
@@ -374,11 +419,24 @@ def process_gone(pid: int) -> bool:
         return True
 
 
-def wait_for(predicate: Any, timeout: float = 30, interval: float = 0.3, what: str = "") -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 30,
+    interval: float = 0.3,
+    what: str = "",
+    log: Callable[[], str] | None = None,
+) -> Any:
+    """The one polling helper of the tests: call `predicate` every `interval` seconds until it
+    returns something true, and return that. `TimeoutError` after `timeout` seconds, saying what
+    was awaited, the last value, and the end of `log()` (a server's log) when given."""
     deadline = time.time() + timeout
+    last = None
     while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
+        last = predicate()
+        if last:
+            return last
         time.sleep(interval)
-    raise TimeoutError(f"timed out waiting for {what or predicate}")
+    message = f"timed out after {timeout:g} s waiting for {what or predicate} (last: {last!r})"
+    if log is not None:
+        message += "\n" + log()[-3000:]
+    raise TimeoutError(message)

@@ -12,12 +12,13 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from .testing import free_port
 
 
 class PostgresUnavailable(RuntimeError):
@@ -36,12 +37,6 @@ def server_bin() -> Path:
         "PostgreSQL's server programs are missing: install Debian's `postgresql` "
         "(bash scripts/install-system.sh)"
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostgresServer:
@@ -85,7 +80,7 @@ class PostgresServer:
             "--no-sync",
         )
         for _ in range(5):
-            self.port = _free_port()
+            self.port = free_port()
             options = (
                 f"-h 127.0.0.1 -p {self.port} -k {self.base} -F "
                 "-c max_connections=200 -c shared_buffers=32MB"

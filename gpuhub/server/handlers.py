@@ -270,7 +270,7 @@ class RestoreNextHandler(GpuhubHandler):
     async def put(self, key: str, name: str | None = None) -> None:
         if name is None:
             raise web.HTTPError(405)
-        await self._pin(key, name)
+        await self._restore_next(key, name)
         self.finish(json.dumps({"key": key, "snapshot": name, "restore_next": True}))
 
     @web.authenticated
@@ -278,11 +278,11 @@ class RestoreNextHandler(GpuhubHandler):
     async def delete(self, key: str, name: str | None = None) -> None:
         if name is not None:
             raise web.HTTPError(405)
-        await self._pin(key, None)
+        await self._restore_next(key, None)
         self.set_status(204)
         self.finish()
 
-    async def _pin(self, key: str, name: str | None) -> None:
+    async def _restore_next(self, key: str, name: str | None) -> None:
         import asyncio
 
         try:

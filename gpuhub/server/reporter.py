@@ -89,7 +89,7 @@ class Reporter:
         self.last_report_ok: float | None = None
         self.last_error: str | None = None
         #: what the service told this server in its last answer (checked): the foreseen release,
-        #: keep, the last release, a give-back's progress (JupyterLab shows them)
+        #: keep, the last release, the progress of a "GPU again" (JupyterLab shows them)
         self.notices: dict[str, Any] = {}
         self._requests: list[tuple[protocol.UserRequest, asyncio.Future]] = []
         self._client = AsyncHTTPClient(force_instance=True, max_clients=4)

@@ -180,13 +180,13 @@ class SnapshotManager:
                 "status": "busy",
                 "error": "the kernel is running code; restore when it is idle",
             }
-        pinned = None
+        chosen = None
         if auto:
             latest = await asyncio.to_thread(self._latest, key)
             # A snapshot the user chose for the next start comes back instead of the latest.
-            pinned = await asyncio.to_thread(snapshot_files.read_pin, self.root / key)
-            if pinned is not None:
-                name = pinned
+            chosen = await asyncio.to_thread(snapshot_files.read_restore_next, self.root / key)
+            if chosen is not None:
+                name = chosen
             elif latest is None or latest <= (
                 await asyncio.to_thread(self._restored_mark, key) or ""
             ):  # names sort by time: only a snapshot newer than the last restored one
@@ -216,10 +216,10 @@ class SnapshotManager:
         self.restores[kernel_id] = {**result, "at": core.iso(time.time()), "automatic": auto}
         if auto and status in ("restored", "partial"):
             # After a chosen snapshot, the latest counts as dealt with too.
-            done = latest if pinned is not None else report.get("snapshot")
+            done = latest if chosen is not None else report.get("snapshot")
             await asyncio.to_thread(self._mark_restored, key, done, kernel_id)
-        if pinned is not None and status != "skipped":
-            await asyncio.to_thread(snapshot_files.pin, self.root, key, None)
+        if chosen is not None and status != "skipped":
+            await asyncio.to_thread(snapshot_files.set_restore_next, self.root, key, None)
         return result
 
     async def _quiet_run(self, kernel_id: str, config: dict[str, Any]) -> None:
@@ -309,7 +309,7 @@ class SnapshotManager:
     def restore_next(self, key: str, name: str | None) -> None:
         """Restore snapshot `name` of `key` the next time the key's kernel starts (None: the
         latest, as usual)."""
-        snapshot_files.pin(self.root, key, name)
+        snapshot_files.set_restore_next(self.root, key, name)
 
 
 async def _settles_idle(kernel: Any, within: float = 2.0) -> bool:

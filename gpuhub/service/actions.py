@@ -1,5 +1,5 @@
 """Carrying out what `policy.decide` returns: snapshot, then release (restart without GPU) or stop;
-warnings; and giving a GPU back on the user's request.
+warnings; and "GPU again" on the user's request.
 
 Every action is a row in the store's action history (`Store.record_action`): who (the service or
 a person), what, why, when, which snapshot, and the step it reached. The step is written before
@@ -33,10 +33,18 @@ from .hubapi import HubAPIError, HubClient
 from .metrics import Metrics
 from .reports import CommandTimeout, ReportBoard
 from .servers import RunningServer
+from .stopping import (
+    SnapshotAborted,
+    SnapshotFailed,
+    SnapshotThenStop,
+    StopPlan,
+    check_snapshot,
+)
 
 log = logging.getLogger("gpuhub.service")
 
-RELEASE, STOP, WARN, GIVE_BACK = "release", "stop", "warn", "give-back"
+#: the kinds of action in the history; "GPU again" keeps its stored spelling "give-back"
+RELEASE, STOP, WARN, GPU_AGAIN = "release", "stop", "warn", "give-back"
 RULE_USER_REQUEST = "user-request"
 
 RunKey = tuple[str, str, str | None]  # user, server, the run's `started`
@@ -139,34 +147,6 @@ class Ledger:
                 del self.by_run[run]
 
 
-class SnapshotFailed(Exception):
-    pass
-
-
-class SnapshotAborted(Exception):
-    """A kernel started running code between the decision and the snapshot."""
-
-
-def check_snapshot(
-    outcome: protocol.SnapshotOutcome, *, busy_ok: bool = False
-) -> list[dict[str, Any]]:
-    """The summary of a good snapshot; `SnapshotFailed` / `SnapshotAborted` otherwise. With
-    `busy_ok` (a forced action) kernels still running code are left out instead of calling the
-    action off."""
-    summary = [e.summary() for e in outcome.entries]
-    failed = [e for e in outcome.entries if e.status not in ("saved", "unsupported", "busy")]
-    if failed:
-        raise SnapshotFailed(
-            "; ".join(f"kernel {e.kernel_id}: {e.error or e.status}" for e in failed)
-        )
-    busy = [e for e in outcome.entries if e.status == "busy"]
-    if busy and not busy_ok:
-        raise SnapshotAborted("a kernel is running code")
-    if not outcome.ok and not busy:
-        raise SnapshotFailed("the server reported the snapshot as not ok")
-    return summary
-
-
 class Executor:
     """Runs actions as tasks (one at a time per server) and finishes interrupted ones."""
 
@@ -185,6 +165,8 @@ class Executor:
         self.metrics = metrics
         self.settings = settings
         self.ledger = Ledger(store)
+        #: the one snapshot-then-stop sequence (releases, stops, GPU again, the culler's stops)
+        self.sequence = SnapshotThenStop(client, board, self.ledger, metrics, settings)
         self.tasks: dict[tuple[str, str], asyncio.Task] = {}
         self.concurrency = max(1, concurrency)
         self._slots: asyncio.Semaphore | None = None
@@ -346,7 +328,7 @@ class Executor:
         if not self.settings.notice_file:
             return
         text = notices.render(
-            RELEASE if kind == GIVE_BACK else kind,
+            RELEASE if kind == GPU_AGAIN else kind,
             row.reason,
             at=time.time(),
             gpus=row.gpus,
@@ -401,89 +383,29 @@ class Executor:
         forced = action.rule == RULE_MAX_LEASE or (
             actor is not None and actor != self.settings.actor
         )
-        if action.snapshot:
-            row = self.ledger.update(row, status=ActionStatus.SNAPSHOTTING)
-            try:
-                summary = await self.snapshot(server, forced=forced)
-            except SnapshotAborted as e:
-                self.ledger.update(row, status=ActionStatus.ABORTED, error=str(e))
-                log.info("gpuhub: %s of %s called off: %s", kind, server.label, e)
-                return
-            except SnapshotFailed as e:
-                self.metrics.snapshot_failures.inc()
-                if not forced:
-                    self.ledger.update(row, status=ActionStatus.SNAPSHOT_FAILED, error=str(e))
-                    log.warning("gpuhub: snapshot of %s failed, nothing done: %s", server.label, e)
-                    return
-                row = self.ledger.update(
-                    row, status=ActionStatus.SNAPSHOTTED, snapshots=[], error=f"no snapshot: {e}"
-                )
-                log.warning(
-                    "gpuhub: %s of %s goes ahead without a snapshot: %s", kind, server.label, e
-                )
-            else:
-                busy = [s for s in summary if s.get("status") == "busy"]
-                row = self.ledger.update(
-                    row,
-                    status=ActionStatus.SNAPSHOTTED,
-                    snapshots=summary,
-                    error=(
-                        f"{len(busy)} kernel(s) still running code after "
-                        f"{self.settings.forced_snapshot_deadline:g} s were not saved"
-                        if busy
-                        else None
-                    ),
-                )
-        else:
-            row = self.ledger.update(row, status=ActionStatus.SNAPSHOTTED, snapshots=[])
 
-        if kind == STOP:
-            await self.notify(server.model, row, STOP)
-        row = self.ledger.update(row, status=ActionStatus.STOPPING)
-        try:
-            await self.stop(server.user, server.server)
-        except Exception as e:
-            self._failed(row, "stop", e)
+        async def notify_stop(current: ActionRecord) -> None:
+            await self.notify(server.model, current, STOP)
+
+        outcome = await self.sequence.run(
+            row,
+            server,
+            StopPlan(
+                snapshot=action.snapshot,
+                forced=forced,
+                before_stop=notify_stop if kind == STOP else None,
+            ),
+        )
+        if outcome.snapshot_failure is not None:
+            self.metrics.snapshot_failures.inc()
+        if not outcome.stopped:
             return
+        row = outcome.row
         if kind == STOP:
             self.ledger.update(row, status=ActionStatus.DONE)
             self.metrics.stops.labels(rule=row.rule).inc()
             return
         await self.start(row, _without_gpus(row.user_options or {}))
-
-    async def snapshot(
-        self, server: RunningServer, *, forced: bool = False
-    ) -> list[dict[str, Any]]:
-        """Have the server snapshot its kernels (a command it carries out for its own user)."""
-        if self.board.latest(server.key, self.settings.report_max_age) is None:
-            raise SnapshotFailed(
-                f"the server has not reported for {self.settings.report_max_age:g} s "
-                "(gpuhub's extension is off or the server does not answer)"
-            )
-        deadline = self.settings.forced_snapshot_deadline if forced else 0.0
-        started = time.monotonic()
-        try:
-            result = await self.board.request(
-                server.key,
-                protocol.SNAPSHOT,
-                {"wait": forced, "deadline_s": deadline},
-                self.settings.snapshot_timeout + deadline,
-            )
-        except CommandTimeout as e:
-            raise SnapshotFailed(str(e)) from e
-        finally:
-            self.metrics.snapshot_duration.observe(time.monotonic() - started)
-        if not result.ok:
-            raise SnapshotFailed(result.error or "the server could not snapshot its kernels")
-        try:
-            outcome = protocol.parse_snapshot_result(result.data)
-        except protocol.ProtocolError as e:
-            raise SnapshotFailed(f"unexpected snapshot result: {e}") from e
-        return check_snapshot(outcome, busy_ok=forced)
-
-    async def stop(self, user: str, server: str) -> None:
-        await self.client.stop_server(user, server)
-        await self.client.wait_for_server(user, server, "stopped", self.settings.stop_timeout)
 
     async def start(self, row: ActionRecord, options: Mapping[str, Any]) -> None:
         """Start the server with `options` and wait for it; the row ends `done` or `failed`."""
@@ -494,7 +416,7 @@ class Executor:
                 row.user, row.server, "ready", self.settings.spawn_timeout
             )
         except Exception as e:
-            if row.kind == GIVE_BACK and isinstance(e, HubAPIError) and 400 <= e.status < 500:
+            if row.kind == GPU_AGAIN and isinstance(e, HubAPIError) and 400 <= e.status < 500:
                 await self._fall_back(row, e)
                 return
             self._failed(row, "start", e)
@@ -525,10 +447,7 @@ class Executor:
         self.metrics.action_failures.labels(kind=row.kind, step="start").inc()
 
     def _failed(self, row: ActionRecord, step: str, error: Exception) -> None:
-        message = f"{step}: {error}"
-        self.ledger.update(row, status=ActionStatus.FAILED, error=message[:2000])
-        self.metrics.action_failures.labels(kind=row.kind, step=step).inc()
-        log.error("gpuhub: %s of %s failed at the %s: %s", row.kind, _label(row), step, error)
+        self.sequence.fail(row, step, error)
 
     async def resume(self, row: ActionRecord) -> None:
         """Finish an action whose service stopped after it began changing the server."""
@@ -548,7 +467,7 @@ class Executor:
                     )
                     return
                 try:
-                    await self.stop(row.user, row.server)
+                    await self.sequence.stop(row.user, row.server)
                 except Exception as e:
                     self._failed(row, "stop", e)
                     return
@@ -578,9 +497,9 @@ class Executor:
     @staticmethod
     def _start_options(row: ActionRecord) -> dict[str, Any]:
         options = dict(row.user_options or {})
-        return options if row.kind == GIVE_BACK else _without_gpus(options)
+        return options if row.kind == GPU_AGAIN else _without_gpus(options)
 
-    # -- giving a GPU back -----------------------------------------------------------------------
+    # -- GPU again -------------------------------------------------------------------------------
 
     def last_release(self, user: str, server: str) -> ActionRecord | None:
         for row in self.store.actions(
@@ -589,10 +508,10 @@ class Executor:
             return row
         return None
 
-    async def give_back(self, user: str, server: str, actor: str) -> ActionRecord:
+    async def gpu_again(self, user: str, server: str, actor: str) -> ActionRecord:
         """Restart `user`'s `server` with the options it had before its GPU was released
         (kernels snapshotted first, as for a release). Raises `LookupError` when there is no
-        released GPU to give back, `RuntimeError` when the server is busy with another action."""
+        released GPU to have again, `RuntimeError` when the server is busy with another action."""
         if self.busy((user, server)):
             raise RuntimeError("an action on this server is under way")
         release = self.last_release(user, server)
@@ -602,7 +521,7 @@ class Executor:
         row = self.ledger.record(
             user=user,
             server=server,
-            kind=GIVE_BACK,
+            kind=GPU_AGAIN,
             rule=RULE_USER_REQUEST,
             reason=f"{actor} asked for the GPU back",
             actor=actor,
@@ -616,22 +535,13 @@ class Executor:
         async def run() -> None:
             current = row
             if model is not None and model.get("ready"):
-                current = self.ledger.update(current, status=ActionStatus.SNAPSHOTTING)
                 running = RunningServer(user, server, frozenset(), model)
-                try:
-                    summary = await self.snapshot(running)
-                except (SnapshotFailed, SnapshotAborted) as e:
-                    self.ledger.update(current, status=ActionStatus.SNAPSHOT_FAILED, error=str(e))
-                    return
-                current = self.ledger.update(
-                    current, status=ActionStatus.SNAPSHOTTED, snapshots=summary
+                outcome = await self.sequence.run(
+                    current, running, StopPlan(aborted_as=ActionStatus.SNAPSHOT_FAILED)
                 )
-                current = self.ledger.update(current, status=ActionStatus.STOPPING)
-                try:
-                    await self.stop(user, server)
-                except Exception as e:
-                    self._failed(current, "stop", e)
+                if not outcome.stopped:
                     return
+                current = outcome.row
             await self.start(current, dict(release.user_options or {}))
 
         self.run_for((user, server), run())
@@ -652,4 +562,12 @@ def _utcnow() -> Any:
     return utcnow()
 
 
-__all__ = ["ACTION_OPEN", "ActionSettings", "Executor", "Ledger"]
+__all__ = [
+    "ACTION_OPEN",
+    "ActionSettings",
+    "Executor",
+    "Ledger",
+    "SnapshotAborted",
+    "SnapshotFailed",
+    "check_snapshot",
+]

@@ -39,6 +39,7 @@ from ..core.decide import Demand, Rules, StopServer, decide
 from ..store import ActionStatus
 from .reports import AuthError, bearer_token
 from .servers import RunningServer, view_from
+from .stopping import SnapshotAborted, StopPlan
 
 log = logging.getLogger("gpuhub.service")
 
@@ -225,17 +226,11 @@ async def decide_cull(
         gpu_type=running.gpu_type,
         user_options=running.user_options,
     )
-    from .actions import SnapshotAborted, SnapshotFailed
-
-    summary: list[dict[str, Any]] = []
-    if stop.snapshot:
-        try:
-            summary = await service.executor.snapshot(running)
-        except SnapshotAborted as e:
-            service.ledger.update(row, status=ActionStatus.ABORTED, error=str(e))
-            return False, str(e)
-        except SnapshotFailed as e:
-            service.ledger.update(row, status=ActionStatus.SNAPSHOT_FAILED, error=str(e))
-            return False, f"snapshot failed: {e}"
-    service.ledger.update(row, status=ActionStatus.DONE, snapshots=summary)
+    outcome = await service.executor.sequence.run(
+        row, running, StopPlan(snapshot=stop.snapshot, culler_stops=True)
+    )
+    if isinstance(outcome.error, SnapshotAborted):
+        return False, str(outcome.error)
+    if outcome.error is not None:
+        return False, f"snapshot failed: {outcome.error}"
     return True, stop.reason

@@ -4,8 +4,8 @@ The requests come in the server's own report (`gpuhub.core.protocol.UserRequest`
 the server's token by `ReportHandler`): they act only on the reporting server, for its owner.
 
 - "keep": postpone the idle release (`gpuhub.service.keeps`, within the policy);
-- "release": give the GPU back now (a release by the user: snapshot, restart without the GPU);
-- "gpu-again": after a release, restart with the GPU (`Executor.give_back`).
+- "release": release the GPU now (a release by the user: snapshot, restart without the GPU);
+- "gpu-again": after a release, restart with the GPU (`Executor.gpu_again`).
 
 The answer to every report carries the server's `notices`: the release the rules foresee (when,
 why, how long before it JupyterLab warns), whether a keep is possible and how long, the last
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ..core import decide, protocol
 from ..core.decide import ReleaseGpu, ServerView
 from ..core.protocol import RequestResult, UserRequest
-from .actions import GIVE_BACK, RULE_USER_REQUEST
+from .actions import GPU_AGAIN, RULE_USER_REQUEST
 from .servers import RunningServer, parse_time
 
 if TYPE_CHECKING:
@@ -61,12 +61,12 @@ class UserRequests:
         running = service.running.get(key)
         if request.kind == protocol.GPU_AGAIN:
             try:
-                row = await service.executor.give_back(key[0], key[1], actor=key[0])
+                row = await service.executor.gpu_again(key[0], key[1], actor=key[0])
             except LookupError as e:
-                return False, f"no GPU to give back: {e}"
+                return False, f"no GPU to have again: {e}"
             except RuntimeError as e:
                 return False, str(e)
-            log.info("gpuhub: %s/%s: give-back %s", key[0], key[1], row.status)
+            log.info("gpuhub: %s/%s: GPU again %s", key[0], key[1], row.status)
             return True, "the server restarts with its GPU; your variables come back"
         if running is None:
             return False, "the service has not seen this server running yet; try again shortly"
@@ -174,12 +174,12 @@ class UserRequests:
                 }
         return notices
 
-    def _give_back(self, key: Key) -> dict[str, Any] | None:
-        """A give-back of `key` under way (or failed in the last 10 minutes), from the history."""
+    def _gpu_again(self, key: Key) -> dict[str, Any] | None:
+        """A "GPU again" of `key` under way (or failed in the last 10 minutes), from the history."""
         rows = [
             r
             for r in self.service.ledger.rows.values()
-            if r.kind == GIVE_BACK and (r.user, r.server) == key
+            if r.kind == GPU_AGAIN and (r.user, r.server) == key
         ]
         if not rows:
             return None
@@ -191,12 +191,12 @@ class UserRequests:
         return {"status": row.status, "reason": row.error or row.reason}
 
     def answer(self, key: Key) -> dict[str, Any]:
-        """The notices for the answer to `key`'s report (plain JSON); a give-back's progress as
-        it is now."""
+        """The notices for the answer to `key`'s report (plain JSON); the progress of a "GPU again"
+        as it is now (under `give_back`, its key in the protocol)."""
         notices = dict(self.notices.get(key) or {})
         notices.pop("release_at_s", None)
         notices.pop("give_back", None)
-        give_back = self._give_back(key)
-        if give_back is not None:
-            notices["give_back"] = give_back
+        progress = self._gpu_again(key)
+        if progress is not None:
+            notices["give_back"] = progress
         return notices

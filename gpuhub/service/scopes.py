@@ -18,7 +18,7 @@ SCOPES: dict[str, str] = {
     "read:users:activity": "read each server's last activity (the server idle timeout)",
     "read:servers": "read each server's model: its URL, start time and user options (the GPUs "
     "it holds, the interface and environment to restart it with)",
-    "start:servers": "restart a server without its GPU (release), or with it (give-back)",
+    "start:servers": "restart a server without its GPU (release), or with it (GPU again)",
     "delete:servers": "stop a server (before restarting it without GPU, or when idle)",
 }
 

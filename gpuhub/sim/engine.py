@@ -277,7 +277,7 @@ class _Simulation:
         if not granted:
             self.record()
 
-    def give_back(self, s: _Session) -> None:
+    def free_gpus(self, s: _Session) -> None:
         if s.held:
             self.reserved_s += s.held * (self.now - s.hold_since)
             self.free += s.held
@@ -388,7 +388,7 @@ class _Simulation:
             self.record()
             if self.spec.name == ORACLE:
                 s.releases += 1
-                self.give_back(s)
+                self.free_gpus(s)
         s.index += 1
         self.next_step(s)
         if burst.gpus > 0:
@@ -414,14 +414,14 @@ class _Simulation:
         s.phase = "ended"
         s.server_up = False
         s.ended_at = self.now
-        self.give_back(s)
+        self.free_gpus(s)
         self.active -= 1
 
     # --- policies ---------------------------------------------------------------------------
     def take_gpus(self, s: _Session) -> None:
         if s.held:
             s.releases += 1
-            self.give_back(s)
+            self.free_gpus(s)
 
     def cull_tick(self) -> None:
         for s in self.sessions:
@@ -489,7 +489,7 @@ class _Simulation:
                 if not action.snapshot and s.ran_any:
                     s.state_lost += 1
                 self.take_gpus(s)
-        # Sessions waiting at spawn may now get GPUs; grant() already ran on each give-back.
+        # Sessions waiting at spawn may now get GPUs; grant() already ran on each free_gpus().
         self.schedule_tick(self.service_tick, self.spec.service_every)
 
     def schedule_tick(self, fn: Callable[[], None], every: float) -> None:

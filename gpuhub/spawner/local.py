@@ -183,13 +183,13 @@ class LocalGPUSpawner(GPUQueueMixin, GPUSpawnerMixin, LocalProcessSpawner):
         except (DeviceAccessError, KeyError) as e:
             self.log.error("gpuhub: could not take back the device files of %s: %s", uuids, e)
 
-    def gpus_freed(self, leases: list[GpuLease]) -> None:
-        super().gpus_freed(leases)
+    def leases_freed(self, leases: list[GpuLease]) -> None:
+        super().leases_freed(leases)
         self.close_devices(leases)
 
-    def release_gpus(self) -> None:
+    def free_leases(self) -> None:
         self.close_devices(self.store.leases_of(self.user.name, self.name))
-        super().release_gpus()
+        super().free_leases()
 
     def devices(self, catalog: Catalog) -> dict[str, list[str]]:
         inventory = local_inventory(self.inventory_max_age)
@@ -234,7 +234,7 @@ class LocalGPUSpawner(GPUQueueMixin, GPUSpawnerMixin, LocalProcessSpawner):
                     self.grant_devices(devices)
                 except (DeviceAccessError, KeyError) as e:
                     self.log.error("gpuhub: %s: %s", self._log_name, e)
-                    self.release_gpus()
+                    self.free_leases()
                     raise http_error(500, f"the GPU cannot be given to your server: {e}") from e
         environment = catalog.environment(selection.environment)
         assert environment is not None

@@ -3,7 +3,7 @@
 The spawn form, parsing `user_options` into a `Selection` (through JupyterHub's
 `apply_user_options` hook, so errors reach the caller as HTTP 400), quotas, the spawner state,
 and freeing GPU leases when the server stops. A backend implements `gpu_capacity` and
-`apply_selection` (and frees what it holds in `release_gpus`).
+`apply_selection` (and frees its leases in `free_leases`).
 """
 
 from __future__ import annotations
@@ -231,9 +231,9 @@ class GPUSpawnerMixin(SharesGpuhubConfig, Configurable):
                 lease.server,
             )
         if freed:
-            self.gpus_freed(freed)
+            self.leases_freed(freed)
 
-    def gpus_freed(self, leases: list[GpuLease]) -> None:
+    def leases_freed(self, leases: list[GpuLease]) -> None:
         """Leases that ended without their server's stop (a backend takes back what it gave)."""
 
     def quota_config(self) -> QuotaConfig:
@@ -311,9 +311,9 @@ class GPUSpawnerMixin(SharesGpuhubConfig, Configurable):
         """Make the server start with `selection` (take GPUs, set image or process env)."""
         raise NotImplementedError
 
-    def release_gpus(self) -> None:
-        """Free the GPUs this server holds (called when it stops)."""
-        freed = self.store.release(self.user.name, self.name)
+    def free_leases(self) -> None:
+        """Free the leases of the GPUs this server holds (called when it stops)."""
+        freed = self.store.free_leases(self.user.name, self.name)
         if freed:
             self.log.info("gpuhub: freed %d GPU(s) of %s", len(freed), self._log_name)
 
@@ -394,7 +394,7 @@ class GPUSpawnerMixin(SharesGpuhubConfig, Configurable):
         except QuotaExceeded as e:
             raise http_error(403, str(e)) from e
         self.check_gpu_budget(selection)
-        self.release_gpus()  # leftovers of a failed earlier start of this server
+        self.free_leases()  # leftovers of a failed earlier start of this server
         self.selection = selection
         self.user_options = selection.as_user_options()
         self.persist_user_options()
@@ -479,7 +479,7 @@ class GPUSpawnerMixin(SharesGpuhubConfig, Configurable):
         try:
             await super().stop(now=now)  # type: ignore[misc]
         finally:
-            self.release_gpus()
+            self.free_leases()
 
 
 def describe_gpus(selection: Selection) -> str:

@@ -28,7 +28,7 @@ from ..store import utcnow
 
 T = TypeVar("T")
 
-#: Futures of the spawns waiting in this process, resolved whenever a GPU is released here.
+#: Futures of the spawns waiting in this process, resolved whenever a lease is freed here.
 _wakeups: set[asyncio.Future[None]] = set()
 
 
@@ -61,7 +61,7 @@ class GPUQueueMixin(Configurable):
         2.0,
         min=0.01,
         config=True,
-        help="""Seconds between two looks at the free GPUs while a spawn waits (a GPU released
+        help="""Seconds between two looks at the free GPUs while a spawn waits (a GPU freed
         by this hub wakes the waiting spawns at once).""",
     )
 
@@ -206,8 +206,8 @@ class GPUQueueMixin(Configurable):
             self._waiting_phase = "done"
             self._set_wait_status(None)
 
-    def release_gpus(self) -> None:
-        super().release_gpus()  # type: ignore[misc]
+    def free_leases(self) -> None:
+        super().free_leases()  # type: ignore[misc]
         wake_waiting_spawns()
 
     _left_queue_pending: bool = False

@@ -58,7 +58,7 @@ def test_ada_sees_only_her_own_snapshots(homes):
     assert [(e["key"], e["snapshot"], e["notebook"]) for e in ada_sees(ada)] == [
         ("own", B, "ada.ipynb")
     ]
-    files.pin(ada / REL, "own", B, ada)
+    files.set_restore_next(ada / REL, "own", B, ada)
     assert ada_sees(ada)[0]["restore_next"]
     files.delete(ada / REL, "own", B, ada)
     assert ada_sees(ada) == []
@@ -74,7 +74,7 @@ def test_a_linked_folder_on_the_way_to_the_root_is_refused(homes, linked):
     with pytest.raises(files.UnsafePath, match=rf"~/{linked}: refused, it is a symbolic link"):
         ada_sees(ada)
     with pytest.raises(files.UnsafePath, match="symbolic link"):
-        files.pin(ada / REL, "nb-1", A, ada)
+        files.set_restore_next(ada / REL, "nb-1", A, ada)
     with pytest.raises(files.UnsafePath, match="symbolic link"):
         files.delete(ada / REL, "nb-1", A, ada)
     bob_intact(bob)
@@ -85,8 +85,8 @@ def test_a_linked_key_folder_is_left_out_and_refused(homes):
     (ada / REL / "nb-1").symlink_to(bob / REL / "nb-1")
     assert [e["key"] for e in ada_sees(ada)] == ["own"]
     for call in (
-        lambda: files.pin(ada / REL, "nb-1", A, ada),
-        lambda: files.pin(ada / REL, "nb-1", None, ada),
+        lambda: files.set_restore_next(ada / REL, "nb-1", A, ada),
+        lambda: files.set_restore_next(ada / REL, "nb-1", None, ada),
         lambda: files.delete(ada / REL, "nb-1", A, ada),
     ):
         with pytest.raises(files.UnsafePath, match="nb-1: refused, it is a symbolic link"):
@@ -101,7 +101,7 @@ def test_a_linked_snapshot_folder_is_listed_as_refused_and_never_touched(homes):
     assert "bob-secret.ipynb" not in json.dumps(listed)
     assert "own/" + A + ": refused, it is a symbolic link" in listed[A]["error"]
     with pytest.raises(files.UnsafePath, match="symbolic link"):
-        files.pin(ada / REL, "own", A, ada)
+        files.set_restore_next(ada / REL, "own", A, ada)
     with pytest.raises(files.UnsafePath, match="symbolic link"):
         files.delete(ada / REL, "own", A, ada)
     bob_intact(bob)
@@ -119,7 +119,7 @@ def test_a_linked_manifest_is_never_read(homes, target):
     assert "manifest.json: refused, it is a symbolic link" in entry["error"]
     assert "notebook" not in entry
     with pytest.raises(files.UnsafePath, match=r"manifest\.json: refused"):
-        files.pin(ada / REL, "own", A, ada)
+        files.set_restore_next(ada / REL, "own", A, ada)
     with pytest.raises(files.UnsafePath, match=r"manifest\.json: refused"):
         files.delete(ada / REL, "own", A, ada)
     bob_intact(bob)
@@ -145,12 +145,12 @@ def test_a_linked_pin_file_is_replaced_not_written_through(homes, tmp_path):
     victim.write_text(json.dumps({"snapshot": A}))
     (ada / REL / "own" / core.RESTORE_NEXT).symlink_to(victim)
     assert not ada_sees(ada)[0]["restore_next"]  # the link is not read
-    files.pin(ada / REL, "own", B, ada)
+    files.set_restore_next(ada / REL, "own", B, ada)
     assert json.loads(victim.read_text()) == {"snapshot": A}
     assert not (ada / REL / "own" / core.RESTORE_NEXT).is_symlink()
     (ada / REL / "own" / core.RESTORE_NEXT).unlink()
     (ada / REL / "own" / core.RESTORE_NEXT).symlink_to(victim)
-    files.pin(ada / REL, "own", None, ada)  # unpinning removes the link only
+    files.set_restore_next(ada / REL, "own", None, ada)  # unpinning removes the link only
     assert victim.exists() and not (ada / REL / "own" / core.RESTORE_NEXT).exists()
     bob_intact(bob)
 

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,8 @@ from typing import Any
 import requests
 import urllib3
 import yaml
+
+from gpuhub.testing import free_port
 
 ASSETS = "KUBEBUILDER_ASSETS"
 REQUIRED = ("etcd", "kube-apiserver")
@@ -44,12 +45,6 @@ def assets() -> tuple[Path | None, str]:
         return None, f"{', '.join(missing)} not found in ${ASSETS}={folder}"
     extra = [b for b in OPTIONAL if os.access(path / b, os.X_OK)]
     return path, f"{path} ({', '.join([*REQUIRED, *extra])})"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 AUDIT_POLICY = {

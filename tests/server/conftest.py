@@ -12,9 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -25,7 +22,7 @@ import pytest
 import requests
 
 from gpuhub import nvml, nvml_fake
-from gpuhub.testing import execute_cell
+from gpuhub.testing import ServerProcess, execute_cell, free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -113,12 +110,6 @@ def scenario(tmp_path: Path):
 # -- a jupyter server ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_kernelspec(folder: Path) -> Path:
     """A Jupyter data folder with the `pytorch` and `tensorflow` environments' interpreters as
     kernels `pytorch` and `tensorflow`."""
@@ -141,8 +132,9 @@ def write_kernelspec(folder: Path) -> Path:
     return folder
 
 
-class JupyterServer:
-    """`jupyter server` with the gpuhub extension, as a subprocess on 127.0.0.1."""
+class JupyterServer(ServerProcess):
+    """`jupyter server` with the gpuhub extension, as a subprocess on 127.0.0.1 (started and
+    stopped as the test hub is, `gpuhub.testing.ServerProcess`)."""
 
     def __init__(self, home: Path, env: dict[str, str], args: list[str]) -> None:
         self.home = home
@@ -150,7 +142,7 @@ class JupyterServer:
         self.args = args
         self.token = uuid.uuid4().hex
         self.port = 0
-        self.process: subprocess.Popen | None = None
+        self.process = None
         self.log_path = home / f"server-{time.time_ns()}.log"
 
     @property
@@ -159,7 +151,6 @@ class JupyterServer:
 
     def start(self, timeout: float = 60) -> JupyterServer:
         self.port = free_port()
-        self.log_path = self.home / f"server-{time.time_ns()}.log"
         root = self.home / "work"
         root.mkdir(parents=True, exist_ok=True)
         command = [
@@ -175,39 +166,17 @@ class JupyterServer:
             '--ServerApp.jpserver_extensions={"gpuhub.server": True}',
             *self.args,
         ]
-        log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the process
-        self.process = subprocess.Popen(
+        self.launch(
             command,
             env=self.env,
             cwd=root,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            log_path=self.home / f"server-{time.time_ns()}.log",
+            probe=lambda: self.get("/api/status").ok,
+            what="jupyter server",
+            timeout=timeout,
+            interval=0.2,
         )
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"jupyter server exited:\n{self.log()}")
-            try:
-                if self.get("/api/status").ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"jupyter server did not start in {timeout} s:\n{self.log()}")
-
-    def stop(self, timeout: float = 30) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
+        return self
 
     # -- REST -----------------------------------------------------------------------------------
 
@@ -237,16 +206,8 @@ class JupyterServer:
         return next(g for g in self.status()["gpus"] if g["uuid"] == uuid_)
 
     def wait_for(self, predicate, timeout: float = 30, interval: float = 0.3) -> Any:
-        deadline = time.time() + timeout
-        last = None
-        while time.time() < deadline:
-            last = predicate()
-            if last:
-                return last
-            time.sleep(interval)
-        raise TimeoutError(
-            f"condition not met in {timeout} s (last: {last!r})\n{self.log()[-3000:]}"
-        )
+        """`gpuhub.testing.wait_for` with this server's log in its error."""
+        return wait_for(predicate, timeout, interval, log=self.log)
 
     # -- notebooks and kernels ------------------------------------------------------------------
 

@@ -104,19 +104,19 @@ def test_folder_rules(tmp_path):
     make_snapshot(root, "nb-1", b)
     (root / "nb-1" / ".tmp-20260103T000000.000000Z-1-x").mkdir()  # half-written: not listed
     assert [e["snapshot"] for e in files.list_folder(root)] == [b, a]
-    files.pin(root, "nb-1", a)
-    assert files.read_pin(root / "nb-1") == a
+    files.set_restore_next(root, "nb-1", a)
+    assert files.read_restore_next(root / "nb-1") == a
     assert [e["restore_next"] for e in files.list_folder(root)] == [False, True]
     files.delete(root, "nb-1", a)  # deleting the chosen one unpins it
-    assert files.read_pin(root / "nb-1") is None
+    assert files.read_restore_next(root / "nb-1") is None
     assert [e["snapshot"] for e in files.list_folder(root)] == [b]
     for bad_key in ("", "..", "../x", ".hidden", "a/b"):
         with pytest.raises(ValueError, match="key"):
             files.delete(root, bad_key, b)
     with pytest.raises(ValueError, match="snapshot"):
-        files.pin(root, "nb-1", "../../etc")
+        files.set_restore_next(root, "nb-1", "../../etc")
     with pytest.raises(FileNotFoundError):
         files.delete(root, "nb-1", a)
     with pytest.raises(FileNotFoundError):
-        files.pin(root, "nb-2", b)
+        files.set_restore_next(root, "nb-2", b)
     assert files.list_folder(tmp_path / "none") == []

@@ -375,8 +375,4 @@ class FaultProxy:
         self._thread.join(10)
 
 
-def wait_until(predicate: Any, timeout: float = 60, what: str = "") -> Any:
-    return wait_for(predicate, timeout=timeout, interval=0.2, what=what)
-
-
 __all__ = ["FAST", "Fault", "FaultProxy", "ServiceHub", "cycle", "execute", "metric", "time"]

@@ -12,8 +12,7 @@ import requests
 from jupyterhub_idle_culler import cull_idle
 
 from gpuhub.service.arbiter import make_cull_arbiter
-
-from .helpers import wait_until
+from gpuhub.testing import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +42,7 @@ def test_idle_culler_with_the_gpu_aware_arbiter(service_hub):
             cull_arbiter=arbiter,
         )
     )
-    wait_until(lambda: sh.model("cull-ida") is None, what="the idle server culled")
+    wait_for(lambda: sh.model("cull-ida") is None, 60, what="the idle server culled")
     assert sh.model("cull-bea") is not None and sh.model("cull-bea")["ready"], "busy GPU kept"
     [row] = sh.store.actions("cull-ida")
     assert row.kind == "stop" and row.actor == "jupyterhub-idle-culler" and row.status == "done"

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from gpuhub.core.decide import RULE_GPU_DEMAND, ReleaseGpu
+from gpuhub.testing import wait_for
 
-from .helpers import cycle, metric, wait_until
+from .helpers import cycle, metric
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +28,10 @@ def test_queued_user_gets_the_gpu_of_the_longest_idle_holder(service_hub):
     # no GPU free: the spawn waits in the queue
     r = sh.hub.spawn("queued-quinn", {"gpus": 1})
     assert r.status_code == 202, r.text
-    wait_until(
-        lambda: [e.user for e in sh.store.queue()] == ["queued-quinn"], what="quinn in the queue"
+    wait_for(
+        lambda: [e.user for e in sh.store.queue()] == ["queued-quinn"],
+        60,
+        what="quinn in the queue",
     )
 
     # nothing is idle for the normal timeout; under demand the shorter grace applies

@@ -9,8 +9,9 @@ import pytest
 import requests
 
 from gpuhub.core.decide import ReleaseGpu
+from gpuhub.testing import wait_for
 
-from .helpers import cycle, last_line, wait_until
+from .helpers import cycle, last_line
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def test_keep_postpones_the_release_give_back_now_and_gpu_again(service_hub):
     service = sh.service(gpu_idle_timeout=3600, max_keep_default=3600, release_notice_before=600)
     cycle(service)
     # the server learns, in the answer to its report, when its GPU would go back and why
-    found = wait_until(lambda: notices(sh, "keeper").get("release_at"), 60, "a planned release")
+    found = wait_for(lambda: notices(sh, "keeper").get("release_at"), 60, what="a planned release")
     assert found and notices(sh, "keeper")["release_rule"] == "gpu-idle"
     assert notices(sh, "keeper")["keep"] == {"allowed": True, "max_s": 3600.0, "refused": None}
 
@@ -67,7 +68,7 @@ def test_keep_postpones_the_release_give_back_now_and_gpu_again(service_hub):
     actions = cycle(service)
     assert not any(isinstance(a, ReleaseGpu) for a in actions), actions
     assert sh.devices("keeper"), "the kept GPU stays"
-    plan = wait_until(lambda: notices(sh, "keeper").get("keep_until"), 60, "the keep in notices")
+    plan = wait_for(lambda: notices(sh, "keeper").get("keep_until"), 60, what="the keep in notices")
     assert plan == notices(sh, "keeper")["release_at"]
     assert [k["user"] for k in service.keeps.active()] == ["keeper"]
     # the admin page's data (what `admin/keeps` and the page's "GPUs kept" table show)
@@ -78,30 +79,31 @@ def test_keep_postpones_the_release_give_back_now_and_gpu_again(service_hub):
     r = ask(sh, "keeper", {"kind": "release"})
     assert r.status_code == 200 and r.json()["ok"] is True, r.text
     sh.live.call(service.executor.wait)
-    wait_until(
+    wait_for(
         lambda: (m := sh.model("keeper")) and m.get("ready") and not m["state"]["gpus"],
         120,
-        "the release",
+        what="the release",
     )
     [release] = sh.store.actions("keeper", kinds=["release"])
     assert release.actor == "keeper" and release.status == "done"
     sh.wait_reported(service, "keeper")
     cycle(service)
-    released = wait_until(lambda: notices(sh, "keeper").get("released"), 60, "released notice")
+    released = wait_for(lambda: notices(sh, "keeper").get("released"), 60, what="released notice")
     assert released["at"]
 
     # "GPU again": the give-back restarts with the GPU, and the variables come back
     r = ask(sh, "keeper", {"kind": "gpu-again"})
     assert r.status_code == 200 and r.json()["ok"] is True, r.text
     sh.live.call(service.executor.wait)
-    wait_until(
+    wait_for(
         lambda: (m := sh.model("keeper")) and m.get("ready") and m["state"]["gpus"],
         120,
-        "the GPU back",
+        what="the GPU back",
     )
     kernel = sh.open_notebook("keeper", "work.ipynb")
-    wait_until(
+    wait_for(
         lambda: any(k.get("last_restore") for k in sh.status("keeper")["kernels"]),
+        60,
         what="the automatic restore",
     )
     assert last_line(sh.run("keeper", kernel, "print(answer)")) == "42"

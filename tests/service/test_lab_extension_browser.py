@@ -11,8 +11,9 @@ import re
 import pytest
 
 from gpuhub.core.decide import ReleaseGpu
+from gpuhub.testing import wait_for
 
-from .helpers import cycle, last_line, wait_until
+from .helpers import cycle, last_line
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -50,7 +51,7 @@ def test_status_bar_warning_keep_and_gpu_again(service_hub, browser, screenshot_
 
     page = open_lab(browser, sh)
     # the status bar: the GPU, its live numbers, its state and the release in words
-    wait_until(lambda: "given back in" in status_text(page), 60, "the planned release")
+    wait_for(lambda: "given back in" in status_text(page), 60, what="the planned release")
     text = status_text(page)
     assert re.search(r"GPU \d+ \d+%", text), text
     assert "idle for" in text and re.search(r"given back in 1[45] min", text), text
@@ -72,7 +73,7 @@ def test_status_bar_warning_keep_and_gpu_again(service_hub, browser, screenshot_
     service.policy_rules = service.rules()
     assert not any(isinstance(a, ReleaseGpu) for a in cycle(service))
     assert sh.devices(NAME)
-    wait_until(lambda: "kept until" in status_text(page), 60, "the keep in the status bar")
+    wait_for(lambda: "kept until" in status_text(page), 60, what="the keep in the status bar")
     page.screenshot(path=screenshot_path("lab-gpu-kept.png"))
 
     # an admin releases it all the same (a keep binds the idle rules, not people)
@@ -83,10 +84,10 @@ def test_status_bar_warning_keep_and_gpu_again(service_hub, browser, screenshot_
         await service.executor.act(release, running, actor="admin-grace")
 
     sh.live.call(admin_release)
-    wait_until(
+    wait_for(
         lambda: (m := sh.model(NAME)) and m.get("ready") and not m["state"]["gpus"],
         120,
-        "the release",
+        what="the release",
     )
     sh.wait_reported(service, NAME)
     cycle(service)
@@ -94,25 +95,26 @@ def test_status_bar_warning_keep_and_gpu_again(service_hub, browser, screenshot_
     # the user's JupyterLab, reloaded: given back, "GPU again?"
     page.reload()
     page.wait_for_selector("[data-gpuhub=status]", timeout=120_000)
-    wait_until(lambda: "GPU again?" in status_text(page), 60, "the released state")
+    wait_for(lambda: "GPU again?" in status_text(page), 60, what="the released state")
     assert "given back at" in status_text(page)
     page.screenshot(path=screenshot_path("lab-gpu-given-back.png"))
     page.locator("[data-gpuhub=status]").click()
     page.get_by_role("button", name="GPU again").click()
     page.get_by_text(re.compile("restarts with its GPU")).first.wait_for(timeout=60_000)
     sh.live.call(service.executor.wait)
-    wait_until(
+    wait_for(
         lambda: (m := sh.model(NAME)) and m.get("ready") and m["state"]["gpus"],
         180,
-        "the GPU back",
+        what="the GPU back",
     )
     page.reload()
     page.wait_for_selector("[data-gpuhub=status]", timeout=120_000)
-    wait_until(lambda: re.search(r"GPU \d+", status_text(page)), 60, "the GPU in the status bar")
+    wait_for(lambda: re.search(r"GPU \d+", status_text(page)), 60, what="the GPU in the status bar")
     assert "GPU again" not in status_text(page)
     kernel = sh.open_notebook(NAME, "work.ipynb")
-    wait_until(
+    wait_for(
         lambda: any(k.get("last_restore") for k in sh.status(NAME)["kernels"]),
+        60,
         what="the automatic restore",
     )
     assert last_line(sh.run(NAME, kernel, "print(weights)")) == "[0.5, 0.25]"

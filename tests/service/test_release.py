@@ -14,8 +14,9 @@ from gpuhub.core.decide import (
     StopServer,
     Warn,
 )
+from gpuhub.testing import wait_for
 
-from .helpers import cycle, last_line, metric, wait_until
+from .helpers import cycle, last_line, metric
 
 pytestmark = pytest.mark.slow
 
@@ -78,8 +79,9 @@ def test_idle_gpu_released_busy_kept_variables_back(service_hub):
 
     # the notebook's variables come back when it is opened again
     kernel = sh.open_notebook("idle-ada", "work.ipynb")
-    wait_until(
+    wait_for(
         lambda: any(k.get("last_restore") for k in sh.status("idle-ada")["kernels"]),
+        60,
         what="the automatic restore",
     )
     assert last_line(sh.run("idle-ada", kernel, "print(weights, epoch)")) == "[42, 42, 42] 7"
@@ -96,19 +98,20 @@ def test_idle_gpu_released_busy_kept_variables_back(service_hub):
     sh.run("idle-ada", kernel, "epoch = 8")
     cycle_task = service.executor
 
-    async def give_back():
-        await cycle_task.give_back("idle-ada", "", actor="idle-ada")
+    async def gpu_again():
+        await cycle_task.gpu_again("idle-ada", "", actor="idle-ada")
         await cycle_task.wait()
 
     import asyncio
 
-    asyncio.run(give_back())
+    asyncio.run(gpu_again())
     model = sh.model("idle-ada")
     assert model["user_options"]["gpus"] == 1 and len(model["state"]["gpus"]) == 1
     assert sh.leases("idle-ada") == model["state"]["gpus"]
     kernel = sh.open_notebook("idle-ada", "work.ipynb")
-    wait_until(
+    wait_for(
         lambda: any(k.get("last_restore") for k in sh.status("idle-ada")["kernels"]),
+        60,
         what="the automatic restore",
     )
     assert last_line(sh.run("idle-ada", kernel, "print(weights, epoch)")) == "[42, 42, 42] 8"
@@ -139,8 +142,9 @@ def test_idle_server_snapshotted_then_stopped(service_hub):
     kernel = sh.open_notebook("gone-gus", "report.ipynb")
     sh.run("gone-gus", kernel, "draft = 'chapter 1'")
     service = sh.service(server_idle_timeout=1)
-    wait_until(
+    wait_for(
         lambda: any(isinstance(a, StopServer) and a.user == "gone-gus" for a in cycle(service)),
+        60,
         what="the idle server stopped",
     )
     assert sh.model("gone-gus") is None
@@ -153,8 +157,9 @@ def test_idle_server_snapshotted_then_stopped(service_hub):
     # started again, the notebook's variables come back
     sh.start("gone-gus", gpus=0)
     kernel = sh.open_notebook("gone-gus", "report.ipynb")
-    wait_until(
+    wait_for(
         lambda: any(k.get("last_restore") for k in sh.status("gone-gus")["kernels"]),
+        60,
         what="the automatic restore",
     )
     assert last_line(sh.run("gone-gus", kernel, "print(draft)")) == "chapter 1"

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from gpuhub.testing import free_port_block
+from gpuhub.testing import free_port_block, wait_for
 
-from .helpers import Fault, FaultProxy, wait_until
+from .helpers import Fault, FaultProxy
 
 pytestmark = pytest.mark.slow
 
@@ -78,22 +78,22 @@ def test_service_killed_mid_action_acts_once(service_hub, tmp_path):
         def rows(name):
             return sh.store.actions(name, kinds=["release"])
 
-        wait_until(
+        wait_for(
             lambda: (
                 stop_rita.hits == 1
                 and [r.status for r in rows("restart-rita")] == ["stopping"]
                 and sh.model("restart-rita") is None
             ),
-            timeout=120,
+            120,
             what=f"rita's server stopped by the service:\n{log.read_text()}",
         )
-        wait_until(
+        wait_for(
             lambda: (
                 snapshot_rolf.hits >= 1
                 and [r.status for r in rows("restart-rolf")] == ["snapshotting"]
                 and len(snapshots_of(sh, "restart-rolf")) == 1
             ),
-            timeout=120,
+            120,
             what=f"rolf's snapshot taken:\n{log.read_text()}",
         )
     finally:
@@ -105,9 +105,9 @@ def test_service_killed_mid_action_acts_once(service_hub, tmp_path):
     second = run_service(sh, log, api_url=sh.hub.api, port=sh.service_port)
     try:
         for name in ("restart-rita", "restart-rolf"):
-            wait_until(
+            wait_for(
                 lambda name=name: [r.status for r in rows(name)] == ["done"],
-                timeout=180,
+                180,
                 what=f"{name}'s release finished:\n{log.read_text()}",
             )
     finally:

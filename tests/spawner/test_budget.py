@@ -70,7 +70,7 @@ def held_earlier(store_url: str, user: str, hours: float, server: str = "earlier
     """`user`'s `server` held a GPU for `hours` on Tuesday, this week."""
     store = Store.at(store_url)
     store.lease_devices(user, server, "gpu", ["GPU-elsewhere"], 1)
-    store.release(user, server)
+    store.free_leases(user, server)
     start = NOW - timedelta(days=1)
     engine = sa.create_engine(store_url)
     with engine.begin() as c:
@@ -143,7 +143,7 @@ def test_a_queued_spawn_is_refused_when_its_turn_comes_over_budget(one_gpu: str)
             await asyncio.sleep(0.02)
         assert [e.user for e in store.queue()] == ["bob"], "bob waits: 1.5 of 2 h used"
         held_earlier(one_gpu, "bob", 1.0, server="other")  # meanwhile his other server held one
-        ada.release_gpus()  # the GPU is free: bob's turn
+        ada.free_leases()  # the GPU is free: bob's turn
         with pytest.raises(web.HTTPError) as e:
             await asyncio.wait_for(waiting, 10)
         return refusal(e)

@@ -144,11 +144,11 @@ def test_servers_get_the_device_files_of_their_leases_only(people, device_dir, t
         # CUDA_VISIBLE_DEVICES says
         assert openable(ada, device_dir) == [ada_file]
         assert openable(bob, device_dir) == [bob_file]
-        first.release_gpus()  # the server stops, or its GPU is released
+        first.free_leases()  # the server stops, or its GPU is released
         assert openable(ada, device_dir) == []
         assert openable(bob, device_dir) == [bob_file]
         # a lease freed at a hub restart (its server gone) closes its file too
-        second.gpus_freed(store.release(bob, ""))
+        second.leases_freed(store.free_leases(bob, ""))
         assert openable(bob, device_dir) == []
         # a device file that cannot be given: the spawn fails and holds no GPU
         (device_dir / "nvidia0").unlink()

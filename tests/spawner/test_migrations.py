@@ -158,7 +158,7 @@ def test_a_0_1_0_store_keeps_every_row_through_the_upgrade(db_url: str) -> None:
 
     # ... and usable: the old leases still hold their GPUs, new rows get new ids.
     assert store.lease_devices("eve", "", "a100", ["GPU-0", "GPU-1", "GPU-2"], 1) == ["GPU-2"]
-    assert [x.device for x in store.release("ada", "")] == ["GPU-0"]
+    assert [x.device for x in store.free_leases("ada", "")] == ["GPU-0"]
     assert store.lease_devices("eve", "two", "a100", ["GPU-0", "GPU-1"], 1) == ["GPU-0"]
     assert store.gpus_held("cy") == 2
     # the GPUs held at the upgrade count their GPU-hours from their lease time on

@@ -19,7 +19,7 @@ def test_lease_release_and_usage(db_url):
     assert store.gpus_held("ada", except_server="") == 0
     with pytest.raises(NoGpuFree, match="2 asked, 1 GPU is free"):
         store.lease_devices("cy", "", "gpu", DEVICES, 2)
-    assert [lease.device for lease in store.release("ada", "")] == ["GPU-0", "GPU-1"]
+    assert [lease.device for lease in store.free_leases("ada", "")] == ["GPU-0", "GPU-1"]
     assert store.lease_devices("cy", "", "gpu", DEVICES, 2) == ["GPU-0", "GPU-1"]
 
 

@@ -41,7 +41,7 @@ def test_intervals_follow_the_leases_with_group_and_type(db_url):
         ("bo", "", "shared", None, None),
     ]
     assert a.started_at == store.leases("ada")[0].leased_at
-    store.release("ada", "")
+    store.free_leases("ada", "")
     freed = store.reconcile(set())  # a hub start that finds bo's server gone
     assert [lease.user for lease in freed] == ["bo"]
     ended = store.lease_intervals(before, utcnow() + timedelta(seconds=1))
@@ -102,7 +102,7 @@ def test_activity_is_credited_once_by_week_and_survives_a_new_store_object(db_ur
     assert interval.activity_until == now
     assert credit_activity(interval, segments, now) is None
     # the release ends it; the rest is credited and it leaves the list
-    again.release("ada", "")
+    again.free_leases("ada", "")
     [interval] = again.intervals_to_credit()
     credit = credit_activity(interval, segments, utcnow())
     assert again.credit_activity([(interval, credit)]) == 1
@@ -112,7 +112,7 @@ def test_activity_is_credited_once_by_week_and_survives_a_new_store_object(db_ur
 def test_old_weeks_are_pruned(db_url):
     store = Store(db_url)
     store.lease_devices("ada", "", "a100", DEVICES, 1)
-    store.release("ada", "")
+    store.free_leases("ada", "")
     backdate(db_url, "ada", MONDAY - timedelta(days=60), MONDAY - timedelta(days=59))
     [interval] = store.intervals_to_credit()
     store.credit_activity([(interval, credit_activity(interval, [], MONDAY))])

@@ -361,7 +361,7 @@ class Pages:
     async def gpu_again(self, user: str, server: str) -> None:
         executor = self._executor()
         try:
-            await executor.give_back(user, server, actor=user)
+            await executor.gpu_again(user, server, actor=user)
         except LookupError as e:
             raise ActionRefused(str(e)) from e
         except RuntimeError as e:

@@ -163,7 +163,7 @@ class SnapshotAccess:
             return
         home = self._home_or_refuse(user)
         root = home / self.settings.snapshot_dir
-        await asyncio.to_thread(_in_folder, files.pin, root, key, name, home)
+        await asyncio.to_thread(_in_folder, files.set_restore_next, root, key, name, home)
 
     def _home_or_refuse(self, user: str) -> Path:
         home = self.home(user)

@@ -131,7 +131,7 @@ async def test_gpu_selection_then_cpu_selection_leaves_no_gpu_behind(make_spawne
     await spawner.apply_gpuhub_options({"environment": "pytorch", "gpus": 2, "gpu_type": "a100"})
     limits = plain(await spawner.get_pod_manifest())["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == "2" and limits["example.com/fpga"] == "1"
-    spawner.release_gpus()
+    spawner.free_leases()
     await spawner.apply_gpuhub_options({"environment": "pytorch", "gpus": 0})
     pod = plain(await spawner.get_pod_manifest())
     limits = pod["spec"]["containers"][0]["resources"]["limits"]
