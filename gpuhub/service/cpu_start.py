@@ -98,7 +98,7 @@ class CpuStart:
             if not entry.on_cpu or server is None or server.gpus:
                 continue
             line = queue.line(entries, entry.gpu_type, now, stale)
-            notices[entry.holder] = self._queue_notice(entry, line, free, held, now)
+            notices[entry.holder] = {"queue": self._queue_notice(entry, line, free, held, now)}
             if entry.postponed(now) or executor.busy(entry.holder):
                 continue
             turn = queue.may_start(line, entry, free.get(entry.gpu_type, 0))

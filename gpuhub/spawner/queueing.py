@@ -257,7 +257,7 @@ class GPUQueueMixin(Configurable):
         self.started_on_cpu = None
         try:
             selection: Selection = await super().apply_gpuhub_options(user_options)  # type: ignore[misc]
-            if not selection.gpus:
+            if not selection.gpus and not self.started_on_cpu:
                 # a server that asks for no GPU waits for none (a switch that fell back, say)
                 self.store.dequeue(self.user.name, self.name)  # type: ignore[attr-defined]
             return selection
