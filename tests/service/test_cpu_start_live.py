@@ -9,6 +9,7 @@ the place; at the next offer the server is switched to the GPU and a kernel vari
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -22,10 +23,29 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 HOLDER, NAME = "cpu-holder", "cpu-carla"
 
 
+#: what the hub gives a service it runs itself, for the pages' OAuth with the hub (this test runs
+#: the service in-process, as an external one)
+OAUTH_ENV = {
+    "JUPYTERHUB_SERVICE_NAME": "gpuhub",
+    "JUPYTERHUB_CLIENT_ID": "service-gpuhub",
+    "JUPYTERHUB_SERVICE_PREFIX": "/services/gpuhub/",
+    "JUPYTERHUB_OAUTH_CALLBACK_URL": "/services/gpuhub/oauth_callback",
+}
+
+
 @pytest.fixture(scope="module")
 def one_gpu_hub(tmp_path_factory, run_marker):
-    with running_service_hub(tmp_path_factory.mktemp("hub"), run_marker, gpus=1) as sh:
-        yield sh
+    saved = {k: os.environ.get(k) for k in OAUTH_ENV}
+    os.environ.update(OAUTH_ENV)
+    try:
+        with running_service_hub(tmp_path_factory.mktemp("hub"), run_marker, gpus=1) as sh:
+            yield sh
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def notices(sh, name: str) -> dict:
@@ -84,6 +104,7 @@ def test_start_on_cpu_wait_not_now_and_switch(one_gpu_hub, browser, screenshot_p
     queue = wait_until(lambda: notices(sh, NAME).get("queue"), 60, "the place in notices")
     assert queue["place"] == 1 and queue["gpus"] == 1
     page.goto(f"{sh.hub.url}/services/gpuhub/")
+    page.wait_for_url("**/services/gpuhub/")
     row = page.locator("#gpuhub-servers tr[data-server='']")
     assert "1st in line of 1" in row.inner_text()
     assert row.get_by_role("button", name="Leave the queue").count() == 1
@@ -97,7 +118,6 @@ def test_start_on_cpu_wait_not_now_and_switch(one_gpu_hub, browser, screenshot_p
     assert sh.store.queue_entry(NAME, "").offered_at is not None
     text = wait_until(lambda: sh.read_file(NAME, "GPUHUB-NOTICE.md"), 60, "the notice file")
     assert "turn for 1" in text
-    # someone else asking for the GPU now waits behind the offered turn
     page.reload()
     row = page.locator("#gpuhub-servers tr[data-server='']")
     assert "Your turn for a GPU has come" in row.inner_text()
