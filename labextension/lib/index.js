@@ -154,6 +154,11 @@ class GpuStatus extends Widget {
 
   clicked() {
     const notices = (this.status && this.status.service && this.status.service.notices) || {};
+    if (this.status && !(this.status.gpus || []).length && notices.gpu_turn) {
+      this.offered = null;
+      this.maybeOfferTurn(Date.now());
+      return;
+    }
     if (this.status && !(this.status.gpus || []).length && notices.queue && notices.queue.place) {
       Notification.info('You wait for a GPU while the server runs without one.', {
         autoClose: false,

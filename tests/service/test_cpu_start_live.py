@@ -75,6 +75,12 @@ def test_start_on_cpu_wait_not_now_and_switch(one_gpu_hub, browser, screenshot_p
         r = sh.hub.spawn(NAME, {"gpus": 1, "when_no_gpu": bad})
         assert r.status_code == 400 and "when_no_gpu" in r.json()["message"], r.text
     assert "" not in sh.hub.user(NAME)["servers"]
+    # starting on CPU does not get round a quota that forbids GPUs: 403, nothing queued
+    sh.store.put_group_quota("students", max_gpus=0, max_servers=1, by="admin-test")
+    sh.hub.login("student-sam")  # the demo puts student-* in the group "students"
+    r = sh.hub.spawn("student-sam", {"gpus": 1, "when_no_gpu": "start-on-cpu"})
+    assert r.status_code == 403 and "GPU" in r.json()["message"], r.text
+    assert sh.store.queue() == []
 
     # the spawn page offers the choice; the user starts on CPU at once
     page = log_in(browser, sh, NAME)
