@@ -182,3 +182,12 @@ def wait_message(gpu_name: str, place: int, waiting: int, wait: timedelta | None
         f"Waiting for a free {gpu_name} GPU: {ordinal(place)} in line of {waiting}, "
         f"estimated wait {describe_wait(wait)}. Stop the server to leave the queue."
     )
+
+
+def on_cpu_message(gpu_name: str, place: int, waiting: int, wait: timedelta | None) -> str:
+    """What the pages say of a request whose server runs without a GPU meanwhile."""
+    return (
+        f"Running without a GPU, waiting for a free {gpu_name} GPU: {ordinal(place)} in line of "
+        f"{waiting}, estimated wait {describe_wait(wait)}. The server switches to the GPU at "
+        "your turn (you are told first); stop it or leave the queue to give up the place."
+    )
