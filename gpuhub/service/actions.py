@@ -346,7 +346,7 @@ class Executor:
         if not self.settings.notice_file:
             return
         text = notices.render(
-            RELEASE if kind == GIVE_BACK else kind,
+            kind,
             row.reason,
             at=time.time(),
             gpus=row.gpus,

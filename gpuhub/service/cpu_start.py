@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 from ..core import protocol, queue
 from ..core.decide import Warn
 from ..core.queue import QueueEntry
+from ..store import ActionStatus
+from .actions import GIVE_BACK
 from .servers import RunningServer
 
 if TYPE_CHECKING:
@@ -100,6 +102,12 @@ class CpuStart:
             line = queue.line(entries, entry.gpu_type, now, stale)
             notices[entry.holder] = {"queue": self._queue_notice(entry, line, free, held, now)}
             if entry.postponed(now) or executor.busy(entry.holder):
+                continue
+            if self._switch_failed(entry):
+                # the switch did not happen (no good snapshot, say): the GPU goes to the next in
+                # line rather than waiting for this server, as after a "not now"
+                self.postpone(entry, now)
+                log.warning("gpuhub: %s/%s's switch failed; the turn passes", *entry.holder)
                 continue
             turn = queue.may_start(line, entry, free.get(entry.gpu_type, 0))
             if not turn:
@@ -205,6 +213,37 @@ class CpuStart:
         )
         return True
 
+    def _switch_failed(self, entry: QueueEntry) -> bool:
+        """Whether a switch of `entry` since its turn was offered ended without the GPU."""
+        if entry.offered_at is None:
+            return False
+        ledger = getattr(self.service.executor, "ledger", None)
+        rows = getattr(ledger, "rows", {}).values()
+        return any(
+            r.kind == GIVE_BACK
+            and r.rule == RULE_QUEUE_TURN
+            and (r.user, r.server) == entry.holder
+            and r.created_at >= entry.offered_at
+            and r.status in (ActionStatus.SNAPSHOT_FAILED, ActionStatus.FAILED)
+            for r in rows
+        )
+
+    def postpone(self, entry: QueueEntry, now: datetime) -> queue.Postpone:
+        """Out of the line for `not_now_delay`, its place kept (`core.queue.postpone`)."""
+        step = queue.postpone(
+            entry, now, timedelta(seconds=self.rules.not_now_delay), self.rules.not_now_limit
+        )
+        changes: dict[str, Any] = {
+            "not_before": step.not_before,
+            "not_now_count": step.not_now_count,
+            "offered_at": None,
+        }
+        if step.to_back:
+            changes["enqueued_at"] = now
+        self.service.store.update_queue_entry(*entry.holder, **changes)
+        self.notices.get(entry.holder, {}).pop("gpu_turn", None)
+        return step
+
     # -- the user's requests ---------------------------------------------------------------------
 
     def request(self, key: Key, kind: str) -> tuple[bool, str]:
@@ -222,21 +261,7 @@ class CpuStart:
             self.notices.pop(key, None)
             return True, "you left the GPU queue; the server keeps running without a GPU"
         if kind == protocol.NOT_NOW:
-            step = queue.postpone(
-                entry,
-                now,
-                timedelta(seconds=self.rules.not_now_delay),
-                self.rules.not_now_limit,
-            )
-            changes: dict[str, Any] = {
-                "not_before": step.not_before,
-                "not_now_count": step.not_now_count,
-                "offered_at": None,
-            }
-            if step.to_back:
-                changes["enqueued_at"] = now
-            store.update_queue_entry(*key, **changes)
-            self.notices.get(key, {}).pop("gpu_turn", None)
+            step = self.postpone(entry, now)
             minutes = self.rules.not_now_delay / 60
             if step.to_back:
                 return True, (

@@ -209,3 +209,30 @@ def test_the_answer_notices_parse_on_the_server_side(service):
     with pytest.raises(protocol.ProtocolError) as e:
         protocol.parse_answer_notices(forged)
     assert e.value.field == "answer.notices.gpu_turn.switch_at"
+
+
+def test_a_failed_switch_passes_the_turn_on(service):
+    from types import SimpleNamespace
+
+    cpu = CpuStart(service, CpuStartRules(switch_notice=3600, not_now_delay=600))
+    wait_on_cpu(service, "ann", minutes_ago=2)
+    wait_on_cpu(service, "ben", minutes_ago=1)
+    cpu.cycle(service.running, {"a100": 1})
+    offered = service.store.queue_entry("ann", "").offered_at
+    assert offered is not None
+    # the switch was tried and its snapshot failed: nothing changed on ann's server
+    failed = SimpleNamespace(
+        kind="give-back",
+        rule=RULE_QUEUE_TURN,
+        user="ann",
+        server="",
+        created_at=offered + timedelta(seconds=1),
+        status="snapshot-failed",
+    )
+    service.executor.ledger = SimpleNamespace(rows={1: failed})  # type: ignore[attr-defined]
+    cpu.cycle(service.running, {"a100": 1})
+    ann = service.store.queue_entry("ann", "")
+    assert ann.not_before is not None and ann.offered_at is None and ann.on_cpu
+    assert service.executor.switched == []
+    cpu.cycle(service.running, {"a100": 1})
+    assert "gpu_turn" in cpu.notices_for(("ben", "")), "the GPU goes to the next in line"

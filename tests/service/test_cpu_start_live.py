@@ -159,6 +159,13 @@ def test_start_on_cpu_wait_not_now_and_switch(one_gpu_hub, browser, screenshot_p
         what="the automatic restore",
     )
     assert last_line(sh.run(NAME, kernel, "print(answer)")) == "42"
+    # VS Code users read it in their home folder too
+    text = wait_until(
+        lambda: (t := sh.read_file(NAME, "GPUHUB-NOTICE.md")) and "again" in t and t,
+        60,
+        "the notice of the switch",
+    )
+    assert "restarted this server with its GPU" in text and "turn for a GPU" in text
     sh.stop_everything()
 
 
