@@ -101,7 +101,12 @@ class CpuStart:
                 continue
             line = queue.line(entries, entry.gpu_type, now, stale)
             notices[entry.holder] = {"queue": self._queue_notice(entry, line, free, held, now)}
-            if entry.postponed(now) or executor.busy(entry.holder):
+            if entry.postponed(now):
+                continue
+            if executor.busy(entry.holder):  # telling the user, or switching
+                if entry.offered_at is not None:
+                    switch_at = entry.offered_at + timedelta(seconds=self.rules.switch_notice)
+                    notices[entry.holder]["gpu_turn"] = self._turn_notice(entry, switch_at)
                 continue
             if self._switch_failed(entry):
                 # the switch did not happen (no good snapshot, say): the GPU goes to the next in
