@@ -182,7 +182,7 @@ class CpuStart:
         """The turn in the notice file too (once per run of the server), for VS Code users."""
         executor = self.service.executor
         reason = (
-            f"your turn for {entry.gpus} {entry.gpu_type} GPU(s) has come: this server restarts "
+            f"your turn for a GPU has come ({entry.gpus} x {entry.gpu_type}): this server restarts "
             f"with the GPU in {self.rules.switch_notice:g} s (your variables are saved and come "
             "back); choose 'not now' on the hub's gpuhub page to let it go to the next in line"
         )

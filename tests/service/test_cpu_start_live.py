@@ -123,7 +123,7 @@ def test_start_on_cpu_wait_not_now_and_switch(one_gpu_hub, browser, screenshot_p
     assert turn["gpus"] == 1
     assert sh.store.queue_entry(NAME, "").offered_at is not None
     text = wait_until(lambda: sh.read_file(NAME, "GPUHUB-NOTICE.md"), 60, "the notice file")
-    assert "turn for 1" in text
+    assert "turn for a GPU has come" in text
     page.reload()
     row = page.locator("#gpuhub-servers tr[data-server='']")
     assert "Your turn for a GPU has come" in row.inner_text()

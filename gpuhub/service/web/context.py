@@ -182,9 +182,10 @@ class Pages:
 
     def _mark_gpu_notices(self, user: str, entries: list[dict[str, Any]], now: Any) -> None:
         """What each server is told about its GPU (JupyterLab's warnings, for every interface)."""
+        names = {g.id: g.display_name for g in self.catalog().gpu_types}
         for entry in entries:
             notices = self.requests.answer((user, entry["name"])) if self.requests else {}
-            entry["notices"] = user_gpu.gpu_notices(notices, now)
+            entry["notices"] = user_gpu.gpu_notices(notices, now, names)
 
     async def user_request(
         self, user: str, server: str, kind: str, seconds: float | None = None

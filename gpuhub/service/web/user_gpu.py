@@ -50,9 +50,11 @@ def _in(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def gpu_notices(notices: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+def gpu_notices(
+    notices: Mapping[str, Any], now: datetime, gpu_names: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """`{"release": ..., "queue": ..., "turn": ...}` for one server (each None when there is
-    nothing to say)."""
+    nothing to say); `gpu_names`: GPU type id -> the catalogue's name."""
     out: dict[str, Any] = {"release": None, "queue": None, "turn": None}
     release_at = _at(notices.get("release_at"))
     if release_at is not None:
@@ -77,10 +79,13 @@ def gpu_notices(notices: Mapping[str, Any], now: datetime) -> dict[str, Any]:
         estimate = queue.get("estimate_s")
         wait = None if estimate is None else _seconds(estimate)
         not_before = _at(queue.get("not_before"))
+        gpus = int(queue.get("gpus") or 1)
+        gpu_type = str(queue.get("gpu_type") or "")
+        name = (gpu_names or {}).get(gpu_type, gpu_type)
         text = (
             f"Running without a GPU: {ordinal(int(queue['place']))} in line of "
-            f"{queue.get('waiting') or queue['place']} for {queue.get('gpus') or 1} "
-            f"{queue.get('gpu_type') or ''} GPU(s), estimated wait {describe_wait(wait)}."
+            f"{queue.get('waiting') or queue['place']} for {gpus} {name} "
+            f"GPU{'s' if gpus != 1 else ''}, estimated wait {describe_wait(wait)}."
         )
         if not_before is not None:
             text += f' You said "not now": offered a GPU again from {_clock(not_before)}.'
