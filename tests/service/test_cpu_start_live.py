@@ -166,6 +166,23 @@ def test_start_on_cpu_wait_not_now_and_switch(one_gpu_hub, browser, screenshot_p
         "the notice of the switch",
     )
     assert "restarted this server with its GPU" in text and "turn for a GPU" in text
+
+    # what JupyterLab offers, on the hub page for VS Code users too: the planned release with
+    # "Keep it" and "Give it back now"
+    sh.wait_reported(service, NAME)
+    cycle(service)
+    page.goto(f"{sh.hub.url}/services/gpuhub/")
+    row = page.locator("#gpuhub-servers tr[data-server='']")
+    assert "Your GPU goes back to the pool" in row.inner_text()
+    row.get_by_role("button", name="Keep it for 1 h").click()
+    page.wait_for_url("**/services/gpuhub/")
+    assert "kept until" in page.get_by_role("status").inner_text().lower()
+    [keep] = sh.store.actions(NAME, kinds=["keep"])
+    assert keep.actor == NAME
+    # (the same form sends "Give it back now", carried out as JupyterLab's: test_keep_live.py)
+    row = page.locator("#gpuhub-servers tr[data-server='']")
+    assert "Kept until" in row.inner_text()
+    assert row.get_by_role("button", name="Give it back now").count() == 1
     sh.stop_everything()
 
 
