@@ -23,6 +23,7 @@ from enum import Enum
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     Float,
     Integer,
@@ -32,6 +33,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    false,
     func,
     or_,
     select,
@@ -313,6 +315,14 @@ class QueueRow(Base):
     #: Refreshed while the spawn waits; an entry not seen for a while does not hold up others.
     seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     user_options: Mapped[str] = mapped_column(Text, default="{}")
+    #: the server runs without a GPU meanwhile (`when_no_gpu: start-on-cpu`), kept alive by the
+    #: gpuhub service, switched to the GPU at its turn (gpuhub.service.cpu_start)
+    on_cpu: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: "not now": out of the line until then, its place kept
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    not_now_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: when the user was told that their turn has come
+    offered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class ServerPodRow(Base):
@@ -421,6 +431,10 @@ def _to_entry(row: QueueRow) -> QueueEntry:
         priority=row.priority,
         id=row.id,
         user_options=json.loads(row.user_options or "{}"),
+        on_cpu=bool(row.on_cpu),
+        not_before=_aware(row.not_before) if row.not_before is not None else None,
+        not_now_count=row.not_now_count or 0,
+        offered_at=_aware(row.offered_at) if row.offered_at is not None else None,
     )
 
 
@@ -914,11 +928,13 @@ class Store(CapacityStore, AccountingStore):
         priority: int = 0,
         user_options: Mapping[str, Any] | None = None,
         now: datetime | None = None,
+        on_cpu: bool = False,
     ) -> QueueEntry:
         """Put `user`'s `server` in the queue, or refresh its entry.
 
         An entry for the same GPUs keeps its place (`enqueued_at`): a spawn interrupted by a hub
         restart and asked for again does not go to the back. Asking for other GPUs starts anew.
+        `on_cpu`: the server starts without a GPU meanwhile (`when_no_gpu: start-on-cpu`).
         """
         now = now or utcnow()
         with self.session() as s:
@@ -935,8 +951,43 @@ class Store(CapacityStore, AccountingStore):
             row.priority = priority
             row.seen_at = now
             row.user_options = json.dumps(dict(user_options or {}), sort_keys=True)
+            row.on_cpu = on_cpu
+            row.offered_at = None
             s.commit()
             return _to_entry(row)
+
+    def queue_entry(self, user: str, server: str) -> QueueEntry | None:
+        with self.session() as s:
+            row = s.scalar(select(QueueRow).where(QueueRow.user == user, QueueRow.server == server))
+            return _to_entry(row) if row is not None else None
+
+    def update_queue_entry(self, user: str, server: str, **changes: Any) -> QueueEntry | None:
+        """Change `user`'s `server`'s entry (`on_cpu`, `seen_at`, `not_before`, `not_now_count`,
+        `offered_at`, `enqueued_at`); None when there is none."""
+        allowed = {"on_cpu", "seen_at", "not_before", "not_now_count", "offered_at", "enqueued_at"}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise TypeError(f"not a queue entry field: {sorted(unknown)}")
+        with self.session() as s:
+            row = s.scalar(select(QueueRow).where(QueueRow.user == user, QueueRow.server == server))
+            if row is None:
+                return None
+            for name, value in changes.items():
+                setattr(row, name, value)
+            s.commit()
+            return _to_entry(row)
+
+    def dequeue_on_cpu(self, user: str, server: str) -> bool:
+        """Take out `user`'s `server`'s entry if its server runs on CPU meanwhile (the server
+        stopped: the request ends with it; an entry being switched to the GPU stays)."""
+        with self.session() as s:
+            deleted = s.execute(
+                delete(QueueRow).where(
+                    QueueRow.user == user, QueueRow.server == server, QueueRow.on_cpu.is_(True)
+                )
+            )
+            s.commit()
+            return bool(deleted.rowcount)
 
     def touch_queue_entry(self, user: str, server: str, now: datetime | None = None) -> None:
         """Record that the spawn of `user`'s `server` is still waiting."""
@@ -956,7 +1007,8 @@ class Store(CapacityStore, AccountingStore):
             if except_server is not None:
                 query = query.where(QueueRow.server != except_server)
             if seen_since is not None:
-                query = query.where(QueueRow.seen_at >= seen_since)
+                # a server running on CPU waits as long as it runs: always counted
+                query = query.where((QueueRow.seen_at >= seen_since) | QueueRow.on_cpu.is_(True))
             return int(s.scalar(query) or 0)
 
     def dequeue(self, user: str, server: str) -> bool:
@@ -982,7 +1034,13 @@ class Store(CapacityStore, AccountingStore):
     def purge_queue(self, not_seen_since: datetime) -> list[QueueEntry]:
         """Drop the entries whose spawn has not been seen since `not_seen_since`."""
         with self.session() as s:
-            rows = list(s.scalars(select(QueueRow).where(QueueRow.seen_at < not_seen_since)))
+            rows = list(
+                s.scalars(
+                    select(QueueRow).where(
+                        QueueRow.seen_at < not_seen_since, QueueRow.on_cpu.is_not(True)
+                    )
+                )
+            )
             for row in rows:
                 s.delete(row)
             s.commit()

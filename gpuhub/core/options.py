@@ -13,8 +13,12 @@ from typing import Any
 
 from .catalog import Catalog, Environment, GpuType, Interface
 
-OPTION_KEYS = ("interface", "environment", "gpus", "gpu_type")
+OPTION_KEYS = ("interface", "environment", "gpus", "gpu_type", "when_no_gpu")
 MAX_ID_LENGTH = 200
+#: what a spawn asking for GPUs does when none is free: wait in the queue (the default), or
+#: start at once without a GPU and keep its place, to be switched to the GPU at its turn
+WAIT, START_ON_CPU = "wait", "start-on-cpu"
+WHEN_NO_GPU = (WAIT, START_ON_CPU)
 
 
 class OptionsError(ValueError):
@@ -34,14 +38,24 @@ class Selection:
     environment: str
     gpus: int
     gpu_type: str | None
+    when_no_gpu: str = WAIT
+
+    @property
+    def starts_on_cpu(self) -> bool:
+        """Whether the spawn starts without a GPU when none is free (and waits for one)."""
+        return self.gpus > 0 and self.when_no_gpu == START_ON_CPU
 
     def as_user_options(self) -> dict[str, Any]:
-        return {
+        """The options as stored and shown; `when_no_gpu` only when it is not the default."""
+        options: dict[str, Any] = {
             "interface": self.interface,
             "environment": self.environment,
             "gpus": self.gpus,
             "gpu_type": self.gpu_type,
         }
+        if self.when_no_gpu != WAIT:
+            options["when_no_gpu"] = self.when_no_gpu
+        return options
 
 
 def _shown(value: Any) -> str:
@@ -82,6 +96,20 @@ def _gpu_count(options: Mapping[str, Any]) -> int:
     return value
 
 
+def _when_no_gpu(options: Mapping[str, Any]) -> str:
+    if "when_no_gpu" not in options or options["when_no_gpu"] is None:
+        return WAIT
+    value = options["when_no_gpu"]
+    if not isinstance(value, str):
+        raise OptionsError(
+            "when_no_gpu", f"must be a string, not {type(value).__name__} {_shown(value)}"
+        )
+    if value not in WHEN_NO_GPU:
+        allowed = " or ".join(repr(w) for w in WHEN_NO_GPU)
+        raise OptionsError("when_no_gpu", f"must be {allowed}, not {_shown(value)}")
+    return value
+
+
 def _default_environment(catalog: Catalog, groups: set[str]) -> str:
     allowed = [e.id for e in catalog.environments_for(groups)]
     if catalog.default_environment in allowed or not allowed:
@@ -113,6 +141,7 @@ def parse(
     environment_id = _id_option(user_options, "environment", _default_environment(catalog, groups))
     gpus = _gpu_count(user_options)
     gpu_type_id = _id_option(user_options, "gpu_type", None)
+    when_no_gpu = _when_no_gpu(user_options)
 
     environment = catalog.environment(environment_id or "")
     if environment is None or not environment.enabled:
@@ -163,7 +192,13 @@ def parse(
                 f"{gpus} GPUs asked, the pool has {capacity.get(gpu_type.id, 0)} of type "
                 f"{gpu_type.id!r} in all",
             )
-    return Selection(interface_id, environment.id, gpus, gpu_type.id if gpu_type else None)
+    return Selection(
+        interface_id,
+        environment.id,
+        gpus,
+        gpu_type.id if gpu_type else None,
+        when_no_gpu if gpus else WAIT,
+    )
 
 
 def options_from_form(form: Mapping[str, list[str]]) -> dict[str, Any]:
@@ -184,6 +219,8 @@ def options_from_form(form: Mapping[str, list[str]]) -> dict[str, Any]:
         options["gpus"] = "0"
     if options.get("gpu_type") == "":
         options.pop("gpu_type")
+    if options.get("when_no_gpu") == "":
+        options.pop("when_no_gpu")
     return options
 
 

@@ -64,7 +64,12 @@ MAX_KEEP_SECONDS = 7 * 24 * 3600
 KEEP = "keep"
 RELEASE_NOW = "release"
 GPU_AGAIN = "gpu-again"
-REQUEST_KINDS = (KEEP, RELEASE_NOW, GPU_AGAIN)
+#: a server running on CPU while it waits for its GPU (`when_no_gpu: start-on-cpu`): switch to
+#: the GPU now that its turn has come, let the GPU go to the next in line, leave the queue
+SWITCH_NOW = "switch-now"
+NOT_NOW = "not-now"
+LEAVE_QUEUE = "leave-queue"
+REQUEST_KINDS = (KEEP, RELEASE_NOW, GPU_AGAIN, SWITCH_NOW, NOT_NOW, LEAVE_QUEUE)
 
 GPU_STATES = ("busy", "idle", "unknown", "unavailable")
 
@@ -643,6 +648,19 @@ def parse_answer_notices(data: Any) -> tuple[dict[str, Any], list[dict[str, Any]
         notices["queue"] = {
             "place": _int(q.get("place"), "answer.notices.queue.place", low=1),
             "estimate_s": _num(q.get("estimate_s"), "answer.notices.queue.estimate_s", low=0),
+            "waiting": _int(q.get("waiting"), "answer.notices.queue.waiting", low=0),
+            "gpus": _int(q.get("gpus"), "answer.notices.queue.gpus", low=0),
+            "gpu_type": _str(q.get("gpu_type"), "answer.notices.queue.gpu_type", limit=200),
+            "not_before": iso(_time(q.get("not_before"), "answer.notices.queue.not_before")),
+            "not_now_left": _int(q.get("not_now_left"), "answer.notices.queue.not_now_left", low=0),
+        }
+    turn = raw.get("gpu_turn")
+    if turn is not None:
+        t = _obj(turn, "answer.notices.gpu_turn")
+        notices["gpu_turn"] = {
+            "switch_at": iso(_time(t.get("switch_at"), "answer.notices.gpu_turn.switch_at")),
+            "gpus": _int(t.get("gpus"), "answer.notices.gpu_turn.gpus", low=0),
+            "gpu_type": _str(t.get("gpu_type"), "answer.notices.gpu_turn.gpu_type", limit=200),
         }
     items = _list(doc.get("request_results"), "answer.request_results", MAX_REQUESTS, optional=True)
     results = []

@@ -7,6 +7,12 @@ GPU freed first goes to the head of the line.
 
 An entry whose spawn has not been seen for `stale_after` (its hub restarted, say) does not hold
 up the line; it keeps its place, for when its user starts again, until the store purges it.
+
+A spawn with `when_no_gpu: start-on-cpu` that finds no GPU free starts without one and leaves
+an entry `on_cpu`: its server runs, the gpuhub service keeps the entry alive (it is seen for
+`ON_CPU_STALE_AFTER`) and switches the server to the GPU when `may_start` says its turn has
+come. "Not now" postpones the entry (`not_before`: out of the line until then, its place kept);
+after `not_now_limit` of them in a row it goes to the back of the line (`postpone`).
 """
 
 from __future__ import annotations
@@ -31,14 +37,53 @@ class QueueEntry:
     priority: int = 0
     id: int = 0
     user_options: Mapping[str, Any] = field(default_factory=dict)
+    #: the server runs without a GPU meanwhile (`when_no_gpu: start-on-cpu`)
+    on_cpu: bool = False
+    #: "not now": out of the line until then (its place kept)
+    not_before: datetime | None = None
+    #: "not now"s in a row
+    not_now_count: int = 0
+    #: when the service told the user that their turn has come (the switch follows)
+    offered_at: datetime | None = None
 
     @property
     def holder(self) -> tuple[str, str]:
         return (self.user, self.server)
 
+    def postponed(self, now: datetime) -> bool:
+        return self.not_before is not None and now < self.not_before
+
     def waiting(self, now: datetime, stale_after: timedelta) -> bool:
-        """Whether its spawn is still waiting (seen recently)."""
-        return now - self.seen_at <= stale_after
+        """Whether its spawn is still waiting (seen recently; for a server running on CPU, kept
+        alive by the service) and not postponed."""
+        horizon = max(stale_after, ON_CPU_STALE_AFTER) if self.on_cpu else stale_after
+        return now - self.seen_at <= horizon and not self.postponed(now)
+
+
+#: how long an entry of a server running on CPU holds its place in the line without the gpuhub
+#: service seeing the server (the service refreshes it every cycle; without the service nobody
+#: would switch the server, so the GPU must not be kept for it)
+ON_CPU_STALE_AFTER = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Postpone:
+    """What a "not now" does to an entry: out of the line until `not_before`; `to_back`: its
+    place given up (it goes behind everyone in line now), the count starting again."""
+
+    not_before: datetime
+    not_now_count: int
+    to_back: bool
+
+
+def postpone(entry: QueueEntry, now: datetime, delay: timedelta, limit: int) -> Postpone:
+    """A "not now" from `entry`'s user: the GPU goes to the next in line. The entry keeps its
+    place for `limit - 1` of them in a row; the `limit`th sends it to the back of the line, so
+    that a user who keeps saying "not now" cannot keep a GPU idle or hold the others back."""
+    count = entry.not_now_count + 1
+    if limit > 0 and count >= limit:
+        return Postpone(now + delay, 0, True)
+    return Postpone(now + delay, count, False)
 
 
 def order_key(entry: QueueEntry) -> tuple[int, datetime, int]:
@@ -136,4 +181,13 @@ def wait_message(gpu_name: str, place: int, waiting: int, wait: timedelta | None
     return (
         f"Waiting for a free {gpu_name} GPU: {ordinal(place)} in line of {waiting}, "
         f"estimated wait {describe_wait(wait)}. Stop the server to leave the queue."
+    )
+
+
+def on_cpu_message(gpu_name: str, place: int, waiting: int, wait: timedelta | None) -> str:
+    """What the pages say of a request whose server runs without a GPU meanwhile."""
+    return (
+        f"Running without a GPU, waiting for a free {gpu_name} GPU: {ordinal(place)} in line of "
+        f"{waiting}, estimated wait {describe_wait(wait)}. The server switches to the GPU at "
+        "your turn (you are told first); stop it or leave the queue to give up the place."
     )

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -328,7 +328,7 @@ class Executor:
         if not self.settings.notice_file:
             return
         text = notices.render(
-            RELEASE if kind == GPU_AGAIN else kind,
+            kind,
             row.reason,
             at=time.time(),
             gpus=row.gpus,
@@ -518,34 +518,106 @@ class Executor:
         if release is None or not release.user_options:
             raise LookupError(f"no GPU of {user}/{server} was released")
         model = await self.client.server_model(user, server)
+        row, sequence = self._gpu_sequence(
+            user,
+            server,
+            model,
+            dict(release.user_options),
+            gpus=release.gpus,
+            gpu_type=release.gpu_type,
+            actor=actor,
+            rule=RULE_USER_REQUEST,
+            reason=f"{actor} asked for the GPU back",
+        )
+        self.run_for((user, server), sequence)
+        return row
+
+    def restart_with_gpu(
+        self,
+        user: str,
+        server: str,
+        options: Mapping[str, Any],
+        *,
+        gpus: int,
+        gpu_type: str | None,
+        actor: str,
+        rule: str,
+        reason: str,
+        before_stop: Callable[[], None] | None = None,
+    ) -> None:
+        """The "GPU again" sequence for a server that runs without the GPU it waits for
+        (gpuhub.service.cpu_start): snapshot, stop, start with `options`, in the background.
+        `before_stop` runs after a good snapshot, before the stop."""
+        if self.busy((user, server)):
+            raise RuntimeError("an action on this server is under way")
+
+        async def run() -> None:
+            model = await self.client.server_model(user, server)
+            _row, sequence = self._gpu_sequence(
+                user,
+                server,
+                model,
+                dict(options),
+                gpus=gpus,
+                gpu_type=gpu_type,
+                actor=actor,
+                rule=rule,
+                reason=reason,
+                before_stop=before_stop,
+            )
+            await sequence
+
+        self.run_for((user, server), run())
+
+    def _gpu_sequence(
+        self,
+        user: str,
+        server: str,
+        model: Mapping[str, Any] | None,
+        options: dict[str, Any],
+        *,
+        gpus: int,
+        gpu_type: str | None,
+        actor: str,
+        rule: str,
+        reason: str,
+        before_stop: Callable[[], None] | None = None,
+    ) -> tuple[ActionRecord, Coroutine[Any, Any, None]]:
+        """The give-back's row (recorded now) and its sequence: snapshot a ready server, stop it,
+        start it with `options`."""
         row = self.ledger.record(
             user=user,
             server=server,
             kind=GPU_AGAIN,
-            rule=RULE_USER_REQUEST,
-            reason=f"{actor} asked for the GPU back",
+            rule=rule,
+            reason=reason,
             actor=actor,
             status=ActionStatus.PLANNED,
             server_started=(model or {}).get("started"),
-            gpus=release.gpus,
-            gpu_type=release.gpu_type,
-            user_options=release.user_options,
+            gpus=gpus,
+            gpu_type=gpu_type,
+            user_options=options,
         )
+
+        async def tell(_row: ActionRecord) -> None:
+            if before_stop is not None:
+                before_stop()
 
         async def run() -> None:
             current = row
             if model is not None and model.get("ready"):
                 running = RunningServer(user, server, frozenset(), model)
                 outcome = await self.sequence.run(
-                    current, running, StopPlan(aborted_as=ActionStatus.SNAPSHOT_FAILED)
+                    current,
+                    running,
+                    StopPlan(aborted_as=ActionStatus.SNAPSHOT_FAILED, before_stop=tell),
                 )
                 if not outcome.stopped:
                     return
                 current = outcome.row
-            await self.start(current, dict(release.user_options or {}))
+            await self.start(current, options)
 
-        self.run_for((user, server), run())
-        return row
+        return row, run()
 
 
 def _without_gpus(options: Mapping[str, Any]) -> dict[str, Any]:

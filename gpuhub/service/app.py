@@ -49,6 +49,7 @@ from ..store import Store
 from .accounting import GpuHours
 from .actions import ActionSettings, Executor, run_key
 from .arbiter import ArbiterHandler
+from .cpu_start import CpuStart, CpuStartRules
 from .demand import (
     Pool,
     PoolTotals,
@@ -470,6 +471,34 @@ class GpuhubService(SharesGpuhubConfig, Application):
         warns the user, with "Keep it" and "Give it back now".""",
     )
 
+    # -- servers started without a GPU while they wait for one (gpuhub.service.cpu_start) ------
+
+    cpu_switch_notice = Float(
+        120.0,
+        min=0.0,
+        config=True,
+        help="""Seconds between telling a user who started on CPU (`when_no_gpu: start-on-cpu`)
+        that their turn for a GPU has come and switching their server to it (snapshot, restart
+        with the GPU, variables restored). Meanwhile the GPU is kept for them, and they may
+        switch now or say "not now".""",
+    )
+    not_now_delay = Float(
+        1800.0,
+        min=0.0,
+        config=True,
+        help="""Seconds a "not now" keeps a request of a server running on CPU out of the line:
+        the free GPU goes to the next in line; the request keeps its place and is offered a GPU
+        again after this delay.""",
+    )
+    not_now_limit = Int(
+        3,
+        min=0,
+        config=True,
+        help="""The "not now"s in a row after which a request of a server running on CPU goes
+        to the back of the line (and starts counting again), so that a user who keeps saying
+        "not now" neither keeps GPUs idle nor holds the others back. 0: never.""",
+    )
+
     # -- notices ---------------------------------------------------------------------------------
 
     notice_file = Unicode(
@@ -596,6 +625,17 @@ class GpuhubService(SharesGpuhubConfig, Application):
         except ValueError as e:
             self.exit_with(f"gpuhub service: bad setting: {e}")
         self.user_requests = UserRequests(self)
+        from .web.config import GpuhubPages
+
+        self.cpu_start = CpuStart(
+            self,
+            CpuStartRules(
+                switch_notice=self.cpu_switch_notice,
+                not_now_delay=self.not_now_delay,
+                not_now_limit=self.not_now_limit,
+                typical_hold=GpuhubPages(parent=self).typical_gpu_hold,
+            ),
+        )
         #: the running servers of the last cycle, and the longest wait per GPU type (None: any)
         self.running: dict[tuple[str, str], RunningServer] = {}
         self.longest_wait: dict[str | None, float] = {}
@@ -743,6 +783,8 @@ class GpuhubService(SharesGpuhubConfig, Application):
         if self.release_policy == "learned":
             limits = self.learning.update(views, now, self.policy_rules.gpu_idle_timeout)
         actions = decide.decide(views, demand_from(queued, pool), now, self.policy_rules, limits)
+        if not self.dry_run:
+            self.cpu_start.cycle(by_key, pool.free())
         if not self.dry_run:
             undecided = [v.key for v in views if not v.status_readable or v.gpu_unknown()]
             if time.monotonic() - self.started_at < self.warm_up():

@@ -20,6 +20,7 @@ TITLES = {
     "release": "Your GPU was given back to the pool",
     "stop": "Your server was stopped",
     "warn": "A notice about your GPU",
+    "give-back": "Your server has its GPU again",
 }
 
 
@@ -71,6 +72,12 @@ def render(
             *snapshot_lines(snapshots),
             "- To work on a GPU again, stop this server and start it with a GPU from "
             f"{home}. If none is free you wait in the queue, and your place is shown.",
+        ]
+    elif kind == "give-back":
+        lines += [
+            f"gpuhub restarted this server with its GPU{'s' if gpus != 1 else ''}: {reason}.",
+            "",
+            *snapshot_lines(snapshots),
         ]
     elif kind == "stop":
         lines += [

@@ -5,7 +5,9 @@ the server's token by `ReportHandler`): they act only on the reporting server, f
 
 - "keep": postpone the idle release (`gpuhub.service.keeps`, within the policy);
 - "release": release the GPU now (a release by the user: snapshot, restart without the GPU);
-- "gpu-again": after a release, restart with the GPU (`Executor.gpu_again`).
+- "gpu-again": after a release, restart with the GPU (`Executor.gpu_again`);
+- "switch-now", "not-now", "leave-queue": a server running on CPU while it waits for its GPU
+  (`gpuhub.service.cpu_start`).
 
 The answer to every report carries the server's `notices`: the release the rules foresee (when,
 why, how long before it JupyterLab warns), whether a keep is possible and how long, the last
@@ -68,6 +70,11 @@ class UserRequests:
                 return False, str(e)
             log.info("gpuhub: %s/%s: GPU again %s", key[0], key[1], row.status)
             return True, "the server restarts with its GPU; your variables come back"
+        if request.kind in (protocol.SWITCH_NOW, protocol.NOT_NOW, protocol.LEAVE_QUEUE):
+            ok, message = service.cpu_start.request(key, request.kind)
+            if ok:
+                self._queue_changed(key)
+            return ok, message
         if running is None:
             return False, "the service has not seen this server running yet; try again shortly"
         if request.kind == protocol.KEEP:
@@ -98,6 +105,15 @@ class UserRequests:
             service.executor.run_for(key, service.executor.act(action, running, actor=key[0]))
             return True, "the GPU goes back now: variables saved, restart without the GPU"
         return False, f"unknown request {request.kind!r}"
+
+    def _queue_changed(self, key: Key) -> None:
+        """The queue notices of `key` as `cpu_start` says now (after the user's request)."""
+        notices = self.notices.get(key)
+        if notices is None:
+            return
+        notices.pop("queue", None)
+        notices.pop("gpu_turn", None)
+        notices.update(self.service.cpu_start.notices_for(key))
 
     def _kept(self, key: Key, until: float) -> None:
         notices = self.notices.get(key)
@@ -162,6 +178,8 @@ class UserRequests:
             "max_s": service.keeps.rules.max_for(server.groups),
             "refused": refused,
         }
+        # a server running on CPU while it waits for its GPU: its place, and its turn
+        notices.update(service.cpu_start.notices_for(server.key))
         if server.gpus <= 0:
             release = service.executor.last_release(server.user, server.server)
             started = parse_time(server.started)

@@ -339,8 +339,10 @@ class GPUKubeSpawner(GPUQueueMixin, GPUSpawnerMixin, KubeSpawner):
                 )
                 return True
 
-            # Nothing free: wait in gpuhub's queue, not as a Pending pod in the scheduler's.
-            await self.wait_for_gpus(selection, catalog, take)
+            # Nothing free: wait in gpuhub's queue, not as a Pending pod in the scheduler's; or
+            # start without a GPU and keep the place (`when_no_gpu: start-on-cpu`).
+            if await self.wait_for_gpus(selection, catalog, take) is None:
+                self.apply_pod_settings(self.selection or selection, catalog)
 
     # -- where the server runs: the pod whose GPU series the gpuhub service reads ----------------
 

@@ -227,8 +227,12 @@ class LocalGPUSpawner(GPUQueueMixin, GPUSpawnerMixin, LocalProcessSpawner):
                 except NoGpuFree:
                     return None
 
-            # No GPU free: wait in the fair queue (the spawn page shows the place in line).
-            devices = await self.wait_for_gpus(selection, catalog, take)
+            # No GPU free: wait in the fair queue (the spawn page shows the place in line), or
+            # start without one and keep the place (`when_no_gpu: start-on-cpu`).
+            taken = await self.wait_for_gpus(selection, catalog, take)
+            if taken is None:
+                selection = self.selection or selection
+            devices = taken or []
             if self.device_access and devices:
                 try:
                     self.grant_devices(devices)

@@ -401,6 +401,8 @@ class GPUSpawnerMixin(SharesGpuhubConfig, Configurable):
         self.default_url = catalog.interface(selection.interface).default_url  # type: ignore[union-attr]
         try:
             await self.apply_selection(selection, catalog)
+            # what starts: without the GPUs when they wait for the server's turn (start-on-cpu)
+            selection = self.selection or selection
         except GpuQuotaReached as e:
             self.log.warning("gpuhub: %s refused when taking its GPUs: %s", self._log_name, e)
             limit = effective_quota(self.user.name, self.user_groups(), self.quota_config()).gpus

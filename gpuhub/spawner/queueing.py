@@ -6,6 +6,11 @@ the store's queue until the order in `gpuhub.core.queue` lets it take them, show
 estimated wait as spawn progress messages. Stopping the pending spawn (or any failure) takes it
 out of the queue. The wait runs in JupyterHub's `apply_user_options` step, before
 `Spawner.start`, so `start_timeout` does not cut it short.
+
+A selection with `when_no_gpu: start-on-cpu` does not wait: when its GPUs cannot be had now,
+`wait_for_gpus` leaves its entry in the queue marked `on_cpu` (its place kept) and returns None;
+the backend starts the server without a GPU, and the gpuhub service switches it to the GPU when
+its turn comes (gpuhub.service.cpu_start). Stopping that server takes it out of the queue.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from traitlets.config import Configurable
 
 from ..core import queue
 from ..core.catalog import Catalog
-from ..core.options import Selection
+from ..core.options import WAIT, Selection
 from ..core.quotas import Usage
 from ..store import utcnow
 
@@ -103,8 +108,12 @@ class GPUQueueMixin(Configurable):
 
     async def wait_for_gpus(
         self, selection: Selection, catalog: Catalog, take: Callable[[], T | None]
-    ) -> T:
-        """Wait in the queue until `take()` may run and returns the GPUs (not None)."""
+    ) -> T | None:
+        """Wait in the queue until `take()` may run and returns the GPUs (not None).
+
+        A selection that starts on CPU (`Selection.starts_on_cpu`) waits for nothing: None when
+        the GPUs cannot be had now, its entry kept in the queue `on_cpu`, and `self.selection`
+        the same without GPUs (what the backend starts)."""
         assert selection.gpu_type is not None
         store = self.store  # type: ignore[attr-defined]
         user, server = self.user.name, self.name  # type: ignore[attr-defined]
@@ -128,9 +137,12 @@ class GPUQueueMixin(Configurable):
                         self.check_gpu_budget(selection)  # type: ignore[attr-defined]
                     taken = take()
                     if taken is not None:
-                        if queued:
-                            store.dequeue(user, server)
+                        # our entry, from this wait or kept while the server ran on CPU
+                        store.dequeue(user, server)
                         return taken
+                if selection.starts_on_cpu:
+                    self.start_on_cpu(selection, catalog, gpu_name)
+                    return None
                 if not queued:
                     me = store.enqueue(
                         user,
@@ -179,6 +191,49 @@ class GPUQueueMixin(Configurable):
         finally:
             self._set_wait_status(None)
 
+    def start_on_cpu(self, selection: Selection, catalog: Catalog, gpu_name: str) -> None:
+        """No GPU for `selection` now: keep (or take) its place in the queue, marked `on_cpu`,
+        and make the server start without a GPU (`self.selection`, saved as the options)."""
+        assert selection.gpu_type is not None
+        store = self.store  # type: ignore[attr-defined]
+        user, server = self.user.name, self.name  # type: ignore[attr-defined]
+        entry = store.enqueue(
+            user,
+            server,
+            selection.gpu_type,
+            selection.gpus,
+            self.queue_priority(),
+            selection.as_user_options(),
+            on_cpu=True,
+        )
+        now = utcnow()
+        line = queue.line(
+            store.queue(selection.gpu_type),
+            selection.gpu_type,
+            now,
+            timedelta(seconds=self.queue_stale_after),
+        )
+        place = queue.position(line, entry)
+        self.started_on_cpu = (
+            f"No {gpu_name} GPU free: your server starts now without a GPU, "
+            f"{queue.ordinal(place)} in line of {max(len(line), place)}. It switches to the GPU "
+            "when your turn comes (you are told first; your variables are saved and come back)."
+        )
+        cpu = replace(selection, gpus=0, when_no_gpu=WAIT)
+        self.selection = cpu
+        self.user_options = cpu.as_user_options()  # type: ignore[attr-defined]
+        self.persist_user_options()  # type: ignore[attr-defined]
+        self.log.info(  # type: ignore[attr-defined]
+            "gpuhub: %s starts without a GPU, %s in line for %d %s GPU(s)",
+            self._log_name,  # type: ignore[attr-defined]
+            queue.ordinal(place),
+            selection.gpus,
+            selection.gpu_type,
+        )
+
+    #: the spawn page's message when the last spawn started on CPU to wait for its GPU
+    started_on_cpu: str | None = None
+
     async def _sleep_until_woken(self) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         _wakeups.add(future)
@@ -200,8 +255,13 @@ class GPUQueueMixin(Configurable):
     async def apply_gpuhub_options(self, user_options: Any) -> Selection:
         self._waiting_phase = "applying"
         self._queue_cancelled = False
+        self.started_on_cpu = None
         try:
-            return await super().apply_gpuhub_options(user_options)  # type: ignore[misc]
+            selection: Selection = await super().apply_gpuhub_options(user_options)  # type: ignore[misc]
+            if not selection.gpus and not self.started_on_cpu:
+                # a server that asks for no GPU waits for none (a switch that fell back, say)
+                self.store.dequeue(self.user.name, self.name)  # type: ignore[attr-defined]
+            return selection
         finally:
             self._waiting_phase = "done"
             self._set_wait_status(None)
@@ -209,6 +269,16 @@ class GPUQueueMixin(Configurable):
     def free_leases(self) -> None:
         super().free_leases()  # type: ignore[misc]
         wake_waiting_spawns()
+
+    async def stop(self, now: bool = False) -> None:
+        try:
+            await super().stop(now=now)  # type: ignore[misc]
+        finally:
+            # A server that ran on CPU waiting for its GPU leaves the queue with its stop (an
+            # entry the service is switching to the GPU is no longer `on_cpu`: it stays).
+            if self.store.dequeue_on_cpu(self.user.name, self.name):  # type: ignore[attr-defined]
+                self.log.info("gpuhub: %s left the GPU queue with its stop", self._log_name)  # type: ignore[attr-defined]
+                wake_waiting_spawns()
 
     _left_queue_pending: bool = False
     #: the last spawn was stopped while it waited in the queue
@@ -249,6 +319,8 @@ class GPUQueueMixin(Configurable):
         if self._queue_cancelled:
             yield cancelled_event()
             return
+        if self.started_on_cpu:
+            yield {"progress": 10, "message": self.started_on_cpu}
         async for event in super().progress():  # type: ignore[misc]
             yield event
 

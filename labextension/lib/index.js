@@ -56,6 +56,37 @@ class GpuStatus extends Widget {
     this.node.title = shown.title;
     this.node.setAttribute('data-state', shown.state);
     this.maybeWarn(now);
+    this.maybeOfferTurn(now);
+  }
+
+  // A server running on CPU while it waits for its GPU: its turn has come, the switch follows.
+  maybeOfferTurn(now) {
+    const notices = (this.status.service && this.status.service.notices) || {};
+    const turn = notices.gpu_turn;
+    if (!turn || !turn.switch_at || this.offered === turn.switch_at) {
+      return;
+    }
+    this.offered = turn.switch_at;
+    const left = (Date.parse(turn.switch_at) - now) / 1000;
+    Notification.info(
+      `Your turn for a GPU has come: the server restarts with it at ${clock(turn.switch_at)} ` +
+        `(in ${minutes(left)}). Your variables are saved and come back.`,
+      {
+        autoClose: false,
+        actions: [
+          {
+            label: 'Switch now',
+            caption: 'Save the variables and restart with the GPU now',
+            callback: () => this.request({ kind: 'switch-now' })
+          },
+          {
+            label: 'Not now',
+            caption: 'Let the GPU go to the next in line; keep your place for the next one',
+            callback: () => this.request({ kind: 'not-now' })
+          }
+        ]
+      }
+    );
   }
 
   maybeWarn(now) {
@@ -108,18 +139,40 @@ class GpuStatus extends Widget {
         type: result.ok ? 'success' : 'error',
         autoClose: 8000
       });
-      if (result.ok && body.kind === 'gpu-again') {
+      if (result.ok && (body.kind === 'gpu-again' || body.kind === 'switch-now')) {
         this.pending = 'restarting with the GPU…';
       }
     } catch (e) {
       Notification.update({ id, message: `${e.message}`, type: 'error', autoClose: 8000 });
     }
     this.warned = null;
+    if (body.kind === 'not-now') {
+      this.offered = null;
+    }
     await this.refresh();
   }
 
   clicked() {
     const notices = (this.status && this.status.service && this.status.service.notices) || {};
+    if (this.status && !(this.status.gpus || []).length && notices.gpu_turn) {
+      this.offered = null;
+      this.maybeOfferTurn(Date.now());
+      return;
+    }
+    if (this.status && !(this.status.gpus || []).length && notices.queue && notices.queue.place) {
+      Notification.info('You wait for a GPU while the server runs without one.', {
+        autoClose: false,
+        actions: [
+          {
+            label: 'Leave the queue',
+            caption: 'Keep running without a GPU and stop waiting for one',
+            displayType: 'warn',
+            callback: () => this.request({ kind: 'leave-queue' })
+          }
+        ]
+      });
+      return;
+    }
     if (this.status && !(this.status.gpus || []).length && notices.released) {
       Notification.info('Get the GPU again? The server restarts with it; your variables come back.', {
         autoClose: false,

@@ -52,13 +52,22 @@ export function describe(status, now) {
   if (!gpus.length && progress && progress.status && progress.status !== 'failed') {
     return { text: `GPU again: ${progress.status}…`, state: 'queued', title: progress.reason || '' };
   }
+  if (!gpus.length && notices.gpu_turn && notices.gpu_turn.switch_at) {
+    const left = (Date.parse(notices.gpu_turn.switch_at) - now) / 1000;
+    return {
+      text: left > 0 ? `your GPU turn: switching in ${minutes(left)}` : 'switching to the GPU…',
+      state: 'warning',
+      title: 'Your turn for a GPU has come. Click for "Switch now" or "Not now".'
+    };
+  }
   if (notices.queue && notices.queue.place) {
     const q = notices.queue;
     const about = typeof q.estimate_s === 'number' ? `, about ${minutes(q.estimate_s)}` : '';
+    const later = q.not_before ? `, not before ${clock(q.not_before)}` : '';
     return {
-      text: `${ordinal(q.place)} in the queue${about}`,
+      text: `no GPU · ${ordinal(q.place)} in the queue${about}${later}`,
       state: 'queued',
-      title: 'You wait for a GPU; the server runs without one until your turn.'
+      title: 'You wait for a GPU; the server runs without one until your turn. Click to leave the queue.'
     };
   }
   if (!gpus.length) {

@@ -112,3 +112,38 @@ def test_form_choices_follow_groups_and_capacity():
     ]
     again = form_choices(CATALOG, [], {}, previous={"environment": "tensorflow", "gpus": 1})
     assert again.selected.environment == "tensorflow"
+
+
+# -- when_no_gpu: wait (the default) or start on CPU and keep the place -------------------------
+
+
+def test_when_no_gpu_defaults_to_wait_and_start_on_cpu_is_kept():
+    assert parse({"gpus": 1}, CATALOG, []).when_no_gpu == "wait"
+    assert parse({"gpus": 1, "when_no_gpu": None}, CATALOG, []).when_no_gpu == "wait"
+    chosen = parse({"gpus": 1, "when_no_gpu": "start-on-cpu"}, CATALOG, [])
+    assert chosen.when_no_gpu == "start-on-cpu" and chosen.starts_on_cpu
+    assert chosen.as_user_options()["when_no_gpu"] == "start-on-cpu"
+    # the default is not written into the stored options (they stay as they were)
+    assert "when_no_gpu" not in parse({"gpus": 1}, CATALOG, []).as_user_options()
+    # without GPUs there is nothing to wait for
+    cpu = parse({"gpus": 0, "when_no_gpu": "start-on-cpu"}, CATALOG, [])
+    assert cpu.when_no_gpu == "wait" and not cpu.starts_on_cpu
+
+
+@pytest.mark.parametrize(
+    "value", ["later", "", "START-ON-CPU", 1, True, ["start-on-cpu"], {"x": 1}, "x" * 500]
+)
+def test_forged_when_no_gpu_is_refused_naming_the_field(value):
+    with pytest.raises(OptionsError) as e:
+        parse({"gpus": 1, "when_no_gpu": value}, CATALOG, [])
+    assert e.value.field == "when_no_gpu"
+    assert len(str(e.value)) < 200
+
+
+def test_the_form_sends_the_choice_and_an_empty_one_is_the_default():
+    form = {"gpus": ["1"], "when_no_gpu": ["start-on-cpu"], "_xsrf": ["x"]}
+    assert parse(options_from_form(form), CATALOG, []).starts_on_cpu
+    assert (
+        parse(options_from_form({"gpus": ["1"], "when_no_gpu": [""]}), CATALOG, []).when_no_gpu
+        == "wait"
+    )

@@ -142,3 +142,47 @@ def test_messages() -> None:
         "Stop the server to leave the queue."
     )
     assert "estimated wait unknown" in wait_message("A100", 1, 1, None)
+
+
+# -- servers running on CPU while they wait, "not now" --------------------------------------------
+
+
+def test_an_entry_on_cpu_waits_while_its_server_runs_and_not_while_postponed():
+    from dataclasses import replace
+
+    from gpuhub.core.queue import ON_CPU_STALE_AFTER
+
+    cpu = replace(entry("ann", 0), on_cpu=True)
+    # the service refreshes it each cycle: a minute without a look does not drop it
+    assert cpu.waiting(T0 + 3 * STALE, STALE)
+    assert not entry("ann", 0).waiting(T0 + 3 * STALE, STALE)
+    # without the service for long, nobody would switch it: it stops holding the line
+    assert not cpu.waiting(T0 + ON_CPU_STALE_AFTER + STALE, STALE)
+    later = replace(cpu, not_before=T0 + 10 * STALE)
+    assert not later.waiting(T0 + STALE, STALE) and later.postponed(T0 + STALE)
+    assert later.waiting(T0 + 10 * STALE, timedelta(hours=1))
+
+
+def test_not_now_keeps_the_place_until_the_limit_then_the_back_of_the_line():
+    from dataclasses import replace
+
+    from gpuhub.core.queue import postpone
+
+    ann = replace(entry("ann", 0), on_cpu=True)
+    first = postpone(ann, T0, STALE * 30, limit=3)
+    assert (first.not_now_count, first.to_back, first.not_before) == (1, False, T0 + 30 * STALE)
+    second = postpone(replace(ann, not_now_count=1), T0, STALE, limit=3)
+    assert (second.not_now_count, second.to_back) == (2, False)
+    third = postpone(replace(ann, not_now_count=2), T0, STALE, limit=3)
+    assert (third.not_now_count, third.to_back) == (0, True)
+    assert postpone(replace(ann, not_now_count=50), T0, STALE, limit=0).to_back is False
+
+
+def test_a_postponed_head_lets_the_next_one_start():
+    from dataclasses import replace
+
+    ann = replace(entry("ann", 0), on_cpu=True, not_before=T0 + HOUR)
+    ben = entry("ben", 1)
+    now = T0 + timedelta(minutes=2)
+    queue = line([ann, ben], "a100", now, STALE)
+    assert queue == [ben] and may_start(queue, ben, free=1)

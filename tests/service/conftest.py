@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import threading
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -22,19 +24,20 @@ class Answer(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def service_hub(tmp_path_factory, run_marker):
-    """A real gpuhub JupyterHub (4 simulated GPUs) whose `gpuhub` service is run by the tests,
-    in-process, with the service's own token and scopes."""
+@contextlib.contextmanager
+def running_service_hub(state_dir, run_marker, gpus: int = 4) -> Iterator[ServiceHub]:
+    """A real gpuhub JupyterHub (`gpus` simulated GPUs) whose `gpuhub` service is run by the
+    tests, in-process, with the service's own token and scopes."""
     token = uuid.uuid4().hex
     port = free_port_block(1)
     hub = Hub(
-        tmp_path_factory.mktemp("hub"),
+        state_dir,
         run_marker,
         env_overrides={
             "GPUHUB_DEMO_SERVICE": "external",
             "GPUHUB_DEMO_SERVICE_TOKEN": token,
             "GPUHUB_DEMO_SERVICE_PORT": str(port),
+            "GPUHUB_DEMO_GPUS": str(gpus),
         },
     )
     # The hub waits up to 30 s for an external service's address to answer HTTP; the tests start
@@ -51,11 +54,21 @@ def service_hub(tmp_path_factory, run_marker):
     previous = os.environ.get(nvml.FAKE_ENV)
     os.environ[nvml.FAKE_ENV] = str(hub.state_dir / "simulated-gpus.json")
     sh = ServiceHub(hub, token, service_port=port)
-    yield sh
-    sh.stop_service()
-    if previous is None:
-        os.environ.pop(nvml.FAKE_ENV, None)
-    else:
-        os.environ[nvml.FAKE_ENV] = previous
-    hub.stop_all_servers()
-    hub.stop()
+    try:
+        yield sh
+    finally:
+        sh.stop_service()
+        if previous is None:
+            os.environ.pop(nvml.FAKE_ENV, None)
+        else:
+            os.environ[nvml.FAKE_ENV] = previous
+        hub.stop_all_servers()
+        hub.stop()
+
+
+@pytest.fixture(scope="module")
+def service_hub(tmp_path_factory, run_marker):
+    """A real gpuhub JupyterHub (4 simulated GPUs) whose `gpuhub` service is run by the tests,
+    in-process, with the service's own token and scopes."""
+    with running_service_hub(tmp_path_factory.mktemp("hub"), run_marker) as sh:
+        yield sh

@@ -178,6 +178,11 @@ def test_notices_say_what_why_and_how_back():
     assert "stopped this server" in stop and "No kernel was running" in stop
     warn = notices.render("warn", "the GPU lease reaches its maximum", at=T0_S)
     assert "The GPU lease reaches its maximum." in warn and "Nothing was changed" in warn
+    back = notices.render(
+        "give-back", "ada asked for the GPU back", at=T0_S, gpus=1, snapshots=snaps
+    )
+    assert back.startswith("# Your server has its GPU again")
+    assert "restarted this server with its GPU: ada asked" in back and "without" not in back
 
 
 def test_ledger_counts_consecutive_snapshot_failures_per_run(tmp_path):

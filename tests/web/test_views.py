@@ -128,6 +128,15 @@ def test_queue_places_and_estimated_wait():
         entries, {"gpu": 0}, held, NOW, timedelta(seconds=60), timedelta(hours=1), user="bob"
     )
     assert [r["place"] for r in mine] == [2]
+    # a request whose server runs on CPU meanwhile says so, and how to give up the place
+    from dataclasses import replace
+
+    on_cpu = [replace(entries[0], on_cpu=True), entries[1]]
+    [ada] = views.queue_view(
+        on_cpu, {"gpu": 0}, held, NOW, timedelta(seconds=60), timedelta(hours=1), user="ada"
+    )
+    assert ada["on_cpu"] and "Running without a GPU" in ada["message"]
+    assert "1st in line of 2" in ada["message"] and "leave the queue" in ada["message"]
 
 
 def test_quota_usage_says_where_a_limit_comes_from():

@@ -32,6 +32,7 @@ def handlers(pages: Pages) -> list[tuple[str, type, dict[str, Any]]]:
     routes: list[tuple[str, type]] = [
         ("", user.UserPage),
         ("gpu-again", user.GpuAgainForm),
+        ("request", user.GpuRequestForm),
         (r"snapshots/(restore-next|delete|restore-latest)", user.SnapshotForm),
         ("admin", admin.AdminPage),
         ("admin/(release|stop)", admin.ServerActionForm),
@@ -46,6 +47,7 @@ def handlers(pages: Pages) -> list[tuple[str, type, dict[str, Any]]]:
         # JSON API
         ("api/me", user.MeApi),
         ("api/me/gpu-again", user.MeGpuAgainApi),
+        ("api/me/requests", user.MeRequestApi),
         ("api/me/snapshots", user.MeSnapshotsApi),
         (rf"api/me/snapshots/{_SEGMENT}/restore-next", user.MeRestoreLatestApi),
         (rf"api/me/snapshots/{_SEGMENT}/{_SEGMENT}", user.MeSnapshotApi),
@@ -116,6 +118,7 @@ def make_pages(service: Any) -> Pages:
         base_quotas=_cached(10, base_quotas),
         executor=getattr(service, "executor", None),
         keeps=getattr(service, "keeps", None),
+        requests=getattr(service, "user_requests", None),
         devices=_cached(30, devices),
         activity=ActivityLog(window=config.activity_window),
         prefix=service.service_prefix,

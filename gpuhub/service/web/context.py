@@ -30,11 +30,12 @@ from ...core.overrides import (
     merge_environments,
     merge_group_quotas,
 )
+from ...core.protocol import UserRequest
 from ...core.quotas import QuotaConfig, effective_quota, user_budget
 from ...core.registration import parse_csv
 from ...store import ActionStatus, Store, utcnow
 from ..hubapi import HubAPIError, HubClient
-from . import views
+from . import user_gpu, views
 from .activity import ActivityLog
 from .config import GpuhubPages
 from .snapshots import SnapshotAccess
@@ -56,6 +57,9 @@ class Pages:
     executor: Any = None  # gpuhub.service.actions.Executor
     keeps: Any = None  # gpuhub.service.keeps.Keeps: the keeps in force
     board: Any = None  # gpuhub.service.reports.ReportBoard: the servers' reports and commands
+    #: gpuhub.service.requests.UserRequests: the users' requests (keep, give back, switch...)
+    #: and the notices each server is told
+    requests: Any = None
     devices: Callable[[], list[Any]] = field(default=lambda: [])
     activity: ActivityLog = field(default_factory=ActivityLog)
     host: str = field(default_factory=socket.gethostname)
@@ -147,6 +151,7 @@ class Pages:
                 )
             )
         self._mark_gpu_again(name, entries)
+        self._mark_gpu_notices(name, entries, now)
         groups = [g for g in model.get("groups") or () if isinstance(g, str)]
         quota = effective_quota(name, groups, self.quota_config())
         active = sum(1 for m in servers.values() if m.get("ready") or m.get("pending"))
@@ -206,6 +211,32 @@ class Pages:
             )
             if released and released[0].gpus:
                 entry["gpu_again"] = {"gpus": released[0].gpus, "gpu_type": released[0].gpu_type}
+
+    def _mark_gpu_notices(self, user: str, entries: list[dict[str, Any]], now: Any) -> None:
+        """What each server is told about its GPU (JupyterLab's warnings, for every interface)."""
+        names = {g.id: g.display_name for g in self.catalog().gpu_types}
+        for entry in entries:
+            notices = self.requests.answer((user, entry["name"])) if self.requests else {}
+            entry["notices"] = user_gpu.gpu_notices(notices, now, names)
+
+    async def user_request(
+        self, user: str, server: str, kind: str, seconds: float | None = None
+    ) -> dict[str, Any]:
+        """One of `user`'s requests for their own `server` (keep, give back now, switch now,
+        not now, leave the queue), carried out as JupyterLab's are; `ActionRefused` when it
+        is not possible now."""
+        if self.requests is None:
+            raise ActionRefused("the service runs without its request handling")
+        if kind not in user_gpu.PAGE_REQUESTS:
+            raise ActionRefused(f"{kind!r} cannot be asked for here")
+        servers = await self.user_servers(user)
+        if server not in servers:
+            raise ActionRefused(f"you have no {views.server_label(server)} server")
+        request = UserRequest("page", kind, seconds)
+        (result,) = await self.requests.handle(user, server, [request])
+        if not result.ok:
+            raise ActionRefused(result.message)
+        return {"server": server, "kind": kind, "ok": True, "message": result.message}
 
     def queue(self, user: str | None = None) -> list[dict[str, Any]]:
         entries = self.store.queue()

@@ -3,9 +3,13 @@ GPU activity, snapshots, quota, queue place, the "GPU again" button and their hi
 
 from __future__ import annotations
 
+from typing import Any
+
 from tornado import web
 
+from ...core import protocol
 from .base import ApiHandler, BaseHandler
+from .user_gpu import PAGE_REQUESTS
 
 
 class UserPage(BaseHandler):
@@ -27,6 +31,36 @@ class GpuAgainForm(BaseHandler):
             "Your server restarts with its GPU (your kernels are snapshotted first). If no GPU is "
             "free, it waits in the queue; its place shows here and on the spawn page.",
         )
+
+
+def request_fields(kind: Any, seconds: Any) -> tuple[str, float | None]:
+    """A page's request, checked by the protocol's own parser: HTTP 400 naming the field."""
+    body: dict[str, Any] = {"kind": kind}
+    if isinstance(seconds, bool):
+        raise web.HTTPError(400, "seconds: must be a number of seconds, not a boolean")
+    if seconds not in (None, ""):
+        try:
+            body["seconds"] = float(seconds)
+        except (TypeError, ValueError):
+            raise web.HTTPError(400, "seconds: must be a number of seconds") from None
+    try:
+        request = protocol.parse_request(body, "request")
+    except protocol.ProtocolError as e:
+        raise web.HTTPError(400, "%s: %s", e.field.removeprefix("request."), e.problem) from None
+    if request.kind not in PAGE_REQUESTS:
+        raise web.HTTPError(400, "kind: must be one of %s here", ", ".join(PAGE_REQUESTS))
+    return request.kind, request.seconds
+
+
+class GpuRequestForm(BaseHandler):
+    """POST `request` (`server`, `kind`: keep (with `seconds`), release, switch-now, not-now,
+    leave-queue): what JupyterLab's GPU item offers, for every interface."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        kind, seconds = request_fields(self.field("kind"), self.field("seconds"))
+        result = await self.pages.user_request(self.user_name, self.field("server"), kind, seconds)
+        self.back("", result["message"][:1].upper() + result["message"][1:] + ".")
 
 
 class SnapshotForm(BaseHandler):
@@ -97,6 +131,20 @@ class MeRestoreLatestApi(ApiHandler):
         await self.pages.snapshots.restore_next(self.user_name, servers, key, None)
         self.set_status(204)
         self.finish()
+
+
+class MeRequestApi(ApiHandler):
+    """POST `api/me/requests` `{"server": "", "kind": "keep", "seconds": 3600}` (kinds as the
+    `request` form's): 200 with the service's answer, 409 when it cannot be done now."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        body = self.body({"server": str, "kind": str, "seconds": (int, float)})
+        kind, seconds = request_fields(body.get("kind"), body.get("seconds"))
+        result = await self.pages.user_request(
+            self.user_name, body.get("server") or "", kind, seconds
+        )
+        self.write_json(result)
 
 
 class MeGpuAgainApi(ApiHandler):

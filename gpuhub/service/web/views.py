@@ -257,7 +257,10 @@ def queue_view(
                     "waited": fmt_duration((now - entry.enqueued_at).total_seconds()),
                     "estimated_wait_s": wait.total_seconds() if wait is not None else None,
                     "estimated_wait": queue_core.describe_wait(wait),
-                    "message": queue_core.wait_message(name, place, len(line), wait),
+                    "message": queue_core.wait_message(name, place, len(line), wait)
+                    if not entry.on_cpu
+                    else queue_core.on_cpu_message(name, place, len(line), wait),
+                    "on_cpu": entry.on_cpu,
                 }
             )
     return out

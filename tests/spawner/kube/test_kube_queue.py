@@ -131,3 +131,55 @@ def test_hub_restart_while_queued_keeps_the_place(kube_hub, emulator) -> None:  
         kube_hub.stop_server(name)
     assert queue(kube_hub) == []
     assert emulator.failures == []
+
+
+def gpu_limit(emulator: KubeEmulator, name: str) -> str | None:
+    pod = emulator.pod("jhub", f"jupyter-{name}")
+    assert pod is not None
+    return (
+        (pod["spec"]["containers"][0].get("resources") or {})
+        .get("limits", {})
+        .get("nvidia.com/gpu")
+    )
+
+
+def test_start_on_cpu_keeps_the_place_and_the_switch_takes_the_gpu(kube_hub, emulator) -> None:  # type: ignore[no-untyped-def]
+    """`when_no_gpu: start-on-cpu` on Kubernetes: a pod without a GPU at once, the place kept
+    across a hub restart, and the switch (what the gpuhub service does at the turn: stop, start
+    with the waiting options) takes the GPU and ends the request."""
+    store = Store.at(f"sqlite:///{kube_hub.state_dir / 'gpuhub.sqlite'}")
+    for name in ("gil", "hal"):
+        assert kube_hub.spawn(name, A100).status_code in (201, 202)
+        kube_hub.wait_ready(name)
+    wanted = {**A100, "when_no_gpu": "start-on-cpu"}
+    assert kube_hub.spawn("ivy", wanted).status_code in (201, 202)
+    model = kube_hub.wait_ready("ivy", timeout=60)
+    assert model["user_options"]["gpus"] == 0 and gpu_limit(emulator, "ivy") is None
+    [entry] = store.queue()
+    assert (entry.user, entry.on_cpu, entry.user_options["gpus"]) == ("ivy", True, 1)
+
+    kube_hub.stop()
+    kube_hub.start()
+    assert kube_hub.user("ivy")["servers"][""]["ready"]
+    [entry] = store.queue()
+    assert entry.user == "ivy" and entry.on_cpu, "the place survives the hub"
+
+    # the turn: a GPU frees up, the service marks the switch and restarts the server
+    kube_hub.stop_server("gil")
+    store.update_queue_entry("ivy", "", on_cpu=False)
+    kube_hub.stop_server("ivy")
+    assert [e.user for e in store.queue()] == ["ivy"], "the switch's stop keeps the request"
+    assert kube_hub.spawn("ivy", dict(entry.user_options)).status_code in (201, 202)
+    model = kube_hub.wait_ready("ivy", timeout=60)
+    assert model["user_options"]["gpus"] == 1 and gpu_limit(emulator, "ivy") == "1"
+    assert store.queue() == []
+
+    # stopping a server that runs on CPU ends its request (nobody waits for nothing)
+    assert kube_hub.spawn("jo", wanted).status_code in (201, 202)
+    kube_hub.wait_ready("jo", timeout=60)
+    assert [e.user for e in store.queue()] == ["jo"]
+    kube_hub.stop_server("jo")
+    assert store.queue() == []
+    for name in ("hal", "ivy"):
+        kube_hub.stop_server(name)
+    assert emulator.failures == []
