@@ -15,8 +15,10 @@ import time
 import pytest
 import requests
 
+from gpuhub.testing import wait_for
+
 from .conftest import running_service_hub
-from .helpers import cycle, last_line, wait_until
+from .helpers import cycle, last_line
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -107,7 +109,7 @@ def test_start_on_cpu_wait_not_now_and_switch(one_gpu_hub, browser, screenshot_p
     service = sh.service(cpu_switch_notice=2, not_now_delay=3, not_now_limit=3)
     cycle(service)
     # the place in line: JupyterLab's notices and the user's page in the hub
-    queue = wait_until(lambda: notices(sh, NAME).get("queue"), 60, "the place in notices")
+    queue = wait_for(lambda: notices(sh, NAME).get("queue"), 60, what="the place in notices")
     assert queue["place"] == 1 and queue["gpus"] == 1
     page.goto(f"{sh.hub.url}/services/gpuhub/")
     page.wait_for_url("**/services/gpuhub/")
@@ -117,12 +119,12 @@ def test_start_on_cpu_wait_not_now_and_switch(one_gpu_hub, browser, screenshot_p
 
     # the GPU frees up: the service offers the turn first, and keeps the GPU for the user
     sh.hub.stop_server(HOLDER)
-    wait_until(lambda: not sh.store.leases(), 60, "the GPU free")
+    wait_for(lambda: not sh.store.leases(), 60, what="the GPU free")
     cycle(service)
-    turn = wait_until(lambda: notices(sh, NAME).get("gpu_turn"), 60, "the turn in notices")
+    turn = wait_for(lambda: notices(sh, NAME).get("gpu_turn"), 60, what="the turn in notices")
     assert turn["gpus"] == 1
     assert sh.store.queue_entry(NAME, "").offered_at is not None
-    text = wait_until(lambda: sh.read_file(NAME, "GPUHUB-NOTICE.md"), 60, "the notice file")
+    text = wait_for(lambda: sh.read_file(NAME, "GPUHUB-NOTICE.md"), 60, what="the notice file")
     assert "turn for a GPU has come" in text
     page.reload()
     row = page.locator("#gpuhub-servers tr[data-server='']")
@@ -144,26 +146,27 @@ def test_start_on_cpu_wait_not_now_and_switch(one_gpu_hub, browser, screenshot_p
     assert sh.store.queue_entry(NAME, "").offered_at is not None
     time.sleep(2.2)
     cycle(service)
-    model = wait_until(
+    model = wait_for(
         lambda: (m := sh.model(NAME)) and m.get("ready") and m["state"]["gpus"] and m,
         180,
-        "the switch to the GPU",
+        what="the switch to the GPU",
     )
     assert model["user_options"]["gpus"] == 1
     assert sh.store.queue() == []
     [switch] = sh.store.actions(NAME, kinds=["give-back"])
     assert switch.rule == "queue-turn" and switch.status == "done" and switch.snapshots
     kernel = sh.open_notebook(NAME, "work.ipynb")
-    wait_until(
+    wait_for(
         lambda: any(k.get("last_restore") for k in sh.status(NAME)["kernels"]),
+        60,
         what="the automatic restore",
     )
     assert last_line(sh.run(NAME, kernel, "print(answer)")) == "42"
     # VS Code users read it in their home folder too
-    text = wait_until(
+    text = wait_for(
         lambda: (t := sh.read_file(NAME, "GPUHUB-NOTICE.md")) and "again" in t and t,
         60,
-        "the notice of the switch",
+        what="the notice of the switch",
     )
     assert "restarted this server with its GPU" in text and "turn for a GPU" in text
 
