@@ -14,9 +14,10 @@ buffers of numpy arrays and torch storages do not go through the pickle stream: 
 from their own memory to a data file and read back straight into the memory of the restored
 object (`kernel_io.py`), with a checksum per chunk (XXH3-128 where the kernel has `xxhash`, else
 CRC-32). A variable unchanged since the previous snapshot of the same notebook is compared by
-checksum, not written again: its files are linked into the new snapshot. Identity across variables is kept: a variable that refers to another saved
-variable (an instance of a class defined in the notebook, an optimizer holding a model's
-parameters) stores a reference to it, and restore brings the referenced variable back first.
+checksum, not written again: its files are linked into the new snapshot. Identity across
+variables is kept: a variable that refers to another saved variable (an instance of a class
+defined in the notebook, an optimizer holding a model's parameters) stores a reference to it,
+and restore brings the referenced variable back first.
 torch tensors on a GPU are copied to the host a chunk at a time to be saved and go back to a GPU
 on restore when the new kernel has one, else they stay on the CPU (and the report says so). Keras
 models are saved in Keras' own format (weights, optimizer state, compile configuration).
@@ -935,9 +936,9 @@ def _reuse(
     the variable is the same as then (same pickle stream, same bytes in every buffer, compared by
     checksum chunk by chunk without writing anything); None when it changed or cannot be
     compared (among others: its files were checked with another algorithm than this kernel
-    writes, so it is written once again with this one). A file written later is always a new file (`open` truncates a name, and no name
-    here is a link to an earlier snapshot's file but these), so the earlier snapshot's files are
-    never written to."""
+    writes, so it is written once again with this one). A file written later is always a new
+    file (`open` truncates a name, and no name here is a link to an earlier snapshot's file but
+    these), so the earlier snapshot's files are never written to."""
     io_ = _io()
     pickler_class = picklers[0] if old.pickler == "pickle" else picklers[1]
     if pickler_class is None or old.bytes < REUSE_MIN_BYTES:
@@ -1108,7 +1109,11 @@ def _load_one(
     reader = None
     if v.data_file:
         reader = io_.SegmentReader(
-            os.path.join(folder, v.data_file), v.data_bytes, v.data_digests, workers, v.hash_algorithm
+            os.path.join(folder, v.data_file),
+            v.data_bytes,
+            v.data_digests,
+            workers,
+            v.hash_algorithm,
         )
         reader.open()
     try:

@@ -109,7 +109,8 @@ big[-1] = -1.0  # one value in the last chunk, changed in place
 weights.view(torch.int32)[5] = 1  # one bit of a tensor, changed in place through a view
 third = ks.snapshot()
 e1, e2, e3 = entries(first), entries(second), entries(third)
-inode = lambda result, name: os.stat(os.path.join(result["path"], entries(result)[name]["data_file"])).st_ino
+def inode(result, name):
+    return os.stat(os.path.join(result["path"], entries(result)[name]["data_file"])).st_ino
 del big, weights
 r = ks.restore()
 print(json.dumps({
