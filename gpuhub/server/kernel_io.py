@@ -131,7 +131,7 @@ class Budget:
 def pool() -> concurrent.futures.ThreadPoolExecutor:
     """Worker threads for the checksums of one operation (shut down by the caller)."""
     workers = max(1, min(4, (os.cpu_count() or 1)))
-    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="gpuhub-crc")
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="gpuhub-checksum")
 
 
 def chunk_count(nbytes: int) -> int:
