@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import re
@@ -74,11 +75,13 @@ class Measurement:
     ticks: int
     tick_cpu_s: float  # inside GpuMonitor.tick (worker thread CPU time)
     processes_on_machine: int  # what a /proc scan walks
-    max_loop_lag_ms: float = 0.0  # the longest the event loop was late for a 10 ms timer
+    max_loop_lag_ms: float = 0.0  # the longest the event loop was late for a 50 ms timer
     p99_loop_lag_ms: float = 0.0  # its 99th percentile
     max_callback_cpu_ms: float = 0.0  # the most CPU one event-loop callback took (loop thread)
     max_callback_wall_ms: float = 0.0  # the longest one event-loop callback ran (wall time)
     max_callback: str = ""  # which callback took `max_callback_cpu_ms`
+    max_gc_pause_ms: float = 0.0  # the longest collection of Python's cyclic garbage collector
+    gc_collections: int = 0  # how many it ran (all generations)
 
     @property
     def core_pct(self) -> float:
@@ -147,20 +150,22 @@ def child(spec: dict[str, Any]) -> None:
         fill_history(monitor, spec["uuids"], spec["interval"])
     marks: dict[str, Any] = {"lags": [], "measuring": False}
     callbacks = time_callbacks(marks)
+    collections = time_collections(marks)
 
     async def probe() -> None:
-        """How late the event loop runs a 10 ms timer: what a blocked loop makes users wait
+        """How late the event loop runs a 50 ms timer: what a blocked loop makes users wait
         (and what the machine's other processes make it wait: the loop's thread is not
         running while they are)."""
         while True:
             asked = time.perf_counter()
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
             if marks["measuring"]:
-                marks["lags"].append(time.perf_counter() - asked - 0.01)
+                marks["lags"].append(time.perf_counter() - asked - 0.05)
 
     def start() -> None:
         marks["measuring"] = True
         callbacks.update(cpu=0.0, wall=0.0, name="")
+        collections.update(longest=0.0, count=0)
         marks.update(
             cpu=time.process_time(),
             wall=time.perf_counter(),
@@ -186,6 +191,8 @@ def child(spec: dict[str, Any]) -> None:
             max_callback_cpu_ms=1000 * callbacks["cpu"],
             max_callback_wall_ms=1000 * callbacks["wall"],
             max_callback=callbacks["name"],
+            max_gc_pause_ms=1000 * collections["longest"],
+            gc_collections=collections["count"],
         )
         Path(spec["out"]).write_text(json.dumps(asdict(result)))
         app.stop()
@@ -221,6 +228,22 @@ def time_callbacks(marks: dict[str, Any]) -> dict[str, Any]:
 
     asyncio.events.Handle._run = timed  # type: ignore[method-assign]
     return longest
+
+
+def time_collections(marks: dict[str, Any]) -> dict[str, Any]:
+    """The longest pause of Python's cyclic garbage collector while `marks["measuring"]` (it
+    runs inside whatever callback allocated last, on any thread, and holds the GIL)."""
+    out: dict[str, Any] = {"longest": 0.0, "count": 0, "started": 0.0}
+
+    def callback(phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            out["started"] = time.perf_counter()
+        elif marks["measuring"]:
+            out["longest"] = max(out["longest"], time.perf_counter() - out["started"])
+            out["count"] += 1
+
+    gc.callbacks.append(callback)
+    return out
 
 
 def _callback_name(handle: asyncio.events.Handle) -> str:
@@ -371,7 +394,8 @@ def table(rows: list[Row], seconds: float) -> str:
     head = (
         f"{'GPUs':>5}{'interval s':>12}{'history':>9}{'ticks':>7}{'tick CPU ms':>13}"
         f"{'cycle CPU ms':>14}{'process % core':>16}{'sampling % core':>17}{'loop lag ms':>13}"
-        f"{'lag p99 ms':>12}{'callback CPU ms':>17}{'callback wall ms':>18}  longest callback"
+        f"{'lag p99 ms':>12}{'callback CPU ms':>17}{'callback wall ms':>18}{'GC pause ms':>13}"
+        "  longest callback"
     )
     lines = [
         f"extension sampling overhead: {seconds:g} s of wall time per row, one process each",
@@ -387,7 +411,7 @@ def table(rows: list[Row], seconds: float) -> str:
             f"{m.gpus:>5}{interval:>12}{m.history:>9}{m.ticks:>7}{_ms(r.tick_cpu_ms):>13}"
             f"{_ms(r.cycle_cpu_ms if m.interval_s else None):>14}{m.core_pct:>16.3f}{net:>17}"
             f"{m.max_loop_lag_ms:>13.1f}{m.p99_loop_lag_ms:>12.1f}{m.max_callback_cpu_ms:>17.2f}"
-            f"{m.max_callback_wall_ms:>18.2f}  {m.max_callback}"
+            f"{m.max_callback_wall_ms:>18.2f}{m.max_gc_pause_ms:>13.2f}  {m.max_callback}"
         )
     processes = rows[-1].measurement.processes_on_machine
     lines.append(f"(processes on the machine, walked by each /proc scan: about {processes})")
@@ -397,7 +421,8 @@ def table(rows: list[Row], seconds: float) -> str:
 def _loop(m: Measurement) -> str:
     return (
         f"{m.max_loop_lag_ms:.1f} / {m.p99_loop_lag_ms:.1f} ms "
-        f"| {m.max_callback_cpu_ms:.2f} / {m.max_callback_wall_ms:.1f} ms"
+        f"| {m.max_callback_cpu_ms:.2f} / {m.max_callback_wall_ms:.1f} ms "
+        f"| {m.max_gc_pause_ms:.1f} ms ({m.gc_collections})"
     )
 
 
@@ -405,8 +430,8 @@ def markdown(rows: list[Row]) -> str:
     lines = [
         "| GPUs | sample interval | history | ticks | CPU per tick (worker) "
         "| CPU per cycle (process) | process, % of a core | sampling, % of a core "
-        "| event-loop delay, max / p99 | longest callback, CPU / wall |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| event-loop delay, max / p99 | longest callback, CPU / wall | longest GC pause (runs) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         m = r.measurement

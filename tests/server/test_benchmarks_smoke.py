@@ -98,6 +98,7 @@ def test_extension_overhead_with_simulated_gpus():
         assert 0 <= r["p99_loop_lag_ms"] <= r["max_loop_lag_ms"]
         assert r["max_callback_cpu_ms"] > 0 and r["max_callback_wall_ms"] > 0
         assert r["max_callback"]
+        assert r["max_gc_pause_ms"] >= 0 and r["gc_collections"] >= 0
 
     bench = load("extension_overhead")
     rows = [
