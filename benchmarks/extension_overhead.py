@@ -59,7 +59,9 @@ FAKE_NVML_NOTE = (
     "GPUs simulated by gpuhub.nvml_fake: in-process Python, not libnvidia-ml; "
     "a real driver's NVML calls cost differently"
 )
-OFF_INTERVAL = 86400.0  # the baseline: no tick during the measurement
+OFF_INTERVAL = 86400.0
+#: the coroutine whose steps are the sampling loop's work on the event loop
+SAMPLING_STEP = "GpuhubExtension._sample_forever"  # the baseline: no tick during the measurement
 HISTORIES = ("empty", "full")
 
 
@@ -80,6 +82,8 @@ class Measurement:
     max_callback_cpu_ms: float = 0.0  # the most CPU one event-loop callback took (loop thread)
     max_callback_wall_ms: float = 0.0  # the longest one event-loop callback ran (wall time)
     max_callback: str = ""  # which callback took `max_callback_cpu_ms`
+    max_step_cpu_ms: float = 0.0  # the most CPU one step of the sampling loop took on the loop
+    max_step_wall_ms: float = 0.0  # the longest one step of the sampling loop ran on the loop
     max_gc_pause_ms: float = 0.0  # the longest collection of Python's cyclic garbage collector
     gc_collections: int = 0  # how many it ran (all generations)
 
@@ -164,7 +168,7 @@ def child(spec: dict[str, Any]) -> None:
 
     def start() -> None:
         marks["measuring"] = True
-        callbacks.update(cpu=0.0, wall=0.0, name="")
+        callbacks.update(cpu=0.0, wall=0.0, name="", step_cpu=0.0, step_wall=0.0)
         collections.update(longest=0.0, count=0)
         marks.update(
             cpu=time.process_time(),
@@ -191,6 +195,8 @@ def child(spec: dict[str, Any]) -> None:
             max_callback_cpu_ms=1000 * callbacks["cpu"],
             max_callback_wall_ms=1000 * callbacks["wall"],
             max_callback=callbacks["name"],
+            max_step_cpu_ms=1000 * callbacks["step_cpu"],
+            max_step_wall_ms=1000 * callbacks["step_wall"],
             max_gc_pause_ms=1000 * collections["longest"],
             gc_collections=collections["count"],
         )
@@ -209,7 +215,8 @@ def time_callbacks(marks: dict[str, Any]) -> dict[str, Any]:
     one callback took, with its name. A callback's CPU time is what it holds the loop for by its
     own work; its wall time adds the time its thread waited (for the CPU, which the machine's
     other processes share, or for the GIL, which this process's worker threads share)."""
-    longest: dict[str, Any] = {"cpu": 0.0, "wall": 0.0, "name": ""}
+    longest: dict[str, Any] = {"cpu": 0.0, "wall": 0.0, "name": "", "step_cpu": 0.0}
+    longest["step_wall"] = 0.0
     run = asyncio.events.Handle._run
 
     def timed(handle: asyncio.events.Handle) -> None:
@@ -225,6 +232,9 @@ def time_callbacks(marks: dict[str, Any]) -> dict[str, Any]:
             if cpu > longest["cpu"]:
                 longest["cpu"] = cpu
                 longest["name"] = _callback_name(handle)
+            if _callback_name(handle) == SAMPLING_STEP:
+                longest["step_cpu"] = max(longest["step_cpu"], cpu)
+                longest["step_wall"] = max(longest["step_wall"], wall)
 
     asyncio.events.Handle._run = timed  # type: ignore[method-assign]
     return longest
@@ -394,8 +404,8 @@ def table(rows: list[Row], seconds: float) -> str:
     head = (
         f"{'GPUs':>5}{'interval s':>12}{'history':>9}{'ticks':>7}{'tick CPU ms':>13}"
         f"{'cycle CPU ms':>14}{'process % core':>16}{'sampling % core':>17}{'loop lag ms':>13}"
-        f"{'lag p99 ms':>12}{'callback CPU ms':>17}{'callback wall ms':>18}{'GC pause ms':>13}"
-        "  longest callback"
+        f"{'lag p99 ms':>12}{'callback CPU ms':>17}{'callback wall ms':>18}{'step CPU ms':>13}"
+        f"{'step wall ms':>14}{'GC pause ms':>13}  longest callback"
     )
     lines = [
         f"extension sampling overhead: {seconds:g} s of wall time per row, one process each",
@@ -411,7 +421,8 @@ def table(rows: list[Row], seconds: float) -> str:
             f"{m.gpus:>5}{interval:>12}{m.history:>9}{m.ticks:>7}{_ms(r.tick_cpu_ms):>13}"
             f"{_ms(r.cycle_cpu_ms if m.interval_s else None):>14}{m.core_pct:>16.3f}{net:>17}"
             f"{m.max_loop_lag_ms:>13.1f}{m.p99_loop_lag_ms:>12.1f}{m.max_callback_cpu_ms:>17.2f}"
-            f"{m.max_callback_wall_ms:>18.2f}{m.max_gc_pause_ms:>13.2f}  {m.max_callback}"
+            f"{m.max_callback_wall_ms:>18.2f}{m.max_step_cpu_ms:>13.2f}{m.max_step_wall_ms:>14.2f}"
+            f"{m.max_gc_pause_ms:>13.2f}  {m.max_callback}"
         )
     processes = rows[-1].measurement.processes_on_machine
     lines.append(f"(processes on the machine, walked by each /proc scan: about {processes})")
@@ -422,7 +433,7 @@ def _loop(m: Measurement) -> str:
     return (
         f"{m.max_loop_lag_ms:.1f} / {m.p99_loop_lag_ms:.1f} ms "
         f"| {m.max_callback_cpu_ms:.2f} / {m.max_callback_wall_ms:.1f} ms "
-        f"| {m.max_gc_pause_ms:.1f} ms ({m.gc_collections})"
+        f"| {m.max_step_cpu_ms:.2f} / {m.max_step_wall_ms:.2f} ms"
     )
 
 
@@ -430,7 +441,8 @@ def markdown(rows: list[Row]) -> str:
     lines = [
         "| GPUs | sample interval | history | ticks | CPU per tick (worker) "
         "| CPU per cycle (process) | process, % of a core | sampling, % of a core "
-        "| event-loop delay, max / p99 | longest callback, CPU / wall | longest GC pause (runs) |",
+        "| event-loop delay, max / p99 | longest callback, CPU / wall "
+        "| longest sampling step, CPU / wall |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

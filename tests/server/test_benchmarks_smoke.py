@@ -99,6 +99,8 @@ def test_extension_overhead_with_simulated_gpus():
         assert r["max_callback_cpu_ms"] > 0 and r["max_callback_wall_ms"] > 0
         assert r["max_callback"]
         assert r["max_gc_pause_ms"] >= 0 and r["gc_collections"] >= 0
+    assert baseline["max_step_cpu_ms"] == 0  # no sampling step ran
+    assert all(r["max_step_cpu_ms"] > 0 and r["max_step_wall_ms"] > 0 for r in (fresh, full))
 
     bench = load("extension_overhead")
     rows = [
