@@ -386,8 +386,9 @@ def _memory(address: int, nbytes: int, readonly: bool = False) -> memoryview:
 
 class _DrySegments:
     """Stands in for the data file while comparing a variable with its previous copy: the
-    checksum of each chunk, on the worker threads (many small buffers as much as one large
-    one), compared with the recorded ones as they come in and at `finish`."""
+    checksum of each chunk, on the worker threads in batches of about a chunk's size (a dict of
+    a thousand small tensors costs a few hand-offs, not a thousand), compared with the recorded
+    ones in order as they come in and at `finish`."""
 
     def __init__(self, expected: list[str], workers: Any, algorithm: str) -> None:
         self.expected = expected
@@ -395,7 +396,9 @@ class _DrySegments:
         self.digest = _io().chunk_digest(algorithm)
         self.offset = 0
         self.digests: list[str] = []
-        self._pending: list[Any] = []  # futures of chunks not compared yet, in order
+        self._pending: list[Any] = []  # futures of batches not compared yet, in order
+        self._batch: list[memoryview] = []
+        self._batch_bytes = 0
 
     def _check(self, digest: str) -> None:
         i = len(self.digests)
@@ -403,28 +406,43 @@ class _DrySegments:
             raise _Changed()
         self.digests.append(digest)
 
+    def _digests(self, views: list[memoryview]) -> list[str]:
+        return [self.digest(v) for v in views]
+
+    def _flush(self) -> None:
+        if self._batch:
+            self._pending.append(self.workers.submit(self._digests, self._batch))
+            self._batch, self._batch_bytes = [], 0
+
     def _settle(self, keep: int) -> None:
-        """Compare the pending chunks' checksums, waiting for all but the last `keep`."""
+        """Compare the pending batches' checksums, waiting for all but the last `keep`."""
         while len(self._pending) > keep or (self._pending and self._pending[0].done()):
-            self._check(self._pending.pop(0).result())
+            for digest in self._pending.pop(0).result():
+                self._check(digest)
 
     def add(self, view: memoryview) -> tuple[int, int]:
         io_ = _io()
         for i in range(0, view.nbytes, io_.CHUNK):
             chunk = view[i : i + io_.CHUNK]
-            if self.workers is None or chunk.nbytes < io_.INLINE:
-                self._settle(0)
+            if self.workers is None:
                 self._check(self.digest(chunk))
-            else:
-                self._pending.append(self.workers.submit(self.digest, chunk))
+                continue
+            self._batch.append(chunk)
+            self._batch_bytes += chunk.nbytes
+            if self._batch_bytes >= io_.CHUNK:
+                self._flush()
                 self._settle(8)
         offset = self.offset
         self.offset += view.nbytes
         return offset, view.nbytes
 
     def add_chunks(self, nbytes: int, fill: Any) -> tuple[int, int]:
+        """A device's memory through a staging buffer reused at the next `fill`: checked here,
+        in order after everything before it."""
         io_ = _io()
-        self._settle(0)
+        if self.workers is not None:
+            self._flush()
+            self._settle(0)
         for start in range(0, nbytes, io_.CHUNK):
             self._check(self.digest(fill(start, min(io_.CHUNK, nbytes - start))))
         offset = self.offset
@@ -434,6 +452,8 @@ class _DrySegments:
     def finish(self) -> None:
         """Wait for every chunk's checksum; `_Changed` at the first difference."""
         try:
+            if self.workers is not None:
+                self._flush()
             self._settle(0)
         finally:
             for future in self._pending:
