@@ -37,7 +37,6 @@ except ImportError:  # a kernel environment without it: CRC-32
 
 MODULE = "_gpuhub_snapshot_io"
 CHUNK = 16 * 1024 * 1024
-INLINE = 256 * 1024  # chunks smaller than this are checked on the calling thread
 #: checksum algorithm -> hex digits per checksum
 WIDTHS = {"crc32": 8, "xxh3_128": 32}
 #: the algorithm of files written before the manifest named one
@@ -139,25 +138,57 @@ def chunk_count(nbytes: int) -> int:
 
 
 class _Checksums:
-    """Checksums (hex) of chunks in order, computed on worker threads or inline."""
+    """Checksums (hex) of chunks in order, computed on the worker threads in batches of about a
+    chunk's size (a thousand small tensors cost a few hand-offs, not a thousand), or inline
+    without workers."""
 
     def __init__(self, workers: concurrent.futures.Executor | None, name: str) -> None:
         self.workers = workers
         self.digest = chunk_digest(name)
-        self.parts: list[Any] = []  # str or Future
+        self.parts: list[Any] = []  # a checksum (str), or a Future of a batch's checksums
+        self._batch: list[memoryview] = []
+        self._batch_bytes = 0
+
+    def _digests(self, views: list[memoryview]) -> list[str]:
+        return [self.digest(v) for v in views]
+
+    def _flush(self) -> None:
+        if self._batch:
+            self.parts.append(self.workers.submit(self._digests, self._batch))
+            self._batch, self._batch_bytes = [], 0
 
     def add(self, view: memoryview) -> None:
-        if self.workers is None or view.nbytes < INLINE:
+        """Checksum `view` (memory that stays as it is until `result`)."""
+        if self.workers is None:
             self.parts.append(self.digest(view))
-        else:
-            self.parts.append(self.workers.submit(self.digest, view))
+            return
+        self._batch.append(view)
+        self._batch_bytes += view.nbytes
+        if self._batch_bytes >= CHUNK:
+            self._flush()
 
     def add_now(self, view: memoryview) -> None:
         """Checksum on this thread (the view is reused as soon as this returns)."""
+        if self.workers is not None:
+            self._flush()
         self.parts.append(self.digest(view))
 
     def result(self) -> list[str]:
-        return [p if isinstance(p, str) else p.result() for p in self.parts]
+        if self.workers is not None:
+            self._flush()
+        out: list[str] = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+            else:
+                out.extend(part.result())
+        return out
+
+    def cancel(self) -> None:
+        self._batch = []
+        for part in self.parts:
+            if not isinstance(part, str):
+                part.cancel()
 
 
 class SegmentWriter:
@@ -221,9 +252,7 @@ class SegmentWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-        for part in self._sums.parts:
-            if not isinstance(part, str):
-                part.cancel()
+        self._sums.cancel()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
 
@@ -321,9 +350,7 @@ class SegmentReader:
         if self._file is not None:
             self._file.close()
             self._file = None
-        for part in self._sums.parts:
-            if not isinstance(part, str):
-                part.cancel()
+        self._sums.cancel()
 
 
 class ChecksumFile:
