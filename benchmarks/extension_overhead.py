@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,7 +60,9 @@ FAKE_NVML_NOTE = (
     "GPUs simulated by gpuhub.nvml_fake: in-process Python, not libnvidia-ml; "
     "a real driver's NVML calls cost differently"
 )
-OFF_INTERVAL = 86400.0  # the baseline: no tick during the measurement
+OFF_INTERVAL = 86400.0
+#: the coroutine whose steps are the sampling loop's work on the event loop
+SAMPLING_STEP = "GpuhubExtension._sample_forever"  # the baseline: no tick during the measurement
 HISTORIES = ("empty", "full")
 
 
@@ -75,6 +79,15 @@ class Measurement:
     tick_cpu_s: float  # inside GpuMonitor.tick (worker thread CPU time)
     processes_on_machine: int  # what a /proc scan walks
     max_loop_lag_ms: float = 0.0  # the longest the event loop was late for a 50 ms timer
+    p99_loop_lag_ms: float = 0.0  # its 99th percentile
+    max_callback_cpu_ms: float = 0.0  # the most CPU one event-loop callback took (loop thread)
+    max_callback_wall_ms: float = 0.0  # the longest one event-loop callback ran (wall time)
+    max_callback: str = ""  # which callback took `max_callback_cpu_ms`
+    max_step_cpu_ms: float = 0.0  # the most CPU one step of the sampling loop took on the loop
+    max_step_wall_ms: float = 0.0  # the longest one step of the sampling loop ran on the loop
+    median_step_cpu_ms: float = 0.0  # the CPU of the sampling loop's median step on the loop
+    max_gc_pause_ms: float = 0.0  # the longest collection of Python's cyclic garbage collector
+    gc_collections: int = 0  # how many it ran (all generations)
 
     @property
     def core_pct(self) -> float:
@@ -141,18 +154,24 @@ def child(spec: dict[str, Any]) -> None:
     monitor = extension.monitor
     if spec["history"] == "full":
         fill_history(monitor, spec["uuids"], spec["interval"])
-    marks: dict[str, Any] = {"lag": 0.0, "measuring": False}
+    marks: dict[str, Any] = {"lags": [], "measuring": False}
+    callbacks = time_callbacks(marks)
+    collections = time_collections(marks)
 
     async def probe() -> None:
-        """How late the event loop runs a 50 ms timer: what a blocked loop makes users wait."""
+        """How late the event loop runs a 50 ms timer: what a blocked loop makes users wait
+        (and what the machine's other processes make it wait: the loop's thread is not
+        running while they are)."""
         while True:
             asked = time.perf_counter()
             await asyncio.sleep(0.05)
             if marks["measuring"]:
-                marks["lag"] = max(marks["lag"], time.perf_counter() - asked - 0.05)
+                marks["lags"].append(time.perf_counter() - asked - 0.05)
 
     def start() -> None:
         marks["measuring"] = True
+        callbacks.update(cpu=0.0, wall=0.0, name="", step_cpu=0.0, step_wall=0.0, steps=[])
+        collections.update(longest=0.0, count=0)
         marks.update(
             cpu=time.process_time(),
             wall=time.perf_counter(),
@@ -162,6 +181,8 @@ def child(spec: dict[str, Any]) -> None:
 
     def stop() -> None:
         cpu, wall = time.process_time(), time.perf_counter()
+        marks["measuring"] = False
+        lags = sorted(marks["lags"]) or [0.0]
         result = Measurement(
             gpus=spec["gpus"],
             interval_s=None if spec["interval"] >= OFF_INTERVAL else spec["interval"],
@@ -171,7 +192,16 @@ def child(spec: dict[str, Any]) -> None:
             ticks=monitor.ticks - marks["ticks"],
             tick_cpu_s=monitor.tick_cpu_s - marks["tick_cpu"],
             processes_on_machine=sum(1 for e in os.listdir("/proc") if e.isdigit()),
-            max_loop_lag_ms=1000 * marks["lag"],
+            max_loop_lag_ms=1000 * lags[-1],
+            p99_loop_lag_ms=1000 * lags[int(0.99 * (len(lags) - 1))],
+            max_callback_cpu_ms=1000 * callbacks["cpu"],
+            max_callback_wall_ms=1000 * callbacks["wall"],
+            max_callback=callbacks["name"],
+            max_step_cpu_ms=1000 * callbacks["step_cpu"],
+            max_step_wall_ms=1000 * callbacks["step_wall"],
+            median_step_cpu_ms=1000 * statistics.median(callbacks["steps"] or [0.0]),
+            max_gc_pause_ms=1000 * collections["longest"],
+            gc_collections=collections["count"],
         )
         Path(spec["out"]).write_text(json.dumps(asdict(result)))
         app.stop()
@@ -180,6 +210,64 @@ def child(spec: dict[str, Any]) -> None:
     app.io_loop.call_later(spec["warmup"], start)
     app.io_loop.call_later(spec["warmup"] + spec["seconds"], stop)
     app.start()
+
+
+def time_callbacks(marks: dict[str, Any]) -> dict[str, Any]:
+    """Time every callback the event loop runs (coroutine steps, timers, I/O handlers) while
+    `marks["measuring"]`: the longest in wall time, and the most CPU time of the loop's thread
+    one callback took, with its name. A callback's CPU time is what it holds the loop for by its
+    own work; its wall time adds the time its thread waited (for the CPU, which the machine's
+    other processes share, or for the GIL, which this process's worker threads share)."""
+    longest: dict[str, Any] = {"cpu": 0.0, "wall": 0.0, "name": "", "step_cpu": 0.0}
+    longest["step_wall"] = 0.0
+    longest["steps"] = []
+    run = asyncio.events.Handle._run
+
+    def timed(handle: asyncio.events.Handle) -> None:
+        if not marks["measuring"]:
+            return run(handle)
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return run(handle)
+        finally:
+            cpu = time.thread_time() - cpu
+            wall = time.perf_counter() - wall
+            longest["wall"] = max(longest["wall"], wall)
+            if cpu > longest["cpu"]:
+                longest["cpu"] = cpu
+                longest["name"] = _callback_name(handle)
+            if _callback_name(handle) == SAMPLING_STEP:
+                longest["step_cpu"] = max(longest["step_cpu"], cpu)
+                longest["steps"].append(cpu)
+                longest["step_wall"] = max(longest["step_wall"], wall)
+
+    asyncio.events.Handle._run = timed  # type: ignore[method-assign]
+    return longest
+
+
+def time_collections(marks: dict[str, Any]) -> dict[str, Any]:
+    """The longest pause of Python's cyclic garbage collector while `marks["measuring"]` (it
+    runs inside whatever callback allocated last, on any thread, and holds the GIL)."""
+    out: dict[str, Any] = {"longest": 0.0, "count": 0, "started": 0.0}
+
+    def callback(phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            out["started"] = time.perf_counter()
+        elif marks["measuring"]:
+            out["longest"] = max(out["longest"], time.perf_counter() - out["started"])
+            out["count"] += 1
+
+    gc.callbacks.append(callback)
+    return out
+
+
+def _callback_name(handle: asyncio.events.Handle) -> str:
+    callback = getattr(handle, "_callback", None)
+    owner = getattr(callback, "__self__", None)
+    if isinstance(owner, asyncio.Task):  # a coroutine's step: name the coroutine
+        coro = owner.get_coro()
+        return getattr(coro, "__qualname__", repr(coro))
+    return getattr(callback, "__qualname__", repr(callback))[:120]
 
 
 def fill_history(monitor: Any, uuids: list[str], interval: float) -> None:
@@ -321,6 +409,8 @@ def table(rows: list[Row], seconds: float) -> str:
     head = (
         f"{'GPUs':>5}{'interval s':>12}{'history':>9}{'ticks':>7}{'tick CPU ms':>13}"
         f"{'cycle CPU ms':>14}{'process % core':>16}{'sampling % core':>17}{'loop lag ms':>13}"
+        f"{'lag p99 ms':>12}{'callback CPU ms':>17}{'callback wall ms':>18}{'step CPU ms':>13}"
+        f"{'step wall ms':>14}{'GC pause ms':>13}  longest callback"
     )
     lines = [
         f"extension sampling overhead: {seconds:g} s of wall time per row, one process each",
@@ -335,32 +425,42 @@ def table(rows: list[Row], seconds: float) -> str:
         lines.append(
             f"{m.gpus:>5}{interval:>12}{m.history:>9}{m.ticks:>7}{_ms(r.tick_cpu_ms):>13}"
             f"{_ms(r.cycle_cpu_ms if m.interval_s else None):>14}{m.core_pct:>16.3f}{net:>17}"
-            f"{m.max_loop_lag_ms:>13.1f}"
+            f"{m.max_loop_lag_ms:>13.1f}{m.p99_loop_lag_ms:>12.1f}{m.max_callback_cpu_ms:>17.2f}"
+            f"{m.max_callback_wall_ms:>18.2f}{m.max_step_cpu_ms:>13.2f}{m.max_step_wall_ms:>14.2f}"
+            f"{m.max_gc_pause_ms:>13.2f}  {m.max_callback}"
         )
     processes = rows[-1].measurement.processes_on_machine
     lines.append(f"(processes on the machine, walked by each /proc scan: about {processes})")
     return "\n".join(lines)
 
 
+def _loop(m: Measurement) -> str:
+    return (
+        f"{m.max_loop_lag_ms:.1f} / {m.p99_loop_lag_ms:.1f} ms "
+        f"| {m.max_callback_cpu_ms:.2f} / {m.max_callback_wall_ms:.1f} ms "
+        f"| {m.median_step_cpu_ms:.2f}, {m.max_step_cpu_ms:.2f} / {m.max_step_wall_ms:.2f} ms"
+    )
+
+
 def markdown(rows: list[Row]) -> str:
     lines = [
         "| GPUs | sample interval | history | ticks | CPU per tick (worker) "
         "| CPU per cycle (process) | process, % of a core | sampling, % of a core "
-        "| longest event-loop delay |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| event-loop delay, max / p99 | longest callback, CPU / wall "
+        "| sampling step on the loop: CPU median, max / wall max |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         m = r.measurement
         if m.interval_s is None:
             lines.append(
                 f"| {m.gpus} | off (baseline) | {m.history} | {m.ticks} | - | - "
-                f"| {m.core_pct:.3f} | - | {m.max_loop_lag_ms:.1f} ms |"
+                f"| {m.core_pct:.3f} | - | {_loop(m)} |"
             )
             continue
         lines.append(
             f"| {m.gpus} | {m.interval_s:g} s | {m.history} | {m.ticks} | {_ms(r.tick_cpu_ms)} ms "
-            f"| {_ms(r.cycle_cpu_ms)} ms | {m.core_pct:.3f} | {r.net_pct:.3f} "
-            f"| {m.max_loop_lag_ms:.1f} ms |"
+            f"| {_ms(r.cycle_cpu_ms)} ms | {m.core_pct:.3f} | {r.net_pct:.3f} | {_loop(m)} |"
         )
     return "\n".join(lines)
 

@@ -26,13 +26,18 @@ fi
 bash scripts/build-labextension.sh
 
 # Kernel environments of the default catalogue (config/catalog.yaml, `local.python`).
+# Every kernel environment gets ipykernel, dill (notebook code in snapshots) and xxhash (fast
+# snapshot checksums; without it snapshots fall back to CRC-32).
 make_env() {
   local name=$1; shift
   local dir=.envs/$name
-  if [ -f "$dir/.installed" ]; then return 0; fi
+  if [ -f "$dir/.installed" ]; then
+    "$dir/bin/python" -c "import xxhash" 2>/dev/null || "$dir/bin/pip" install -q xxhash
+    return 0
+  fi
   "$PYTHON" -m venv "$dir"
   "$dir/bin/pip" install -q --upgrade pip
-  "$dir/bin/pip" install -q ipykernel dill "$@"
+  "$dir/bin/pip" install -q ipykernel dill xxhash "$@"
   touch "$dir/.installed"
 }
 # torch==2.13.0 is the CPU build; the same catalogue entry runs CUDA builds on GPU machines.

@@ -21,10 +21,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-FORMAT = 2
-#: manifest formats this code restores: 1 (one dill pickle per variable) and 2 (a pickle stream
-#: and a data file of large buffers per variable, with checksums)
-READABLE_FORMATS = (1, 2)
+FORMAT = 3
+#: manifest formats this code restores: 1 (one dill pickle per variable), 2 (a pickle stream
+#: and a data file of large buffers per variable, CRC-32 checksums) and 3 (the same, with the
+#: checksum algorithm named per variable: XXH3-128 or CRC-32)
+READABLE_FORMATS = (1, 2, 3)
 MANIFEST = "manifest.json"
 VARS_DIR = "vars"
 TMP_PREFIX = ".tmp-"
@@ -156,9 +157,11 @@ class SavedVariable:
     imported module, imported again on restore). `refs` names other variables it refers to
     (restored first); `devices` lists the GPU devices its tensors were on.
 
-    Format 2: `file` is a pickle stream of `file_bytes` bytes with CRC-32 `checksum` (8 hex
-    digits), written by `pickler` ("pickle": Python's C pickler, or "dill"); its large buffers
-    are in `data_file` (`data_bytes` bytes, one CRC-32 per 16 MiB chunk in `data_crcs`).
+    Formats 2 and 3: `file` is a pickle stream of `file_bytes` bytes with checksum `checksum`
+    (hex), written by `pickler` ("pickle": Python's C pickler, or "dill"); its large buffers are
+    in `data_file` (`data_bytes` bytes, one checksum per 16 MiB chunk, concatenated, in
+    `data_digests`). `hash_algorithm` names the checksums' algorithm: "xxh3_128" (32 hex digits)
+    or "crc32" (8; format 2 knew only CRC-32, and called `data_digests` `data_crcs`).
     `bytes` is both files together. `reused` names the earlier snapshot whose identical files
     were linked into this one instead of being written again (the files are this snapshot's
     own all the same: removing the earlier snapshot does not affect them)."""
@@ -176,8 +179,9 @@ class SavedVariable:
     checksum: str | None = None
     data_file: str | None = None
     data_bytes: int = 0
-    data_crcs: str = ""
+    data_digests: str = ""
     reused: str | None = None
+    hash_algorithm: str = "crc32"
 
 
 @dataclass(frozen=True)
@@ -234,7 +238,7 @@ def manifest_from_dict(data: Mapping[str, Any]) -> Manifest:
             SavedVariable(
                 **{
                     **(pickler if v.get("kind") == "pickle" else {}),
-                    **v,
+                    **_renamed(v),
                     "refs": tuple(v.get("refs", ())),
                     "devices": tuple(v.get("devices", ())),
                 }
@@ -261,6 +265,16 @@ def manifest_from_dict(data: Mapping[str, Any]) -> Manifest:
         duration_s=float(data.get("duration_s", 0.0)),
         format=int(data["format"]),
     )
+
+
+def _renamed(v: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved variable's fields under this version's names (format 2's `data_crcs` are the
+    CRC-32s now in `data_digests`)."""
+    out = dict(v)
+    if "data_crcs" in out:
+        out.setdefault("data_digests", out.pop("data_crcs"))
+        out.pop("data_crcs", None)
+    return out
 
 
 def manifest_from_json(text: str) -> Manifest:

@@ -1,5 +1,5 @@
 """The data file of one saved variable: large buffers written straight from memory, read back
-into preallocated memory, with a CRC-32 per chunk.
+into preallocated memory, with a checksum per chunk.
 
 A variable is saved as a pickle stream (`vars/NNNNN.pkl`) whose large buffers (numpy arrays,
 torch storages, Keras model files) are not in the stream but in a second file
@@ -8,12 +8,17 @@ the data file is those buffers one after the other. Writing hands the buffer's o
 the operating system (no copy in the process); reading allocates the final object's memory
 first and reads into it (`readinto`), so neither needs a second copy of the data.
 
-Every buffer is checked in chunks of `CHUNK` bytes: the CRC-32 of each chunk, in file order, is
-the data file's checksum (`crcs`, 8 hex digits per chunk). The CRCs are computed by a few worker
-threads while the main thread writes or reads the next chunk (zlib releases the GIL), so checking
-costs little time on top of the disk's.
+Every buffer is checked in chunks of `CHUNK` bytes: the checksum of each chunk, in file order,
+is the data file's checksum (`digests`, a fixed number of hex digits per chunk). The algorithm is
+XXH3-128 where the kernel's environment has `xxhash` (tens of GB/s on one core: checking costs
+little next to a copy of the same memory), else CRC-32 from the standard library's zlib (about
+2 GB/s); the manifest names it per variable (`hash_algorithm`), and files written before it
+existed are CRC-32. The checksums are computed by a few worker threads while the main thread
+writes or reads the next chunk (both libraries release the GIL), so checking costs little time
+on top of the disk's.
 
-Like `kernel_side.py` this module is loaded into kernels as source: standard library only.
+Like `kernel_side.py` this module is loaded into kernels as source: the standard library, and
+`xxhash` only when it is installed.
 """
 
 from __future__ import annotations
@@ -25,10 +30,17 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+try:
+    import xxhash as _xxhash
+except ImportError:  # a kernel environment without it: CRC-32
+    _xxhash = None
+
 MODULE = "_gpuhub_snapshot_io"
 CHUNK = 16 * 1024 * 1024
-INLINE = 256 * 1024  # chunks smaller than this are checked on the calling thread
-CRC_HEX = 8
+#: checksum algorithm -> hex digits per checksum
+WIDTHS = {"crc32": 8, "xxh3_128": 32}
+#: the algorithm of files written before the manifest named one
+LEGACY = "crc32"
 
 
 class Corrupt(Exception):
@@ -37,6 +49,69 @@ class Corrupt(Exception):
 
 class TooBig(Exception):
     """The variable would take more bytes than it may."""
+
+
+class Unverifiable(Exception):
+    """A file checked with an algorithm this kernel's environment cannot compute."""
+
+
+def algorithm() -> str:
+    """The checksum algorithm of the files this kernel writes."""
+    return "xxh3_128" if _xxhash is not None else "crc32"
+
+
+def available(name: str) -> bool:
+    return name == "crc32" or (name == "xxh3_128" and _xxhash is not None)
+
+
+def require(name: str) -> None:
+    """`Unverifiable` (saying what to install) unless files checked with `name` can be read."""
+    if available(name):
+        return
+    if name == "xxh3_128":
+        raise Unverifiable(
+            "its files were checked with XXH3 when saved and this kernel's environment does not "
+            "have the xxhash package to check them: install it (pip install xxhash) and restore "
+            "again (%gpuhub_restore)"
+        )
+    raise Unverifiable(f"unknown checksum algorithm {name!r}")
+
+
+def chunk_digest(name: str) -> Callable[[Any], str]:
+    """The function that gives a buffer's checksum (hex) under algorithm `name`."""
+    require(name)
+    if name == "xxh3_128":
+        return _xxhash.xxh3_128_hexdigest
+    return _crc_hex
+
+
+def _crc_hex(view: Any) -> str:
+    return f"{zlib.crc32(view):08x}"
+
+
+class Hasher:
+    """A running checksum of a stream written in pieces (the pickle stream)."""
+
+    def __init__(self, name: str) -> None:
+        require(name)
+        self.name = name
+        self._crc = 0
+        self._xxh = _xxhash.xxh3_128() if name == "xxh3_128" else None
+
+    def update(self, view: Any) -> None:
+        if self._xxh is not None:
+            self._xxh.update(view)
+        else:
+            self._crc = zlib.crc32(view, self._crc)
+
+    def hexdigest(self) -> str:
+        return self._xxh.hexdigest() if self._xxh is not None else f"{self._crc:08x}"
+
+
+def split_digests(digests: str, name: str) -> list[str]:
+    """A data file's per-chunk checksums as a list (the manifest stores them concatenated)."""
+    width = WIDTHS.get(name, 8)
+    return [digests[i : i + width] for i in range(0, len(digests), width)]
 
 
 class Budget:
@@ -52,18 +127,10 @@ class Budget:
             raise TooBig()
 
 
-def _crc(view: memoryview) -> int:
-    return zlib.crc32(view)
-
-
 def pool() -> concurrent.futures.ThreadPoolExecutor:
     """Worker threads for the checksums of one operation (shut down by the caller)."""
     workers = max(1, min(4, (os.cpu_count() or 1)))
-    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="gpuhub-crc")
-
-
-def crc_hex(crcs: list[int]) -> str:
-    return "".join(f"{c:08x}" for c in crcs)
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="gpuhub-checksum")
 
 
 def chunk_count(nbytes: int) -> int:
@@ -71,33 +138,75 @@ def chunk_count(nbytes: int) -> int:
 
 
 class _Checksums:
-    """CRC-32s of chunks in order, computed on worker threads or inline."""
+    """Checksums (hex) of chunks in order, computed on the worker threads in batches of about a
+    chunk's size (a thousand small tensors cost a few hand-offs, not a thousand), or inline
+    without workers."""
 
-    def __init__(self, workers: concurrent.futures.Executor | None) -> None:
+    def __init__(self, workers: concurrent.futures.Executor | None, name: str) -> None:
         self.workers = workers
-        self.parts: list[Any] = []  # int or Future
+        self.digest = chunk_digest(name)
+        self.parts: list[Any] = []  # a checksum (str), or a Future of a batch's checksums
+        self._batch: list[memoryview] = []
+        self._batch_bytes = 0
+
+    def _digests(self, views: list[memoryview]) -> list[str]:
+        return [self.digest(v) for v in views]
+
+    def _flush(self) -> None:
+        if self._batch:
+            self.parts.append(self.workers.submit(self._digests, self._batch))
+            self._batch, self._batch_bytes = [], 0
 
     def add(self, view: memoryview) -> None:
-        if self.workers is None or view.nbytes < INLINE:
-            self.parts.append(_crc(view))
-        else:
-            self.parts.append(self.workers.submit(_crc, view))
+        """Checksum `view` (memory that stays as it is until `result`)."""
+        if self.workers is None:
+            self.parts.append(self.digest(view))
+            return
+        self._batch.append(view)
+        self._batch_bytes += view.nbytes
+        if self._batch_bytes >= CHUNK:
+            self._flush()
 
-    def result(self) -> list[int]:
-        return [p if isinstance(p, int) else p.result() for p in self.parts]
+    def add_now(self, view: memoryview) -> None:
+        """Checksum on this thread (the view is reused as soon as this returns)."""
+        if self.workers is not None:
+            self._flush()
+        self.parts.append(self.digest(view))
+
+    def result(self) -> list[str]:
+        if self.workers is not None:
+            self._flush()
+        out: list[str] = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+            else:
+                out.extend(part.result())
+        return out
+
+    def cancel(self) -> None:
+        self._batch = []
+        for part in self.parts:
+            if not isinstance(part, str):
+                part.cancel()
 
 
 class SegmentWriter:
     """The data file of one variable, opened on its first buffer."""
 
     def __init__(
-        self, path: str, budget: Budget, workers: concurrent.futures.Executor | None
+        self,
+        path: str,
+        budget: Budget,
+        workers: concurrent.futures.Executor | None,
+        name: str | None = None,
     ) -> None:
         self.path = path
         self.budget = budget
         self.offset = 0
+        self.algorithm = name or algorithm()
         self._file: Any = None
-        self._sums = _Checksums(workers)
+        self._sums = _Checksums(workers, self.algorithm)
 
     def add(self, view: memoryview) -> tuple[int, int]:
         """Write a 1-D byte view of some memory; (offset, nbytes) in the data file."""
@@ -124,7 +233,7 @@ class SegmentWriter:
         offset = self.offset
         for start in range(0, nbytes, CHUNK):
             chunk = fill(start, min(CHUNK, nbytes - start))
-            self._sums.parts.append(_crc(chunk))
+            self._sums.add_now(chunk)
             self._file.write(chunk)
         self.offset += nbytes
         return offset, nbytes
@@ -137,35 +246,35 @@ class SegmentWriter:
         self._file.flush()
         self._file.close()
         self._file = None
-        return self.offset, crc_hex(self._sums.result())
+        return self.offset, "".join(self._sums.result())
 
     def abort(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        for part in self._sums.parts:
-            if not isinstance(part, int):
-                part.cancel()
+        self._sums.cancel()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
 
 
 class SegmentReader:
     """Reads the buffers of one data file into memory the caller allocates, in file order,
-    checking every chunk against the checksums recorded when it was written."""
+    checking every chunk against the checksums recorded when it was written (`digests`, under
+    algorithm `name`; `Unverifiable` when this kernel cannot compute it)."""
 
     def __init__(
         self,
         path: str,
         nbytes: int,
-        crcs: str,
+        digests: str,
         workers: concurrent.futures.Executor | None,
+        name: str = LEGACY,
     ) -> None:
         self.path = path
         self.nbytes = nbytes
-        self.expected = [int(crcs[i : i + CRC_HEX], 16) for i in range(0, len(crcs), CRC_HEX)]
+        self.expected = split_digests(digests, name)
         self._file: Any = None
-        self._sums = _Checksums(workers)
+        self._sums = _Checksums(workers, name)
         self.position = 0
 
     def open(self) -> None:
@@ -211,7 +320,7 @@ class SegmentReader:
         for start in range(0, nbytes, CHUNK):
             chunk = staging(min(CHUNK, nbytes - start))
             self._read_fully(chunk)
-            self._sums.parts.append(_crc(chunk))
+            self._sums.add_now(chunk)
             deliver(start, chunk)
         self.position += nbytes
 
@@ -241,18 +350,16 @@ class SegmentReader:
         if self._file is not None:
             self._file.close()
             self._file = None
-        for part in self._sums.parts:
-            if not isinstance(part, int):
-                part.cancel()
+        self._sums.cancel()
 
 
 class ChecksumFile:
     """A binary file wrapper that counts and checksums what a pickler writes to it."""
 
-    def __init__(self, f: Any, budget: Budget | None) -> None:
+    def __init__(self, f: Any, budget: Budget | None, name: str | None = None) -> None:
         self.f = f
         self.budget = budget
-        self.crc = 0
+        self.hasher = Hasher(name or algorithm())
         self.written = 0
 
     def write(self, data: Any) -> int:
@@ -261,26 +368,17 @@ class ChecksumFile:
             view = view.cast("B")
         if self.budget is not None:
             self.budget.take(view.nbytes)
-        self.crc = zlib.crc32(view, self.crc)
+        self.hasher.update(view)
         self.written += view.nbytes
         return self.f.write(view) if self.f is not None else view.nbytes
 
-
-def file_crc(path: str) -> tuple[int, str]:
-    """(size, CRC-32 as 8 hex digits) of a whole file."""
-    crc = 0
-    size = 0
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(1024 * 1024)
-        view = memoryview(buf)
-        while n := f.readinto(view):
-            crc = zlib.crc32(view[:n], crc)
-            size += n
-    return size, f"{crc:08x}"
+    def hexdigest(self) -> str:
+        return self.hasher.hexdigest()
 
 
-def read_checked(path: str, nbytes: int, crc: str) -> bytes:
-    """A small file's bytes, `Corrupt` unless its size and CRC-32 are the recorded ones."""
+def read_checked(path: str, nbytes: int, digest: str, algorithm_name: str = LEGACY) -> bytes:
+    """A small file's bytes, `Corrupt` unless its size and checksum are the recorded ones."""
+    check = chunk_digest(algorithm_name)
     name = os.path.basename(path)
     try:
         with open(path, "rb") as f:
@@ -289,7 +387,7 @@ def read_checked(path: str, nbytes: int, crc: str) -> bytes:
         raise Corrupt(f"{name} is missing ({e.strerror})") from None
     if len(data) != nbytes:
         raise Corrupt(f"{name} is truncated or damaged: {len(data)} bytes instead of {nbytes}")
-    if f"{zlib.crc32(data):08x}" != crc:
+    if check(data) != digest:
         raise Corrupt(f"{name} is damaged: checksum mismatch")
     return data
 

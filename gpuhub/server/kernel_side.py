@@ -12,11 +12,12 @@ the rest: with Python's C pickler (protocol 5), or with dill when the value hold
 classes defined in the notebook (saved by value) or anything else only dill can save. The
 buffers of numpy arrays and torch storages do not go through the pickle stream: they are written
 from their own memory to a data file and read back straight into the memory of the restored
-object (`kernel_io.py`), with a checksum per chunk. A variable unchanged since the previous
-snapshot of the same notebook is compared by checksum, not written again: its files are linked
-into the new snapshot. Identity across variables is kept: a variable that refers to another saved
-variable (an instance of a class defined in the notebook, an optimizer holding a model's
-parameters) stores a reference to it, and restore brings the referenced variable back first.
+object (`kernel_io.py`), with a checksum per chunk (XXH3-128 where the kernel has `xxhash`, else
+CRC-32). A variable unchanged since the previous snapshot of the same notebook is compared by
+checksum, not written again: its files are linked into the new snapshot. Identity across
+variables is kept: a variable that refers to another saved variable (an instance of a class
+defined in the notebook, an optimizer holding a model's parameters) stores a reference to it,
+and restore brings the referenced variable back first.
 torch tensors on a GPU are copied to the host a chunk at a time to be saved and go back to a GPU
 on restore when the new kernel has one, else they stay on the CPU (and the report says so). Keras
 models are saved in Keras' own format (weights, optimizer state, compile configuration).
@@ -36,7 +37,6 @@ import tempfile
 import time
 import types
 import weakref
-import zlib
 from typing import Any
 
 CORE_MODULE = "_gpuhub_snapshot_core"
@@ -385,39 +385,80 @@ def _memory(address: int, nbytes: int, readonly: bool = False) -> memoryview:
 
 
 class _DrySegments:
-    """Stands in for the data file while comparing a variable with its previous copy: checks
-    each chunk's CRC against the recorded one and stops at the first difference."""
+    """Stands in for the data file while comparing a variable with its previous copy: the
+    checksum of each chunk, on the worker threads in batches of about a chunk's size (a dict of
+    a thousand small tensors costs a few hand-offs, not a thousand), compared with the recorded
+    ones in order as they come in and at `finish`."""
 
-    def __init__(self, expected: list[int], workers: Any) -> None:
+    def __init__(self, expected: list[str], workers: Any, algorithm: str) -> None:
         self.expected = expected
         self.workers = workers
+        self.digest = _io().chunk_digest(algorithm)
         self.offset = 0
-        self.crcs: list[int] = []
+        self.digests: list[str] = []
+        self._pending: list[Any] = []  # futures of batches not compared yet, in order
+        self._batch: list[memoryview] = []
+        self._batch_bytes = 0
 
-    def _check(self, crcs: list[int]) -> None:
-        start = len(self.crcs)
-        if crcs != self.expected[start : start + len(crcs)]:
+    def _check(self, digest: str) -> None:
+        i = len(self.digests)
+        if i >= len(self.expected) or digest != self.expected[i]:
             raise _Changed()
-        self.crcs.extend(crcs)
+        self.digests.append(digest)
+
+    def _digests(self, views: list[memoryview]) -> list[str]:
+        return [self.digest(v) for v in views]
+
+    def _flush(self) -> None:
+        if self._batch:
+            self._pending.append(self.workers.submit(self._digests, self._batch))
+            self._batch, self._batch_bytes = [], 0
+
+    def _settle(self, keep: int) -> None:
+        """Compare the pending batches' checksums, waiting for all but the last `keep`."""
+        while len(self._pending) > keep or (self._pending and self._pending[0].done()):
+            for digest in self._pending.pop(0).result():
+                self._check(digest)
 
     def add(self, view: memoryview) -> tuple[int, int]:
         io_ = _io()
-        chunks = [view[i : i + io_.CHUNK] for i in range(0, view.nbytes, io_.CHUNK)]
-        if self.workers is not None and len(chunks) > 1:
-            self._check(list(self.workers.map(zlib.crc32, chunks)))
-        else:
-            self._check([zlib.crc32(c) for c in chunks])
+        for i in range(0, view.nbytes, io_.CHUNK):
+            chunk = view[i : i + io_.CHUNK]
+            if self.workers is None:
+                self._check(self.digest(chunk))
+                continue
+            self._batch.append(chunk)
+            self._batch_bytes += chunk.nbytes
+            if self._batch_bytes >= io_.CHUNK:
+                self._flush()
+                self._settle(8)
         offset = self.offset
         self.offset += view.nbytes
         return offset, view.nbytes
 
     def add_chunks(self, nbytes: int, fill: Any) -> tuple[int, int]:
+        """A device's memory through a staging buffer reused at the next `fill`: checked here,
+        in order after everything before it."""
         io_ = _io()
+        if self.workers is not None:
+            self._flush()
+            self._settle(0)
         for start in range(0, nbytes, io_.CHUNK):
-            self._check([zlib.crc32(fill(start, min(io_.CHUNK, nbytes - start)))])
+            self._check(self.digest(fill(start, min(io_.CHUNK, nbytes - start))))
         offset = self.offset
         self.offset += nbytes
         return offset, nbytes
+
+    def finish(self) -> None:
+        """Wait for every chunk's checksum; `_Changed` at the first difference."""
+        try:
+            if self.workers is not None:
+                self._flush()
+            self._settle(0)
+        finally:
+            for future in self._pending:
+                future.cancel()
+            self._pending = []
 
 
 class _SaveMixin:
@@ -860,11 +901,12 @@ def _save_one(
         if pickler_class is None:
             raise RuntimeError("it needs dill, which is not installed in this kernel's environment")
         budget = io_.Budget(left)
-        data = io_.SegmentWriter(os.path.join(vars_dir, data_name), budget, workers)
+        algorithm = io_.algorithm()
+        data = io_.SegmentWriter(os.path.join(vars_dir, data_name), budget, workers, algorithm)
         path = os.path.join(vars_dir, stream)
         try:
             with open(path, "wb", buffering=1024 * 1024) as f:
-                out = io_.ChecksumFile(f, budget)
+                out = io_.ChecksumFile(f, budget, algorithm)
                 pickler = _dump(pickler_class, out, name, value, refs, data)
             data_written = data.close()
         except (_Unsaveable, io_.TooBig):
@@ -877,7 +919,7 @@ def _save_one(
             if kind == "pickle" and not isinstance(e, (KeyboardInterrupt, SystemExit)):
                 continue  # dill next
             raise
-        data_bytes, crcs = data_written or (0, "")
+        data_bytes, digests = data_written or (0, "")
         return core.SavedVariable(
             name,
             _type_name(value),
@@ -888,10 +930,11 @@ def _save_one(
             devices=tuple(sorted(pickler.devices)),
             pickler=kind,
             file_bytes=out.written,
-            checksum=f"{out.crc:08x}",
+            checksum=out.hexdigest(),
             data_file=f"{core.VARS_DIR}/{data_name}" if data_written else None,
             data_bytes=data_bytes,
-            data_crcs=crcs,
+            data_digests=digests,
+            hash_algorithm=algorithm,
         )
     raise AssertionError("unreachable")
 
@@ -911,13 +954,17 @@ def _reuse(
     """The previous snapshot's files for `name` linked into this one, under this snapshot's own
     names for variable `index` (never a name another variable of this snapshot writes to), when
     the variable is the same as then (same pickle stream, same bytes in every buffer, compared by
-    CRC-32 chunk by chunk without writing anything); None when it changed or cannot be
-    compared. A file written later is always a new file (`open` truncates a name, and no name
-    here is a link to an earlier snapshot's file but these), so the earlier snapshot's files are
-    never written to."""
+    checksum chunk by chunk without writing anything); None when it changed or cannot be
+    compared (among others: its files were checked with another algorithm than this kernel
+    writes, so it is written once again with this one). A file written later is always a new
+    file (`open` truncates a name, and no name here is a link to an earlier snapshot's file but
+    these), so the earlier snapshot's files are never written to."""
     io_ = _io()
     pickler_class = picklers[0] if old.pickler == "pickle" else picklers[1]
     if pickler_class is None or old.bytes < REUSE_MIN_BYTES:
+        return None
+    algorithm = io_.algorithm()
+    if old.hash_algorithm != algorithm:
         return None
     keydir = os.path.dirname(tmp)
     sources = [os.path.join(keydir, previous, f) for f in (old.file, old.data_file) if f]
@@ -927,19 +974,22 @@ def _reuse(
         return None
     if sizes != [old.file_bytes] + ([old.data_bytes] if old.data_file else []):
         return None
-    expected = [int(old.data_crcs[i : i + 8], 16) for i in range(0, len(old.data_crcs), 8)]
-    dry = _DrySegments(expected, workers)
-    out = io_.ChecksumFile(None, None)
+    expected = io_.split_digests(old.data_digests, algorithm)
+    dry = _DrySegments(expected, workers, algorithm)
+    out = io_.ChecksumFile(None, None, algorithm)
     try:
-        pickler = _dump(pickler_class, out, name, value, refs, dry)
+        try:
+            pickler = _dump(pickler_class, out, name, value, refs, dry)
+        finally:
+            dry.finish()  # no checksum still running over the variable's memory after this
     except _Unsaveable:
         raise
     except Exception:  # changed, or not comparable this way: written in full
         return None
     if (
-        f"{out.crc:08x}" != old.checksum
+        out.hexdigest() != old.checksum
         or out.written != old.file_bytes
-        or dry.crcs != expected
+        or dry.digests != expected
         or dry.offset != old.data_bytes
     ):
         return None
@@ -1073,11 +1123,17 @@ def _load_one(
     if fmt < 2:
         with open(os.path.join(folder, v.file), "rb") as f:
             return unpickler_class(io.BufferedReader(f), ns, done, None).load()
-    stream = io_.read_checked(os.path.join(folder, v.file), v.file_bytes, v.checksum or "")
+    stream = io_.read_checked(
+        os.path.join(folder, v.file), v.file_bytes, v.checksum or "", v.hash_algorithm
+    )
     reader = None
     if v.data_file:
         reader = io_.SegmentReader(
-            os.path.join(folder, v.data_file), v.data_bytes, v.data_crcs, workers
+            os.path.join(folder, v.data_file),
+            v.data_bytes,
+            v.data_digests,
+            workers,
+            v.hash_algorithm,
         )
         reader.open()
     try:
@@ -1148,6 +1204,9 @@ def restore(name: str | None = None, root: str | None = None, key: str | None = 
                     value = _load_one(folder, v, manifest.format, unpicklers, ns, done, workers)
             except _io().Corrupt as e:
                 failed.append((v.name, f"damaged snapshot file: {e}"))
+                continue
+            except _io().Unverifiable as e:
+                failed.append((v.name, f"not checked: {e}"))
                 continue
             except Exception as e:
                 reason = str(e) if isinstance(e, LookupError) and str(e).startswith("it ") else None

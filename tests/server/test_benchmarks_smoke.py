@@ -94,6 +94,13 @@ def test_extension_overhead_with_simulated_gpus():
         assert r["ticks"] >= 1
         assert r["cpu_s"] > 0 and r["tick_cpu_s"] > 0 and r["wall_s"] > 0
         assert r["processes_on_machine"] > 0
+    for r in (baseline, fresh, full):  # the event loop's stalls, measured in every row
+        assert 0 <= r["p99_loop_lag_ms"] <= r["max_loop_lag_ms"]
+        assert r["max_callback_cpu_ms"] > 0 and r["max_callback_wall_ms"] > 0
+        assert r["max_callback"]
+        assert r["max_gc_pause_ms"] >= 0 and r["gc_collections"] >= 0
+    assert baseline["max_step_cpu_ms"] == 0  # no sampling step ran
+    assert all(r["max_step_cpu_ms"] > 0 and r["max_step_wall_ms"] > 0 for r in (fresh, full))
 
     bench = load("extension_overhead")
     rows = [

@@ -119,8 +119,9 @@ def test_damaged_and_truncated_files_are_left_out_and_the_rest_restored(
     by_name = {v["name"]: v for v in saved["manifest"]["saved"]}
     for name in ("intact", "flipped", "cut", "stream"):
         v = by_name[name]
-        assert len(v["checksum"]) == 8 and v["file_bytes"] > 0, v
-    assert len(by_name["intact"]["data_crcs"]) == 8  # one 16 MiB chunk
+        assert len(v["checksum"]) == 32 and v["file_bytes"] > 0, v  # XXH3-128
+        assert v["hash_algorithm"] == "xxh3_128", v
+    assert len(by_name["intact"]["data_digests"]) == 32  # one 16 MiB chunk
     # one bit flipped in an array's data, a tensor's data file cut short, a byte of a pickle
     # stream changed
     path = folder / by_name["flipped"]["data_file"]
@@ -176,7 +177,7 @@ def test_unchanged_variables_are_linked_not_written_again(jupyter_server, scenar
     assert new["big"]["reused"] == first["snapshot"]
     assert (
         new["weights"]["reused"] is None
-        and new["weights"]["data_crcs"] != old["weights"]["data_crcs"]
+        and new["weights"]["data_digests"] != old["weights"]["data_digests"]
     )
     assert new["small"]["reused"] is None
     a = Path(first["path"]) / old["big"]["data_file"]
