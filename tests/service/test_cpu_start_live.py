@@ -116,6 +116,13 @@ def test_start_on_cpu_wait_not_now_and_switch(one_gpu_hub, browser, screenshot_p
     row = page.locator("#gpuhub-servers tr[data-server='']")
     assert "1st in line of 1" in row.inner_text()
     assert row.get_by_role("button", name="Leave the queue").count() == 1
+    # ... and JupyterLab's status bar
+    lab = page.context.new_page()
+    lab.goto(f"{sh.hub.url}/user/{NAME}/lab")
+    status = lab.locator("[data-gpuhub=status]")
+    status.wait_for(timeout=120_000)
+    wait_for(lambda: "1st in the queue" in status.inner_text(), 60, what="the place in Lab")
+    assert status.inner_text().startswith("no GPU")
 
     # the GPU frees up: the service offers the turn first, and keeps the GPU for the user
     sh.hub.stop_server(HOLDER)
@@ -126,6 +133,18 @@ def test_start_on_cpu_wait_not_now_and_switch(one_gpu_hub, browser, screenshot_p
     assert sh.store.queue_entry(NAME, "").offered_at is not None
     text = wait_for(lambda: sh.read_file(NAME, "GPUHUB-NOTICE.md"), 60, what="the notice file")
     assert "turn for a GPU has come" in text
+    # JupyterLab says so in its status bar and a notification with "Switch now" / "Not now"
+    # (the test's notice is 2 s: the bar may already say it is switching)
+    turn_words = ("your GPU turn", "switching to the GPU")
+    wait_for(
+        lambda: any(w in status.inner_text() for w in turn_words),
+        60,
+        what="the turn in Lab's status bar",
+    )
+    toast = lab.get_by_text("Your turn for a GPU has come")
+    toast.first.wait_for(timeout=30_000)
+    assert lab.get_by_role("button", name="Not now").count() >= 1
+    lab.close()
     page.reload()
     row = page.locator("#gpuhub-servers tr[data-server='']")
     assert "Your turn for a GPU has come" in row.inner_text()
