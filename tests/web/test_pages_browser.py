@@ -79,6 +79,13 @@ def test_user_sees_gpu_and_snapshots_admin_releases_user_reads_why_and_gets_it_b
 
     wait_for(released, timeout=240, interval=1, what="the release")
 
+    # the admin's GPU-hours page ranks bea among this week's holders
+    grace.get_by_role("link", name="GPU-hours", exact=True).click()
+    grace.wait_for_url("**/services/gpuhub/admin/gpu-hours")
+    assert grace.locator("#gpuhub-hoarders tbody tr", has_text=name).count() == 1
+    assert grace.locator("#gpuhub-gpu-hours-csv").count() == 1
+    grace.screenshot(path=screenshot_path("pages-gpu-hours.png"), full_page=True)
+
     # bea reads why, sees the snapshot taken for the release, and asks for the GPU back
     bea.reload()
     history = bea.locator("#gpuhub-history").inner_text()
