@@ -33,6 +33,10 @@ RUN_MARKER = "GPUHUB_TEST_RUN"
 TEST_PORT_RANGE = (20000, 32000)
 
 
+#: Options of every single-user server a test hub starts (GPUHUB_DEMO_SERVER_ARGS).
+TEST_SERVER_ARGS = "--GpuhubExtension.sample_interval=1 --GpuhubExtension.report_retry_max=2"
+
+
 def free_port_block(size: int = 100) -> int:
     """A base port such that base, base+1, base+81 and base+82 are free (the demo's port layout:
     proxy, proxy API, hub, gpuhub service)."""
@@ -115,6 +119,10 @@ class Hub:
                 "GPUHUB_KEEP_SERVERS": "1",
                 # The gpuhub service would act on the test's servers: tests that want it say so.
                 "GPUHUB_DEMO_SERVICE": "off",
+                # Test servers read their GPUs every second (not every 5 s) and, while the
+                # service is not there yet (tests start it after the servers), try again every
+                # 2 s at most (not every 60 s), so states and reports arrive without long waits.
+                "GPUHUB_DEMO_SERVER_ARGS": TEST_SERVER_ARGS,
                 RUN_MARKER: self.marker,
                 "PYTHONUNBUFFERED": "1",
             }
