@@ -221,13 +221,21 @@ class Hub:
         raise TimeoutError(f"{name}/{server} did not stop")
 
     def stop_all_servers(self) -> None:
+        """Stop every running server, all at once (each stop is waited for)."""
         r = self.request("GET", "/users", params={"state": "active"})
         if not r.ok:
             return
-        for user in r.json():
-            for server in list(user.get("servers", {})):
-                with contextlib.suppress(Exception):  # best effort: kill_marked ends the rest
-                    self.stop_server(user["name"], server)
+        servers = [
+            (user["name"], server) for user in r.json() for server in user.get("servers", {})
+        ]
+
+        def stop(key: tuple[str, str]) -> None:
+            with contextlib.suppress(Exception):  # best effort: kill_marked ends the rest
+                self.stop_server(*key)
+
+        if servers:
+            with concurrent.futures.ThreadPoolExecutor(min(8, len(servers))) as pool:
+                list(pool.map(stop, servers))
 
     def login(self, name: str, password: str | None = None) -> requests.Session:
         """A browser-like session logged in as `name` (groups come from the name's prefix)."""
