@@ -25,8 +25,13 @@ install-python: install-system
 demo: install
 	$(VENV)/bin/gpuhub demo
 
+# Test workers (pytest-xdist): most slow tests wait on hubs, servers and kernels, so two run side
+# by side even on two cores; a test file stays on one worker (its hub is shared by its tests).
+# TEST_WORKERS=0 runs every test in one process.
+TEST_WORKERS ?= 2
+
 test: install
-	$(VENV)/bin/pytest -p no:cacheprovider $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The fast layers only (no real hub, no browser).
 test-fast: install-python

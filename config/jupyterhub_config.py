@@ -15,7 +15,10 @@
 #   GPUHUB_KEEP_SERVERS      1: servers keep running when the hub stops (default 0)
 #   GPUHUB_DEMO_ALLOWED_REGISTRIES  registries the admin pages may take environment images from
 #                            (comma-separated; default none)
+#   GPUHUB_DEMO_SERVER_ARGS  extra command-line options of every single-user server, split like a
+#                            shell does (e.g. "--GpuhubExtension.sample_interval=1"; default none)
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -105,8 +108,10 @@ with open(quotas_file) as f:
     c.GPUSpawnerMixin.quotas = yaml.safe_load(f) or {}
 c.LocalGPUSpawner.kernelspec_dir = str(state / "kernels")
 c.Spawner.cmd = [str(Path(sys.executable).with_name("jupyterhub-singleuser"))]
-if os.getuid() == 0:
-    c.Spawner.args = ["--allow-root"]
+c.Spawner.args = [
+    *(["--allow-root"] if os.getuid() == 0 else []),
+    *shlex.split(env.get("GPUHUB_DEMO_SERVER_ARGS", "")),
+]
 c.Spawner.start_timeout = 180
 c.Spawner.http_timeout = 180
 # Marks every process of a test run, so the tests can end all of them.

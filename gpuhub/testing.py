@@ -34,6 +34,10 @@ RUN_MARKER = "GPUHUB_TEST_RUN"
 TEST_PORT_RANGE = (20000, 32000)
 
 
+#: Options of every single-user server a test hub starts (GPUHUB_DEMO_SERVER_ARGS).
+TEST_SERVER_ARGS = "--GpuhubExtension.sample_interval=1 --GpuhubExtension.report_retry_max=2"
+
+
 def free_port_block(size: int = 100) -> int:
     """A base port such that base, base+1, base+81 and base+82 are free (the demo's port layout:
     proxy, proxy API, hub, gpuhub service)."""
@@ -181,6 +185,10 @@ class Hub(ServerProcess):
                 "GPUHUB_KEEP_SERVERS": "1",
                 # The gpuhub service would act on the test's servers: tests that want it say so.
                 "GPUHUB_DEMO_SERVICE": "off",
+                # Test servers read their GPUs every second (not every 5 s) and, while the
+                # service is not there yet (tests start it after the servers), try again every
+                # 2 s at most (not every 60 s), so states and reports arrive without long waits.
+                "GPUHUB_DEMO_SERVER_ARGS": TEST_SERVER_ARGS,
                 RUN_MARKER: self.marker,
                 "PYTHONUNBUFFERED": "1",
             }
@@ -258,13 +266,21 @@ class Hub(ServerProcess):
         raise TimeoutError(f"{name}/{server} did not stop")
 
     def stop_all_servers(self) -> None:
+        """Stop every running server, all at once (each stop is waited for)."""
         r = self.request("GET", "/users", params={"state": "active"})
         if not r.ok:
             return
-        for user in r.json():
-            for server in list(user.get("servers", {})):
-                with contextlib.suppress(Exception):  # best effort: kill_marked ends the rest
-                    self.stop_server(user["name"], server)
+        servers = [
+            (user["name"], server) for user in r.json() for server in user.get("servers", {})
+        ]
+
+        def stop(key: tuple[str, str]) -> None:
+            with contextlib.suppress(Exception):  # best effort: kill_marked ends the rest
+                self.stop_server(*key)
+
+        if servers:
+            with concurrent.futures.ThreadPoolExecutor(min(8, len(servers))) as pool:
+                list(pool.map(stop, servers))
 
     def login(self, name: str, password: str | None = None) -> requests.Session:
         """A browser-like session logged in as `name` (groups come from the name's prefix)."""

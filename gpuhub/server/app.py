@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
+import sys
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -26,6 +29,17 @@ from .reporter import Reporter
 from .snapshots import KERNEL_ACTIONS, SnapshotManager, SnapshotSettings
 
 ACTIVITY_KEY = "gpuhub"
+
+
+def stop_on_interrupt(serverapp: Any) -> bool:
+    """Have SIGINT stop `serverapp` cleanly, as SIGTERM does, unless it has a terminal (where
+    Jupyter Server asks first). True when the handler was installed."""
+    if sys.stdin is not None and sys.stdin.isatty():
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(signal.SIGINT, serverapp._signal_stop)
+    return True
 
 
 class GpuhubExtension(ExtensionApp):
@@ -167,6 +181,23 @@ class GpuhubExtension(ExtensionApp):
         change that matters for a release (a kernel starts executing) is reported at once.""",
     )
 
+    report_retry_max = Float(
+        60.0,
+        config=True,
+        help="""Seconds between two attempts at most while reports to the gpuhub service fail
+        (the wait doubles from 1 s up to this; a change that matters is reported at once).""",
+    )
+
+    stop_on_interrupt = Bool(
+        True,
+        config=True,
+        help="""On SIGINT (how JupyterHub's local spawner stops a server), stop as on SIGTERM:
+        kernels shut down and extensions stopped, then the process exits. Without it a server
+        run by `jupyterhub-singleuser` leaves its event loop at once, and its process lingers
+        until it is killed (60 s later with JupyterHub's defaults). A server with a terminal
+        keeps Jupyter Server's own handling (it asks for confirmation).""",
+    )
+
     code_server_defaults = Bool(
         True,
         config=True,
@@ -224,6 +255,8 @@ class GpuhubExtension(ExtensionApp):
         self.handlers.extend(handlers())
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        if self.stop_on_interrupt:
+            stop_on_interrupt(serverapp)
         if self.code_server_defaults:
             self._code_server_defaults()
         serverapp.event_logger.add_listener(
@@ -240,6 +273,7 @@ class GpuhubExtension(ExtensionApp):
                 snapshots=self.snapshots,
                 contents_manager=serverapp.contents_manager,
                 hold=self.report_hold,
+                retry_max=self.report_retry_max,
             )
             self._reporter_task = asyncio.create_task(self.reporter.run_forever())
             self.log.info("gpuhub: reporting to the gpuhub service at %s", self.service_url)

@@ -20,7 +20,7 @@ def test_demo_hub_and_service_share_a_postgresql_store(tmp_path, run_marker, pos
         env_overrides={
             "GPUHUB_STORE_URL": url,
             "GPUHUB_DEMO_SERVICE": "managed",
-            "GPUHUB_DEMO_GPU_IDLE_TIMEOUT": "600",
+            "GPUHUB_DEMO_GPU_IDLE_TIMEOUT": "60",  # a cycle every 15 s
         },
     ).start()
     try:

@@ -152,6 +152,20 @@ class ServiceHub:
 
         wait_for(reported, timeout=60, interval=0.2, what=f"{name}/{server} to report")
 
+    def wait_idle_reported(self, service: GpuhubService, name: str, server: str = "") -> None:
+        """Wait until `service`'s latest report of the server shows no kernel executing (a cell
+        that just ran may be reported busy until the server's next reading)."""
+        from gpuhub.service.servers import RunningServer
+
+        def idle() -> bool:
+            model = self.model(name, server)
+            if model is None:
+                return False
+            report = service.report_of(RunningServer(name, server, frozenset(), model))
+            return report is not None and not report.kernels_executing
+
+        wait_for(idle, timeout=60, interval=0.2, what=f"{name}/{server}'s kernels idle, reported")
+
     # -- servers ---------------------------------------------------------------------------------
 
     def start(self, name: str, gpus: int = 1, server: str = "", **options: Any) -> dict[str, Any]:

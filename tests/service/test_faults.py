@@ -142,6 +142,7 @@ def test_failing_snapshot_releases_nothing_then_retries(service_hub):
     assert row.status == "snapshot-failed" and "Not a directory" in row.error
     assert metric(service, "gpuhub_snapshot_failures_total") == 1
     assert sh.run("snap-sam", kernel, "print(table['rows'])").strip().endswith("3")
+    sh.wait_idle_reported(service, "snap-sam")  # that cell is no work in progress
 
     # backing off: the next cycle only says so, once
     actions = cycle(service)

@@ -96,15 +96,15 @@ def test_idle_gpu_released_busy_kept_variables_back(service_hub):
 
     # the user asks for the GPU back: same options, a GPU again, variables still there
     sh.run("idle-ada", kernel, "epoch = 8")
-    cycle_task = service.executor
+    executor = service.executor
 
     async def gpu_again():
-        await cycle_task.gpu_again("idle-ada", "", actor="idle-ada")
-        await cycle_task.wait()
+        await executor.gpu_again("idle-ada", "", actor="idle-ada")
+        await executor.wait()
 
-    import asyncio
-
-    asyncio.run(gpu_again())
+    # in the service's own event loop, where the servers' reports (and so the snapshot's and the
+    # notice's results) arrive
+    sh.live.call(gpu_again)
     model = sh.model("idle-ada")
     assert model["user_options"]["gpus"] == 1 and len(model["state"]["gpus"]) == 1
     assert sh.leases("idle-ada") == model["state"]["gpus"]
