@@ -25,6 +25,7 @@ models are saved in Keras' own format (weights, optimizer state, compile configu
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import importlib
 import io
@@ -386,9 +387,15 @@ def _memory(address: int, nbytes: int, readonly: bool = False) -> memoryview:
 
 class _DrySegments:
     """Stands in for the data file while comparing a variable with its previous copy: the
-    checksum of each chunk, on the worker threads in batches of about a chunk's size (a dict of
-    a thousand small tensors costs a few hand-offs, not a thousand), compared with the recorded
-    ones in order as they come in and at `finish`."""
+    checksum of each chunk, compared with the recorded ones in order. The chunks are collected
+    while the variable is pickled and checksummed once the pickler is done, on the worker threads
+    in `BATCHES` batches of about equal size: Python's pickler holding the interpreter lock while
+    the workers hash makes both wait for it at every chunk (a dict of a thousand tensors compared
+    about a third slower that way, on two cores). A batch that differs cancels the batches not
+    started, and `finish` returns only when no checksum runs over the variable's memory."""
+
+    #: batches of chunks handed to the worker threads per variable (a few per worker)
+    BATCHES = 8
 
     def __init__(self, expected: list[str], workers: Any, algorithm: str) -> None:
         self.expected = expected
@@ -397,8 +404,8 @@ class _DrySegments:
         self.offset = 0
         self.digests: list[str] = []
         self._pending: list[Any] = []  # futures of batches not compared yet, in order
-        self._batch: list[memoryview] = []
-        self._batch_bytes = 0
+        self._chunks: list[memoryview] = []  # collected, not handed to the workers yet
+        self._chunk_bytes = 0
 
     def _check(self, digest: str) -> None:
         i = len(self.digests)
@@ -409,16 +416,35 @@ class _DrySegments:
     def _digests(self, views: list[memoryview]) -> list[str]:
         return [self.digest(v) for v in views]
 
-    def _flush(self) -> None:
-        if self._batch:
-            self._pending.append(self.workers.submit(self._digests, self._batch))
-            self._batch, self._batch_bytes = [], 0
+    def _submit(self) -> None:
+        """The collected chunks to the workers, in file order, in batches of about equal size."""
+        chunks, total = self._chunks, self._chunk_bytes
+        self._chunks, self._chunk_bytes = [], 0
+        if not chunks:
+            return
+        target = max(1, -(-total // self.BATCHES))
+        batch: list[memoryview] = []
+        size = 0
+        for chunk in chunks:
+            batch.append(chunk)
+            size += chunk.nbytes
+            if size >= target:
+                self._pending.append(self.workers.submit(self._digests, batch))
+                batch, size = [], 0
+        if batch:
+            self._pending.append(self.workers.submit(self._digests, batch))
 
-    def _settle(self, keep: int) -> None:
-        """Compare the pending batches' checksums, waiting for all but the last `keep`."""
-        while len(self._pending) > keep or (self._pending and self._pending[0].done()):
-            for digest in self._pending.pop(0).result():
-                self._check(digest)
+    def _settle(self) -> None:
+        """Compare every batch's checksums in order; `_Changed` at the first difference."""
+        if self.workers is not None:
+            self._submit()
+        try:
+            while self._pending:
+                for digest in self._pending[0].result():
+                    self._check(digest)
+                self._pending.pop(0)
+        finally:
+            self.abort()
 
     def add(self, view: memoryview) -> tuple[int, int]:
         io_ = _io()
@@ -427,11 +453,8 @@ class _DrySegments:
             if self.workers is None:
                 self._check(self.digest(chunk))
                 continue
-            self._batch.append(chunk)
-            self._batch_bytes += chunk.nbytes
-            if self._batch_bytes >= io_.CHUNK:
-                self._flush()
-                self._settle(8)
+            self._chunks.append(chunk)
+            self._chunk_bytes += chunk.nbytes
         offset = self.offset
         self.offset += view.nbytes
         return offset, view.nbytes
@@ -440,9 +463,7 @@ class _DrySegments:
         """A device's memory through a staging buffer reused at the next `fill`: checked here,
         in order after everything before it."""
         io_ = _io()
-        if self.workers is not None:
-            self._flush()
-            self._settle(0)
+        self._settle()
         for start in range(0, nbytes, io_.CHUNK):
             self._check(self.digest(fill(start, min(io_.CHUNK, nbytes - start))))
         offset = self.offset
@@ -450,15 +471,17 @@ class _DrySegments:
         return offset, nbytes
 
     def finish(self) -> None:
-        """Wait for every chunk's checksum; `_Changed` at the first difference."""
-        try:
-            if self.workers is not None:
-                self._flush()
-            self._settle(0)
-        finally:
-            for future in self._pending:
-                future.cancel()
-            self._pending = []
+        """Checksum and compare every chunk; `_Changed` at the first difference."""
+        self._settle()
+
+    def abort(self) -> None:
+        """Drop what is not compared yet: batches not started are cancelled, running ones
+        waited for (none runs over the variable's memory once this returns)."""
+        self._chunks, self._chunk_bytes = [], 0
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.cancel()
+        concurrent.futures.wait(pending)
 
 
 class _SaveMixin:
@@ -980,8 +1003,10 @@ def _reuse(
     try:
         try:
             pickler = _dump(pickler_class, out, name, value, refs, dry)
-        finally:
-            dry.finish()  # no checksum still running over the variable's memory after this
+        except BaseException:
+            dry.abort()
+            raise
+        dry.finish()  # while the pickler, which keeps the buffers alive, still exists
     except _Unsaveable:
         raise
     except Exception:  # changed, or not comparable this way: written in full

@@ -103,37 +103,47 @@ def test_new_snapshots_are_checked_with_xxh3_and_damage_is_found(tmp_path):
 INCREMENTAL = r"""
 big = np.arange(5_000_000, dtype=np.float64)  # 40 MB, three chunks
 weights = torch.zeros(2_000_000)  # 8 MB
+# 300 small tensors each (12 MB): their chunks are compared in batches, in order
+many = {f"t{i:03d}": torch.zeros(10_000) for i in range(300)}
+same = {f"t{i:03d}": torch.ones(10_000) for i in range(300)}
 first = ks.snapshot()
 second = ks.snapshot()  # nothing changed
 big[-1] = -1.0  # one value in the last chunk, changed in place
 weights.view(torch.int32)[5] = 1  # one bit of a tensor, changed in place through a view
+many["t150"].view(torch.int32)[7] = 1  # one bit of one tensor in the middle of the dict
 third = ks.snapshot()
 e1, e2, e3 = entries(first), entries(second), entries(third)
 def inode(result, name):
     return os.stat(os.path.join(result["path"], entries(result)[name]["data_file"])).st_ino
-del big, weights
+del big, weights, many, same
 r = ks.restore()
 print(json.dumps({
-    "second_reused": {n: e2[n]["reused"] for n in ("big", "weights")},
+    "second_reused": {n: e2[n]["reused"] for n in ("big", "weights", "many", "same")},
     "first": first["name"],
     "same_file": inode(first, "big") == inode(second, "big"),
-    "third_reused": {n: e3[n]["reused"] for n in ("big", "weights")},
+    "third_reused": {n: e3[n]["reused"] for n in ("big", "weights", "many", "same")},
     "digests": [e1["big"]["data_digests"], e3["big"]["data_digests"]],
     **report(r),
     "big_last": float(big[-1]),
     "weights_bit": int(weights.view(torch.int32)[5]),
+    "many_bits": [int(t.view(torch.int32).sum()) for t in many.values()],
+    "same_sum": float(sum(t.sum() for t in same.values())),
 }))
 """
 
 
 def test_an_unchanged_variable_is_linked_and_a_changed_byte_is_seen(tmp_path):
     got = _run(INCREMENTAL, tmp_path)
-    assert got["second_reused"] == {"big": got["first"], "weights": got["first"]}
+    names = ("big", "weights", "many", "same")
+    assert got["second_reused"] == dict.fromkeys(names, got["first"])
     assert got["same_file"]  # linked, not written again
-    assert got["third_reused"] == {"big": None, "weights": None}  # written again
+    # the changed ones written again, the unchanged dict still linked
+    assert got["third_reused"] == {"big": None, "weights": None, "many": None, "same": got["first"]}
     old, new = got["digests"]
     assert old[:64] == new[:64] and old[64:] != new[64:]  # only the last chunk differs
     assert not got["failed"] and got["big_last"] == -1.0 and got["weights_bit"] == 1
+    assert got["many_bits"] == [0] * 150 + [1] + [0] * 149
+    assert got["same_sum"] == 3_000_000
 
 
 OLD_FORMAT = r"""
