@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
@@ -141,44 +141,50 @@ def segments(samples: Sequence[Sample], rule: IdleRule, now: float) -> list[Segm
     """
     ordered = sorted((s for s in samples if s.t <= now), key=lambda s: s.t)
     out: list[Segment] = []
-
-    def add(start: float, end: float, state: str, keep_empty: bool = False) -> None:
-        if out and out[-1].state == state and out[-1].end >= start:
-            out[-1] = Segment(out[-1].start, max(out[-1].end, end), state)
-        elif end > start or keep_empty:
-            out.append(Segment(start, end, state))
-
     last = len(ordered) - 1
     for i, sample in enumerate(ordered):
         next_t = ordered[i + 1].t if i < last else now
         held_until = min(next_t, sample.t + rule.max_gap_s)
         # The latest reading decides the current state even when it was taken at `now`.
-        add(sample.t, held_until, classify(sample, rule), keep_empty=i == last)
+        _merge(out, sample.t, held_until, classify(sample, rule), keep_empty=i == last)
         if held_until < next_t:
-            add(held_until, next_t, UNKNOWN)
+            _merge(out, held_until, next_t, UNKNOWN)
     return out
 
 
 def idle_since(segs: list[Segment], rule: IdleRule) -> float:
     """Start of the idle period that the last (idle) segment belongs to."""
-    i = len(segs) - 1
-    since = segs[i].start
-    while i >= 2:
-        spike, before = segs[i - 1], segs[i - 2]
+    return _idle_since(reversed(segs), rule)
+
+
+def _idle_since(newest_first: Iterator[Segment], rule: IdleRule) -> float:
+    """`idle_since` over the segments newest first (the latest one idle): short busy spikes
+    between idle stretches do not end the idle period."""
+    since = next(newest_first).start
+    while True:
+        spike = next(newest_first, None)
+        before = next(newest_first, None) if spike is not None else None
+        if spike is None or before is None:
+            return since
         if spike.state == BUSY and spike.duration < rule.min_busy_s and before.state == IDLE:
             since = before.start
-            i -= 2
         else:
-            break
-    return since
+            return since
 
 
 def _busy_fraction(
-    segs: list[Segment], samples: Sequence[Sample], rule: IdleRule, now: float
+    newest_first: Iterable[Segment],
+    samples_newest_first: Iterable[Sample],
+    rule: IdleRule,
+    now: float,
 ) -> float | None:
+    """Busy share of the known time in the last `window_s` (segments and readings newest first,
+    none after `now`); with no known stretch yet, the share of busy readings in the window."""
     lo = now - rule.window_s
     busy = known = 0.0
-    for seg in segs:
+    for seg in newest_first:
+        if seg.end <= lo:
+            break
         if seg.state == UNKNOWN:
             continue
         length = max(0.0, min(seg.end, now) - max(seg.start, lo))
@@ -188,11 +194,21 @@ def _busy_fraction(
     if known > 0:
         return busy / known
     # Readings with no duration yet (a single reading taken at `now`): count them.
-    states = [classify(s, rule) for s in samples if lo <= s.t <= now]
-    known_states = [s for s in states if s != UNKNOWN]
+    known_states = []
+    for sample in samples_newest_first:
+        if sample.t < lo:
+            break
+        state = classify(sample, rule)
+        if state != UNKNOWN:
+            known_states.append(state)
     if not known_states:
         return None
     return sum(1 for s in known_states if s == BUSY) / len(known_states)
+
+
+def _newest_first(samples: Sequence[Sample], now: float) -> Iterator[Sample]:
+    """The readings up to `now`, newest first (sorted only when asked for)."""
+    yield from sorted((s for s in samples if s.t <= now), key=lambda s: s.t, reverse=True)
 
 
 def activity(samples: Sequence[Sample], rule: IdleRule, now: float) -> Activity:
@@ -203,7 +219,7 @@ def activity(samples: Sequence[Sample], rule: IdleRule, now: float) -> Activity:
     """
     segs = segments(samples, rule, now)
     state = segs[-1].state if segs else UNKNOWN
-    fraction = _busy_fraction(segs, samples, rule, now)
+    fraction = _busy_fraction(reversed(segs), _newest_first(samples, now), rule, now)
     if state != IDLE:
         return Activity(state=state, busy_fraction=fraction, idle_since=None)
     return Activity(state=IDLE, busy_fraction=fraction, idle_since=idle_since(segs, rule))
@@ -284,56 +300,16 @@ class ActivityTracker:
             yield from reversed(tail)
             yield from islice(reversed(closed), 1, None)
 
-        fraction = self._busy_fraction(backwards(), now)
+        fraction = _busy_fraction(backwards(), reversed(samples), self.rule, now)
         if state != IDLE:
             return Activity(state=state, busy_fraction=fraction, idle_since=None)
-        return Activity(state=IDLE, busy_fraction=fraction, idle_since=self.idle_since(backwards()))
-
-    def _busy_fraction(self, segs: Iterator[Segment], now: float) -> float | None:
-        lo = now - self.rule.window_s
-        busy = known = 0.0
-        for seg in segs:
-            if seg.end <= lo:
-                break
-            if seg.state == UNKNOWN:
-                continue
-            length = max(0.0, min(seg.end, now) - max(seg.start, lo))
-            known += length
-            if seg.state == BUSY:
-                busy += length
-        if known > 0:
-            return busy / known
-        known_states = []
-        for s in reversed(self.samples):
-            if s.t < lo:
-                break
-            state = classify(s, self.rule)
-            if state != UNKNOWN:
-                known_states.append(state)
-        if not known_states:
-            return None
-        return sum(1 for s in known_states if s == BUSY) / len(known_states)
-
-    def idle_since(self, segs: Iterator[Segment]) -> float:
-        current = next(segs)
-        since = current.start
-        while True:
-            spike = next(segs, None)
-            before = next(segs, None) if spike is not None else None
-            if spike is None or before is None:
-                return since
-            if (
-                spike.state == BUSY
-                and spike.duration < self.rule.min_busy_s
-                and before.state == IDLE
-            ):
-                since = before.start
-            else:
-                return since
+        return Activity(
+            state=IDLE, busy_fraction=fraction, idle_since=_idle_since(backwards(), self.rule)
+        )
 
 
 def _merge(
-    out: deque[Segment], start: float, end: float, state: str, keep_empty: bool = False
+    out: MutableSequence[Segment], start: float, end: float, state: str, keep_empty: bool = False
 ) -> None:
     """`segments`' rule for adding a stretch: merged into the previous one when they touch and
     are in the same state."""
