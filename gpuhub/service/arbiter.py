@@ -37,6 +37,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from ..core import protocol
 from ..core.decide import Demand, Rules, StopServer, decide
 from ..store import ActionStatus
+from .refusals import peer_address
 from .reports import AuthError, bearer_token
 from .servers import RunningServer, view_from
 from .stopping import SnapshotAborted, StopPlan
@@ -146,7 +147,7 @@ class ArbiterHandler(web.RequestHandler):
         if token is None:
             raise web.HTTPError(401, "the culler's token is needed")
         try:
-            caller = await service.server_auth.caller(token, self.request.remote_ip)
+            caller = await service.server_auth.caller(token, peer_address(self.request))
         except AuthError as e:
             raise web.HTTPError(e.status, str(e)) from None
         if caller.kind != "service" or caller.name not in service.arbiter_services:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from typing import Any
 
 
 class RefusalLimiter:
@@ -62,3 +63,14 @@ class RefusalLimiter:
         self._refusals.move_to_end(source)
         while len(self._refusals) > self.max_sources:
             self._refusals.popitem(last=False)
+
+
+def peer_address(request: Any) -> str:
+    """The address of the connection a tornado request came on: never `X-Forwarded-For` or
+    `X-Real-Ip` (the service's server reads them for its logs, and any sender sets them at will,
+    which would give it a fresh address for every guess)."""
+    context = getattr(request.connection, "context", None)
+    address = getattr(context, "address", None)
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return str(address) if address else "unknown"

@@ -33,7 +33,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from ..core import protocol
 from ..core.protocol import Command, CommandResult, ProtocolError, Report, ServerStatus
 from ..expiring import ExpiringCache
-from .refusals import RefusalLimiter
+from .refusals import RefusalLimiter, peer_address
 
 log = logging.getLogger("gpuhub.service")
 
@@ -387,7 +387,7 @@ class ReportHandler(web.RequestHandler):
         if not SERVER_NAME.match(server):
             raise web.HTTPError(400, "server: not a server name")
         try:
-            self.identity = await self.auth.identify(token, server, self.request.remote_ip)
+            self.identity = await self.auth.identify(token, server, peer_address(self.request))
         except AuthError as e:
             self.retry_after = e.retry_after
             raise web.HTTPError(e.status, str(e)) from None

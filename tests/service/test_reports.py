@@ -77,7 +77,8 @@ def env():
             [(r"/report", ReportHandler, {"board": board, "auth": auth, "max_hold": 5})]
         )
         sockets2 = bind_sockets(0, "127.0.0.1")
-        server = HTTPServer(app, max_body_size=4 * 1024 * 1024)
+        # as the service's own server: forwarding headers read (for its logs)
+        server = HTTPServer(app, xheaders=True, max_body_size=4 * 1024 * 1024)
         server.add_sockets(sockets2)
         base = f"http://127.0.0.1:{sockets2[0].getsockname()[1]}/report"
         return board, asked, base, (hub_server, server)
@@ -231,6 +232,20 @@ def test_random_tokens_do_not_become_requests_to_the_hub(env):
         )
         assert r.code == 429 and 0 < int(r.headers["Retry-After"]) <= 60
         assert "too many refused tokens" in json.loads(r.body)["message"]
+        # a sender cannot pose as new addresses: forwarding headers do not count
+        for i in range(5):
+            forged = {"X-Forwarded-For": f"10.9.9.{i}", "X-Real-Ip": f"10.8.8.{i}"}
+            r = await client.fetch(
+                HTTPRequest(
+                    f"{base}?server=&wait=0",
+                    method="POST",
+                    body=json.dumps(ok).encode(),
+                    headers={"Authorization": f"token forged-{i}", **forged},
+                ),
+                raise_error=False,
+            )
+            assert r.code == 429
+        assert len(asked) == 5
         # the known token still reports, without asking the hub
         assert (await post(base, "ada-server", ok))[0] == 200
         # a real token first seen now waits with the guesses (same address) ...
